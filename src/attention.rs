@@ -1,0 +1,1 @@
+//! Block-sparse causal attention (prefill): the public entry (in progress).

@@ -1,0 +1,117 @@
+//! A gate: its [`GateConfig`] and the learned projection weights of each layer.
+//!
+//! Weights are held as f32 (bf16 and f16 convert exactly), in upstream's
+//! layout `[heads, in, hidden]`, row-major. A gate is created from a config
+//! and filled layer by layer ([`Gate::set_layer_weights`]), or loaded whole
+//! from a checkpoint directory ([`Gate::load_dir`]).
+
+use crate::config::GateConfig;
+use crate::error::{Error, Result};
+use crate::tensor::{load_f32, DType};
+use std::path::Path;
+
+/// A contiguous, row-major weight tensor in host memory.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightRef<'a> {
+    pub dtype: DType,
+    pub shape: [usize; 3],
+    /// Little-endian elements, exactly `shape.product() * dtype.size()` bytes.
+    pub bytes: &'a [u8],
+}
+
+/// One layer's gate projections, f32, `[heads, in, hidden]` row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerWeights {
+    /// `mask_linear_k.weight`: `[k_proj_heads, k_in, gate_hidden]`.
+    pub k_proj: Vec<f32>,
+    /// `mask_linear_q.weight` when the gate type has one: `[num_q_heads, q_in, gate_hidden]`.
+    pub q_proj: Option<Vec<f32>>,
+}
+
+/// A gate for every layer of one model.
+#[derive(Clone, Debug)]
+pub struct Gate {
+    config: GateConfig,
+    layers: Vec<Option<LayerWeights>>,
+}
+
+impl Gate {
+    /// A gate with no weights yet. Validates the config.
+    pub fn new(config: GateConfig) -> Result<Self> {
+        config.validate()?;
+        let layers = vec![None; config.num_layers];
+        Ok(Gate { config, layers })
+    }
+
+    /// Load `config.json` and the weights (`attn_gate_weights.pth` or
+    /// `*.safetensors`) of a gate directory as released upstream.
+    pub fn load_dir(dir: &Path) -> Result<Self> {
+        crate::checkpoint::load_gate_dir(dir)
+    }
+
+    pub fn config(&self) -> &GateConfig {
+        &self.config
+    }
+
+    /// Set layer `layer`'s projections. `k` must have the shape
+    /// [`GateConfig::k_weight_shape`]; `q` must be present exactly when the
+    /// gate type has a Q projection ([`GateConfig::q_weight_shape`]).
+    pub fn set_layer_weights(&mut self, layer: usize, k: WeightRef<'_>, q: Option<WeightRef<'_>>) -> Result<()> {
+        if layer >= self.config.num_layers {
+            return Err(Error::invalid(format!("layer {layer} out of range (the gate has {} layers)", self.config.num_layers)));
+        }
+        let k_proj = convert_weight(&format!("layer {layer} mask_linear_k"), k, self.config.k_weight_shape())?;
+        let q_proj = match (self.config.q_weight_shape(), q) {
+            (None, None) => None,
+            (Some(shape), Some(q)) => Some(convert_weight(&format!("layer {layer} mask_linear_q"), q, shape)?),
+            (None, Some(_)) => {
+                return Err(Error::invalid(format!(
+                    "layer {layer}: gate type {} with gate_hidden = head_dim has no mask_linear_q, but one was given",
+                    self.config.gate_type.name()
+                )))
+            }
+            (Some(shape), None) => {
+                return Err(Error::invalid(format!(
+                    "layer {layer}: gate type {} needs mask_linear_q of shape {shape:?}",
+                    self.config.gate_type.name()
+                )))
+            }
+        };
+        self.layers[layer] = Some(LayerWeights { k_proj, q_proj });
+        Ok(())
+    }
+
+    /// Layer `layer`'s weights, or an error naming the layer if it has none.
+    pub fn layer(&self, layer: usize) -> Result<&LayerWeights> {
+        match self.layers.get(layer) {
+            None => Err(Error::invalid(format!("layer {layer} out of range (the gate has {} layers)", self.config.num_layers))),
+            Some(None) => Err(Error::invalid(format!("layer {layer} has no weights loaded"))),
+            Some(Some(w)) => Ok(w),
+        }
+    }
+
+    /// Whether layer `layer` has weights.
+    pub fn has_layer(&self, layer: usize) -> bool {
+        matches!(self.layers.get(layer), Some(Some(_)))
+    }
+}
+
+fn convert_weight(name: &str, w: WeightRef<'_>, want: [usize; 3]) -> Result<Vec<f32>> {
+    if w.shape != want {
+        return Err(Error::invalid(format!("{name}: shape {:?}, expected {want:?}", w.shape)));
+    }
+    let n = want.iter().product::<usize>();
+    if w.bytes.len() != n * w.dtype.size() {
+        return Err(Error::invalid(format!(
+            "{name}: {} bytes for {n} {} elements (expected {})",
+            w.bytes.len(),
+            w.dtype.name(),
+            n * w.dtype.size()
+        )));
+    }
+    let out: Vec<f32> = (0..n).map(|i| load_f32(w.bytes, w.dtype, i)).collect();
+    if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+        return Err(Error::invalid(format!("{name}: element {i} is not finite ({})", out[i])));
+    }
+    Ok(out)
+}

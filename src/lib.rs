@@ -1,0 +1,38 @@
+//! seerattn: SeerAttention's learned block-sparse attention for native
+//! inference engines.
+//!
+//! The data flow of one attention layer, one module per stage:
+//!
+//! ```text
+//!  pre-RoPE Q, K ──► pooling ──► gate scores ──► block mask ──► sparse attention ◄── post-RoPE Q, K, V
+//!                 (reference::   (reference::    (reference::   (reference::
+//!                  pooling)       scores)         select → mask) attention)
+//! ```
+//!
+//! [`Gate`] holds a layer-indexed gate (config + weights, loaded from a
+//! released checkpoint by [`checkpoint`]); [`Gate::compute_block_mask`] runs
+//! the first three stages and [`attention::sparse_prefill`] the last, on
+//! strided host tensors ([`tensor`]) of variable-length batches ([`batch`]).
+//! The C ABI over all of it lives in `ffi` (header: `include/seerattn.h`).
+
+pub mod attention;
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod gate;
+pub mod mask;
+pub mod reference;
+pub mod tensor;
+
+mod ffi;
+
+pub use batch::Batch;
+pub use config::{GateConfig, GateType, Pool, RopeConfig, RopeScaling, SparsityMethod};
+pub use error::{Error, Result};
+pub use gate::{Gate, LayerWeights, WeightRef};
+pub use mask::{BlockMask, BlockMaskRef, MaskLayout};
+pub use tensor::{DType, Layout3, Tensor3, Tensor3Mut};
+
+/// The crate version, from Cargo.toml.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,240 @@
+//! Strided views of `[tokens, heads, dim]` activations on the host.
+//!
+//! Engines keep Q/K/V in layouts that are strided (llama.cpp's KV cache views,
+//! fused QKV projections), so every view carries its own element strides and
+//! no path requires a contiguous copy. Construction validates that every
+//! addressed element lies inside the backing slice; accessors then index
+//! without further checks on the hot path of the reference (still safe Rust).
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+
+/// Element type of an activation or weight tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    BF16,
+    F16,
+    F32,
+}
+
+impl DType {
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            DType::BF16 | DType::F16 => 2,
+            DType::F32 => 4,
+        }
+    }
+    /// Name as used in messages and in safetensors headers.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::F32 => "f32",
+        }
+    }
+}
+
+/// Read element `i` (in elements, not bytes) of `bytes` as f32.
+#[inline]
+pub(crate) fn load_f32(bytes: &[u8], dtype: DType, i: usize) -> f32 {
+    match dtype {
+        DType::BF16 => bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
+        DType::F16 => f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
+        DType::F32 => f32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]),
+    }
+}
+
+/// Write `v` rounded to `dtype` (round to nearest even) into element `i`.
+#[inline]
+pub(crate) fn store_f32(bytes: &mut [u8], dtype: DType, i: usize, v: f32) {
+    match dtype {
+        DType::BF16 => bytes[2 * i..2 * i + 2].copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes()),
+        DType::F16 => bytes[2 * i..2 * i + 2].copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes()),
+        DType::F32 => bytes[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes()),
+    }
+}
+
+/// Shape and element strides of a `[tokens, heads, dim]` tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout3 {
+    pub shape: [usize; 3],
+    pub strides: [usize; 3],
+}
+
+impl Layout3 {
+    /// Contiguous row-major layout.
+    pub fn contiguous(tokens: usize, heads: usize, dim: usize) -> Self {
+        Layout3 { shape: [tokens, heads, dim], strides: [heads * dim, dim, 1] }
+    }
+
+    /// Number of elements a buffer needs to hold every addressed element:
+    /// one past the largest offset, or 0 for an empty tensor. Errors on overflow.
+    pub fn span(&self, name: &str) -> Result<usize> {
+        if self.shape.iter().any(|&n| n == 0) {
+            return Ok(0);
+        }
+        let mut last = 0usize;
+        for (n, s) in self.shape.iter().zip(self.strides.iter()) {
+            let term = (n - 1)
+                .checked_mul(*s)
+                .ok_or_else(|| Error::invalid(format!("{name}: stride {s} times extent {n} overflows")))?;
+            last = last
+                .checked_add(term)
+                .ok_or_else(|| Error::invalid(format!("{name}: strides address past the 64-bit range")))?;
+        }
+        Ok(last + 1)
+    }
+
+    /// True when no two indices map to the same element. Checked in the
+    /// sufficient form used by FlashAttention-style libraries: sorting the
+    /// non-trivial dimensions by stride, each stride must be at least the
+    /// span of the dimensions below it.
+    pub fn is_non_overlapping(&self) -> bool {
+        let mut dims: Vec<(usize, usize)> =
+            (0..3).filter(|&d| self.shape[d] > 1).map(|d| (self.strides[d], self.shape[d])).collect();
+        dims.sort_unstable();
+        let mut covered = 1usize;
+        for (stride, n) in dims {
+            if stride < covered {
+                return false;
+            }
+            covered = match stride.checked_mul(n) {
+                Some(c) => c,
+                None => return true,
+            };
+        }
+        true
+    }
+
+    #[inline]
+    pub(crate) fn offset(&self, t: usize, h: usize, d: usize) -> usize {
+        t * self.strides[0] + h * self.strides[1] + d * self.strides[2]
+    }
+}
+
+/// Read-only strided `[tokens, heads, dim]` view over host memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Tensor3<'a> {
+    bytes: &'a [u8],
+    dtype: DType,
+    layout: Layout3,
+}
+
+impl<'a> Tensor3<'a> {
+    /// View `bytes` as a tensor of `dtype` with `layout`. `name` is used in error messages.
+    pub fn new(name: &str, bytes: &'a [u8], dtype: DType, layout: Layout3) -> Result<Self> {
+        check_fits(name, bytes.len(), dtype, &layout)?;
+        Ok(Tensor3 { bytes, dtype, layout })
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn layout(&self) -> &Layout3 {
+        &self.layout
+    }
+    pub fn shape(&self) -> [usize; 3] {
+        self.layout.shape
+    }
+    /// Element `(token, head, dim)` as f32.
+    #[inline]
+    pub fn get(&self, t: usize, h: usize, d: usize) -> f32 {
+        load_f32(self.bytes, self.dtype, self.layout.offset(t, h, d))
+    }
+}
+
+/// Writable strided `[tokens, heads, dim]` view over host memory.
+#[derive(Debug)]
+pub struct Tensor3Mut<'a> {
+    bytes: &'a mut [u8],
+    dtype: DType,
+    layout: Layout3,
+}
+
+impl<'a> Tensor3Mut<'a> {
+    /// As [`Tensor3::new`]; additionally refuses layouts in which two indices
+    /// alias one element, since the output would then depend on write order.
+    pub fn new(name: &str, bytes: &'a mut [u8], dtype: DType, layout: Layout3) -> Result<Self> {
+        check_fits(name, bytes.len(), dtype, &layout)?;
+        if !layout.is_non_overlapping() {
+            return Err(Error::invalid(format!(
+                "{name}: strides {:?} make elements of shape {:?} overlap",
+                layout.strides, layout.shape
+            )));
+        }
+        Ok(Tensor3Mut { bytes, dtype, layout })
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn layout(&self) -> &Layout3 {
+        &self.layout
+    }
+    pub fn shape(&self) -> [usize; 3] {
+        self.layout.shape
+    }
+    /// Store `v` (rounded to the tensor's dtype) at `(token, head, dim)`.
+    #[inline]
+    pub fn set(&mut self, t: usize, h: usize, d: usize, v: f32) {
+        let i = self.layout.offset(t, h, d);
+        store_f32(self.bytes, self.dtype, i, v)
+    }
+    /// Read back element `(token, head, dim)` as f32.
+    #[inline]
+    pub fn get(&self, t: usize, h: usize, d: usize) -> f32 {
+        load_f32(self.bytes, self.dtype, self.layout.offset(t, h, d))
+    }
+}
+
+fn check_fits(name: &str, len_bytes: usize, dtype: DType, layout: &Layout3) -> Result<()> {
+    let span = layout.span(name)?;
+    let need = span
+        .checked_mul(dtype.size())
+        .ok_or_else(|| Error::invalid(format!("{name}: byte size overflows")))?;
+    if need > len_bytes {
+        return Err(Error::invalid(format!(
+            "{name}: shape {:?} with strides {:?} addresses {need} bytes but the buffer holds {len_bytes}",
+            layout.shape, layout.strides
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn span_and_overlap() {
+        let c = Layout3::contiguous(5, 4, 8);
+        assert_eq!(c.span("x").unwrap(), 160);
+        assert!(c.is_non_overlapping());
+        // A [tokens, heads, dim] view into a [tokens, 3*heads, dim] fused QKV buffer.
+        let fused = Layout3 { shape: [5, 4, 8], strides: [3 * 4 * 8, 8, 1] };
+        assert_eq!(fused.span("x").unwrap(), 4 * 96 + 3 * 8 + 7 + 1);
+        assert!(fused.is_non_overlapping());
+        let aliasing = Layout3 { shape: [5, 4, 8], strides: [8, 8, 1] };
+        assert!(!aliasing.is_non_overlapping());
+        let huge = Layout3 { shape: [usize::MAX, 2, 2], strides: [usize::MAX, 1, 1] };
+        assert!(huge.span("x").is_err());
+    }
+
+    #[test]
+    fn views_refuse_short_buffers() {
+        let buf = vec![0u8; 10];
+        assert!(Tensor3::new("q", &buf, DType::BF16, Layout3::contiguous(1, 1, 5)).is_ok());
+        assert!(Tensor3::new("q", &buf, DType::BF16, Layout3::contiguous(1, 1, 6)).is_err());
+        let mut out = vec![0u8; 16];
+        let aliasing = Layout3 { shape: [2, 2, 2], strides: [1, 1, 1] };
+        assert!(Tensor3Mut::new("out", &mut out, DType::F32, aliasing).is_err());
+    }
+
+    #[test]
+    fn round_trip_dtypes() {
+        for dt in [DType::BF16, DType::F16, DType::F32] {
+            let mut b = vec![0u8; 4 * dt.size()];
+            store_f32(&mut b, dt, 3, 1.5);
+            assert_eq!(load_f32(&b, dt, 3), 1.5);
+        }
+    }
+}
