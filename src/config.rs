@@ -261,6 +261,78 @@ impl GateConfig {
     }
 }
 
+/// What to do with a query-block row whose rule selects no key block (a
+/// threshold above every probability of the row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmptyRowPolicy {
+    /// Select the row's diagonal block, so every query attends at least to
+    /// its causal neighbourhood (the default).
+    KeepDiagonal,
+    /// Leave the row empty, as upstream does; the attention then writes zeros
+    /// (log-sum-exp `-inf`) for those queries, never NaN.
+    Empty,
+}
+
+/// Precision of the threshold comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThresholdCompare {
+    /// `prob > threshold` in f32 (the default).
+    F32,
+    /// Upstream's comparison: the probability and the threshold both rounded
+    /// to bf16 first (torch compares a bf16 tensor with a Python float in bf16).
+    Bf16,
+}
+
+/// The rule that turns gate scores into a block mask.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MaskParams {
+    pub method: SparsityMethod,
+    /// Keep blocks with probability strictly above this (threshold method).
+    pub threshold: f32,
+    /// Fraction of causal blocks to keep (nz_ratio method).
+    pub nz_ratio: f32,
+    /// Make the last two query-block rows of each sequence dense.
+    pub last_block_dense: bool,
+    pub empty_rows: EmptyRowPolicy,
+    pub threshold_compare: ThresholdCompare,
+}
+
+impl MaskParams {
+    /// The rule a gate's config names, with the default policies.
+    pub fn from_config(config: &GateConfig) -> Self {
+        MaskParams {
+            method: config.sparsity_method,
+            threshold: config.threshold,
+            nz_ratio: config.nz_ratio,
+            last_block_dense: config.last_block_dense,
+            empty_rows: EmptyRowPolicy::KeepDiagonal,
+            threshold_compare: ThresholdCompare::F32,
+        }
+    }
+
+    /// Check the numbers; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        match self.method {
+            SparsityMethod::Threshold if !(self.threshold.is_finite() && (0.0..=1.0).contains(&self.threshold)) => {
+                Err(Error::invalid(format!("mask params: threshold = {} must be in [0, 1]", self.threshold)))
+            }
+            SparsityMethod::NzRatio if !(self.nz_ratio.is_finite() && self.nz_ratio > 0.0 && self.nz_ratio <= 1.0) => {
+                Err(Error::invalid(format!("mask params: nz_ratio = {} must be in (0, 1]", self.nz_ratio)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Blocks a top-k row keeps out of `k_blocks`:
+    /// `max(1, floor((1 - sqrt(1 - nz_ratio)) * k_blocks))`, computed in f64
+    /// as upstream does in Python. The square root makes `nz_ratio` the kept
+    /// fraction of the causal triangle rather than of a full row.
+    pub fn top_k(&self, k_blocks: usize) -> usize {
+        let ratio = 1.0 - (1.0 - self.nz_ratio as f64).sqrt();
+        ((ratio * k_blocks as f64) as usize).max(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

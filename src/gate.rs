@@ -5,9 +5,12 @@
 //! and filled layer by layer ([`Gate::set_layer_weights`]), or loaded whole
 //! from a checkpoint directory ([`Gate::load_dir`]).
 
-use crate::config::GateConfig;
+use crate::batch::Batch;
+use crate::config::{GateConfig, MaskParams};
 use crate::error::{Error, Result};
-use crate::tensor::{load_f32, DType};
+use crate::mask::BlockMask;
+use crate::reference::{scores::GateScores, select::select_blocks};
+use crate::tensor::{load_f32, DType, Tensor3};
 use std::path::Path;
 
 /// A contiguous, row-major weight tensor in host memory.
@@ -88,6 +91,49 @@ impl Gate {
             Some(None) => Err(Error::invalid(format!("layer {layer} has no weights loaded"))),
             Some(Some(w)) => Ok(w),
         }
+    }
+
+    /// Gate logits and probabilities of layer `layer` for a batch, from
+    /// pre-RoPE `q_nope: [total_q, num_q_heads, head_dim]` and
+    /// `k_nope: [total_k, num_kv_heads, head_dim]` (bf16 or f16).
+    pub fn scores(&self, layer: usize, q_nope: &Tensor3, k_nope: &Tensor3, batch: &Batch) -> Result<GateScores> {
+        let weights = self.layer(layer)?;
+        self.check_inputs(q_nope, k_nope, batch)?;
+        Ok(crate::reference::scores::gate_scores(&self.config, weights, q_nope, k_nope, batch))
+    }
+
+    /// The block mask of layer `layer` for a batch: pooling, scores and the
+    /// selection rule of `params` (see [`MaskParams::from_config`]).
+    pub fn compute_block_mask(
+        &self,
+        layer: usize,
+        q_nope: &Tensor3,
+        k_nope: &Tensor3,
+        batch: &Batch,
+        params: &MaskParams,
+    ) -> Result<BlockMask> {
+        params.validate()?;
+        let scores = self.scores(layer, q_nope, k_nope, batch)?;
+        Ok(select_blocks(params, &scores))
+    }
+
+    fn check_inputs(&self, q_nope: &Tensor3, k_nope: &Tensor3, batch: &Batch) -> Result<()> {
+        let c = &self.config;
+        for (name, t, tokens, heads) in
+            [("q_nope", q_nope, batch.total_q(), c.num_q_heads), ("k_nope", k_nope, batch.total_k(), c.num_kv_heads)]
+        {
+            if !matches!(t.dtype(), DType::BF16 | DType::F16) {
+                return Err(Error::unsupported(format!("{name}: dtype {} (the gate takes bf16 or f16)", t.dtype().name())));
+            }
+            let want = [tokens, heads, c.head_dim];
+            if t.shape() != want {
+                return Err(Error::invalid(format!(
+                    "{name}: shape {:?}, expected {want:?} ([tokens, heads, head_dim] for this batch and gate)",
+                    t.shape()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether layer `layer` has weights.

@@ -28,7 +28,9 @@ pub mod tensor;
 mod ffi;
 
 pub use batch::Batch;
-pub use config::{GateConfig, GateType, Pool, RopeConfig, RopeScaling, SparsityMethod};
+pub use config::{
+    EmptyRowPolicy, GateConfig, GateType, MaskParams, Pool, RopeConfig, RopeScaling, SparsityMethod, ThresholdCompare,
+};
 pub use error::{Error, Result};
 pub use gate::{Gate, LayerWeights, WeightRef};
 pub use mask::{BlockMask, BlockMaskRef, MaskLayout};

@@ -1,0 +1,96 @@
+//! Helpers shared by the integration tests: the upstream conformance cases
+//! and a small deterministic random source.
+#![allow(dead_code)]
+
+use seerattn::{DType, Layout3, Tensor3};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Directory of the upstream conformance vectors (see its PROVENANCE.md).
+pub fn upstream_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/upstream")
+}
+
+/// One tensor read from a safetensors file.
+pub struct Stored {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl Stored {
+    /// Elements as f32 (BF16, F16, F32, U8).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self.dtype.as_str() {
+            "BF16" => self.bytes.chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            "F16" => self.bytes.chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            "F32" => self.bytes.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            "U8" => self.bytes.iter().map(|&b| b as f32).collect(),
+            other => panic!("unexpected dtype {other}"),
+        }
+    }
+    /// A `[tokens, heads, dim]` view of a contiguous BF16 tensor.
+    pub fn view3(&self) -> Tensor3<'_> {
+        assert_eq!(self.dtype, "BF16");
+        let s = &self.shape;
+        Tensor3::new("stored", &self.bytes, DType::BF16, Layout3::contiguous(s[0], s[1], s[2])).unwrap()
+    }
+}
+
+/// One upstream case: its JSON description and its tensors.
+pub struct Case {
+    pub name: String,
+    pub meta: serde_json::Value,
+    pub tensors: HashMap<String, Stored>,
+}
+
+impl Case {
+    pub fn load(name: &str) -> Case {
+        let dir = upstream_dir();
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).unwrap()).unwrap();
+        let bytes = std::fs::read(dir.join(format!("{name}.safetensors"))).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let tensors = st
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| {
+                (k, Stored { dtype: format!("{:?}", v.dtype()), shape: v.shape().to_vec(), bytes: v.data().to_vec() })
+            })
+            .collect();
+        Case { name: name.to_string(), meta, tensors }
+    }
+    pub fn get(&self, key: &str) -> &Stored {
+        self.tensors.get(key).unwrap_or_else(|| panic!("{}: no tensor {key}", self.name))
+    }
+    pub fn gate_dir(&self) -> PathBuf {
+        upstream_dir().join(self.meta["gate_dir"].as_str().unwrap())
+    }
+    pub fn gate_layer(&self) -> usize {
+        self.meta["gate_layer"].as_u64().unwrap() as usize
+    }
+    pub fn usize(&self, key: &str) -> usize {
+        self.meta[key].as_u64().unwrap() as usize
+    }
+}
+
+/// splitmix64: a tiny, well-mixed deterministic generator for test data.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    /// Uniform integer in [lo, hi].
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+}
