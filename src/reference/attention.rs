@@ -162,6 +162,7 @@ pub mod naive {
     pub fn dense_causal_attention(q: &Tensor3, k: &Tensor3, v: &Tensor3, batch: &Batch, scale: f64) -> DenseAttention {
         let [total_q, hq, d] = q.shape();
         let hkv = k.shape()[1];
+        let (q, k, v) = (to_f64(q), to_f64(k), to_f64(v));
         let mut out = vec![0.0f64; total_q * hq * d];
         let mut lse = vec![0.0f64; hq * total_q];
         for s in 0..batch.len() {
@@ -176,7 +177,7 @@ pub mod naive {
                     for j in 0..=last_key {
                         let mut dot = 0.0f64;
                         for x in 0..d {
-                            dot += q.get(qrow, h, x) as f64 * k.get(seq.k_offset + j, kvh, x) as f64;
+                            dot += q[(qrow * hq + h) * d + x] * k[((seq.k_offset + j) * hkv + kvh) * d + x];
                         }
                         scores.push(scale * dot);
                     }
@@ -186,7 +187,7 @@ pub mod naive {
                     for x in 0..d {
                         let mut acc = 0.0f64;
                         for (j, e) in exps.iter().enumerate() {
-                            acc += e / denom * v.get(seq.k_offset + j, kvh, x) as f64;
+                            acc += e / denom * v[((seq.k_offset + j) * hkv + kvh) * d + x];
                         }
                         out[(qrow * hq + h) * d + x] = acc;
                     }
@@ -195,6 +196,20 @@ pub mod naive {
             }
         }
         DenseAttention { out, lse }
+    }
+
+    /// Every element of `t`, row-major `[tokens, heads, dim]`, as f64.
+    fn to_f64(t: &Tensor3) -> Vec<f64> {
+        let [tokens, heads, dim] = t.shape();
+        let mut all = Vec::with_capacity(tokens * heads * dim);
+        for row in 0..tokens {
+            for h in 0..heads {
+                for x in 0..dim {
+                    all.push(t.get(row, h, x) as f64);
+                }
+            }
+        }
+        all
     }
 }
 
