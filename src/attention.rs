@@ -34,10 +34,7 @@ impl AttentionParams {
     /// The standard parameters for `head_dim`: scale `1 / sqrt(head_dim)`,
     /// blocks of [`SUPPORTED_BLOCK_SIZE`] tokens.
     pub fn for_head_dim(head_dim: usize) -> Self {
-        AttentionParams {
-            softmax_scale: (1.0 / (head_dim as f64).sqrt()) as f32,
-            block_size: SUPPORTED_BLOCK_SIZE,
-        }
+        AttentionParams { softmax_scale: (1.0 / (head_dim as f64).sqrt()) as f32, block_size: SUPPORTED_BLOCK_SIZE }
     }
 }
 
@@ -136,19 +133,13 @@ fn check_shapes(q: &Tensor3, k: &Tensor3, v: &Tensor3, batch: &Batch, out: &Tens
     let [q_tokens, num_q_heads, head_dim] = q.shape();
     let [k_tokens, num_kv_heads, k_dim] = k.shape();
     if q_tokens != batch.total_q() {
-        return Err(Error::invalid(format!(
-            "q has {q_tokens} tokens; the batch has total_q = {}",
-            batch.total_q()
-        )));
+        return Err(Error::invalid(format!("q has {q_tokens} tokens; the batch has total_q = {}", batch.total_q())));
     }
     if num_q_heads == 0 {
         return Err(Error::invalid("q has 0 heads"));
     }
     if k_tokens != batch.total_k() {
-        return Err(Error::invalid(format!(
-            "k has {k_tokens} tokens; the batch has total_k = {}",
-            batch.total_k()
-        )));
+        return Err(Error::invalid(format!("k has {k_tokens} tokens; the batch has total_k = {}", batch.total_k())));
     }
     if num_kv_heads == 0 {
         return Err(Error::invalid("k has 0 heads"));
