@@ -23,9 +23,10 @@
 //! nothing selected). Its queries attend nothing, so the softmax is
 //! undefined; the contract, which every kernel must match, is:
 //! **every output element is exactly `0.0` and `lse` is `-inf`, never NaN.**
-//! Zero is what a fused "attention + residual" consumer can absorb, and
-//! `-inf` is the neutral element when partial results are merged by their
-//! log-sum-exp. (Upstream's Triton kernel writes NaN there instead.)
+//! Zero adds nothing to the residual stream the output feeds, and `-inf`
+//! gives the row zero weight when partial results (split-KV, chunked
+//! prefill) are merged by their log-sum-exp; NaN would poison both.
+//! (Upstream's Triton kernel writes NaN there.)
 //!
 //! [`naive`] holds an independent dense causal attention, used by tests as an
 //! oracle only.
