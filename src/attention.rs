@@ -1,1 +1,178 @@
-//! Block-sparse causal attention (prefill): the public entry (in progress).
+//! Block-sparse causal attention (prefill): the public entry.
+//!
+//! [`sparse_prefill`] validates every argument against the batch and the
+//! mask, then runs the CPU reference ([`crate::reference::attention`], whose
+//! module doc states exactly what is computed, including the contract for
+//! query rows whose mask row selects nothing: zeros and `lse = -inf`).
+//!
+//! Validation happens here, once, so that the reference and the kernels can
+//! index without checks: after it, every index the computation forms is in
+//! range.
+
+use crate::batch::Batch;
+use crate::error::{Error, Result};
+use crate::mask::{BlockMaskRef, MaskLayout};
+use crate::reference;
+use crate::tensor::{DType, Tensor3, Tensor3Mut};
+
+/// Head dimensions sparse prefill accepts (those the kernels are built for).
+pub const SUPPORTED_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// The one block size sparse prefill accepts: the gate pools 64-token blocks.
+pub const SUPPORTED_BLOCK_SIZE: usize = 64;
+
+/// Parameters of sparse prefill.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionParams {
+    /// Factor applied to `q · k` before the softmax; usually `1 / sqrt(head_dim)`.
+    pub softmax_scale: f32,
+    /// Tokens per mask block; must be [`SUPPORTED_BLOCK_SIZE`].
+    pub block_size: usize,
+}
+
+impl AttentionParams {
+    /// The standard parameters for `head_dim`: scale `1 / sqrt(head_dim)`,
+    /// blocks of [`SUPPORTED_BLOCK_SIZE`] tokens.
+    pub fn for_head_dim(head_dim: usize) -> Self {
+        AttentionParams { softmax_scale: (1.0 / (head_dim as f64).sqrt()) as f32, block_size: SUPPORTED_BLOCK_SIZE }
+    }
+}
+
+/// Block-sparse causal attention of a variable-length batch.
+///
+/// - `q`: `[batch.total_q(), num_q_heads, head_dim]`, post-RoPE;
+/// - `k`, `v`: `[batch.total_k(), num_kv_heads, head_dim]`, with
+///   `num_q_heads` a multiple of `num_kv_heads` (GQA/MQA);
+/// - `mask`: a block mask in the layout `MaskLayout::new(batch, num_q_heads, block_size)`;
+/// - `out`: `q`'s shape, in `q`'s dtype or F32;
+/// - `lse`: optional, `num_q_heads * batch.total_q()` values laid out
+///   `[num_q_heads, total_q]`: the natural log-sum-exp of the scaled scores.
+///
+/// `q`, `k` and `v` share one dtype, BF16 or F16; `head_dim` is one of
+/// [`SUPPORTED_HEAD_DIMS`]. Any tensor may be strided.
+///
+/// Errors: [`Error::Unsupported`] for a dtype, head dimension or block size
+/// this build does not implement; [`Error::InvalidArgument`] for anything
+/// inconsistent (shapes, head counts, mismatched input dtypes, `lse`
+/// length, a non-finite or non-positive scale, a malformed mask). Nothing is
+/// written unless every check passes.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_prefill(
+    q: &Tensor3,
+    k: &Tensor3,
+    v: &Tensor3,
+    batch: &Batch,
+    mask: BlockMaskRef<'_>,
+    params: &AttentionParams,
+    out: &mut Tensor3Mut<'_>,
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    check_params(params)?;
+    check_dtypes(q, k, v, out)?;
+    let [_, num_q_heads, _] = check_shapes(q, k, v, batch, out)?;
+    if let Some(lse) = lse.as_deref() {
+        let want = num_q_heads * batch.total_q();
+        if lse.len() != want {
+            return Err(Error::invalid(format!(
+                "lse holds {} values; it needs num_q_heads * total_q = {num_q_heads} * {} = {want}",
+                lse.len(),
+                batch.total_q()
+            )));
+        }
+    }
+    let layout = MaskLayout::new(batch, num_q_heads, params.block_size)?;
+    mask.validate(&layout)?;
+    reference::attention::sparse_prefill(q, k, v, batch, &layout, mask, params.softmax_scale, out, lse);
+    Ok(())
+}
+
+fn check_params(params: &AttentionParams) -> Result<()> {
+    if params.block_size == 0 {
+        return Err(Error::invalid("params.block_size must be positive"));
+    }
+    if params.block_size != SUPPORTED_BLOCK_SIZE {
+        return Err(Error::unsupported(format!(
+            "params.block_size = {}: only {SUPPORTED_BLOCK_SIZE} is supported",
+            params.block_size
+        )));
+    }
+    let scale = params.softmax_scale;
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::invalid(format!("params.softmax_scale = {scale}: must be finite and positive")));
+    }
+    Ok(())
+}
+
+fn check_dtypes(q: &Tensor3, k: &Tensor3, v: &Tensor3, out: &Tensor3Mut) -> Result<()> {
+    let dtype = q.dtype();
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        return Err(Error::unsupported(format!("q dtype {}: only bf16 and f16 are supported", dtype.name())));
+    }
+    for (name, other) in [("k", k.dtype()), ("v", v.dtype())] {
+        if other != dtype {
+            return Err(Error::invalid(format!(
+                "{name} dtype {} differs from q dtype {}: q, k and v must share one dtype",
+                other.name(),
+                dtype.name()
+            )));
+        }
+    }
+    if out.dtype() != dtype && out.dtype() != DType::F32 {
+        return Err(Error::unsupported(format!(
+            "out dtype {} with {} inputs: out must be {} or f32",
+            out.dtype().name(),
+            dtype.name(),
+            dtype.name()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks shapes and returns q's `[total_q, num_q_heads, head_dim]`.
+fn check_shapes(q: &Tensor3, k: &Tensor3, v: &Tensor3, batch: &Batch, out: &Tensor3Mut) -> Result<[usize; 3]> {
+    let [q_tokens, num_q_heads, head_dim] = q.shape();
+    let [k_tokens, num_kv_heads, k_dim] = k.shape();
+    if q_tokens != batch.total_q() {
+        return Err(Error::invalid(format!("q has {q_tokens} tokens; the batch has total_q = {}", batch.total_q())));
+    }
+    if num_q_heads == 0 {
+        return Err(Error::invalid("q has 0 heads"));
+    }
+    if k_tokens != batch.total_k() {
+        return Err(Error::invalid(format!("k has {k_tokens} tokens; the batch has total_k = {}", batch.total_k())));
+    }
+    if num_kv_heads == 0 {
+        return Err(Error::invalid("k has 0 heads"));
+    }
+    if num_q_heads % num_kv_heads != 0 {
+        return Err(Error::invalid(format!(
+            "q has {num_q_heads} heads, k has {num_kv_heads}: query heads must be a multiple of KV heads"
+        )));
+    }
+    if k_dim != head_dim {
+        return Err(Error::invalid(format!("k head_dim {k_dim} differs from q head_dim {head_dim}")));
+    }
+    if v.shape() != k.shape() {
+        return Err(Error::invalid(format!("v shape {:?} differs from k shape {:?}", v.shape(), k.shape())));
+    }
+    if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+        return Err(Error::unsupported(format!("head_dim {head_dim}: supported are {SUPPORTED_HEAD_DIMS:?}")));
+    }
+    if out.shape() != q.shape() {
+        return Err(Error::invalid(format!("out shape {:?} differs from q shape {:?}", out.shape(), q.shape())));
+    }
+    Ok(q.shape())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_for_head_dim() {
+        let p = AttentionParams::for_head_dim(128);
+        assert_eq!(p.block_size, 64);
+        assert!((p.softmax_scale - 0.088_388_35).abs() < 1e-8);
+        assert!(check_params(&p).is_ok());
+    }
+}
