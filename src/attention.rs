@@ -18,8 +18,7 @@ use crate::tensor::{DType, Tensor3, Tensor3Mut};
 /// Head dimensions sparse prefill accepts (those the kernels are built for).
 pub const SUPPORTED_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
-/// The one block size sparse prefill accepts: the gate pools 64-token blocks.
-pub const SUPPORTED_BLOCK_SIZE: usize = 64;
+pub use crate::config::SUPPORTED_BLOCK_SIZE;
 
 /// Parameters of sparse prefill.
 #[derive(Clone, Copy, Debug)]

@@ -25,7 +25,8 @@ pub mod mask;
 pub mod reference;
 pub mod tensor;
 
-mod ffi;
+/// The C ABI (`include/seerattn.h`); Rust callers use the modules above.
+pub mod ffi;
 
 pub use batch::Batch;
 pub use config::{

@@ -1,1 +1,25 @@
-//! C ABI (filled in below).
+//! The C ABI. Every `extern "C"` function of the library lives in this module
+//! tree and nowhere else; each one is a thin translation over the Rust API:
+//!
+//! - its body runs inside [`ffi_call!`], which catches panics (a panic never
+//!   unwinds into C: it becomes `SEER_PANIC`), maps every [`crate::Error`] to
+//!   a [`SeerStatus`], and records the message for `seer_last_error_message`;
+//! - pointers are taken through the checking helpers of [`args`] (NULL,
+//!   alignment, struct sizes, tensor spans, aliasing between outputs and
+//!   inputs) before any slice is formed;
+//! - out-parameters are written only on success.
+//!
+//! Submodules follow the C-visible concepts: [`status`] (codes, messages,
+//! versions), [`gate`] (the gate handle), [`mask`] (mask sizes and dense
+//! conversion), [`attention`] (sparse prefill).
+
+#![allow(non_camel_case_types)]
+
+#[macro_use]
+pub mod status;
+pub mod args;
+pub mod attention;
+pub mod gate;
+pub mod mask;
+
+

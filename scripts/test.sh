@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The project's test command (README "Run the tests"; .ci/run calls it).
+#
+# 1. Rust unit and integration tests: CPU reference, checkpoint readers,
+#    upstream conformance, the C ABI from Rust, the header being current.
+# 2. The C programs in examples-c/, compiled with -Wall -Wextra -Werror
+#    against include/seerattn.h and the freshly built shared library, then run:
+#    the bad-input table through the C API, and the end-to-end example.
+#
+# Needs only cargo and a C compiler. GPU tests arrive with the CUDA path and
+# run on a GPU machine (see README); this script runs none and claims none.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mkdir -p target
+echo "== cargo test"
+cargo test --all-targets 2>&1 | tee target/cargo-test.log | grep -E '^(test result|running|error|warning: unused)|FAILED|panicked' || true
+if ! grep -q '^test result' target/cargo-test.log || grep -qE '^test result: FAILED|^error' target/cargo-test.log; then
+    echo "cargo test failed:"; tail -n 60 target/cargo-test.log; exit 1
+fi
+
+echo "== C programs (cc -std=c11 -Wall -Wextra -Werror)"
+cargo build --lib --quiet
+CC=${CC:-cc}
+out=target/c
+mkdir -p "$out"
+lib="$PWD/target/debug"
+for prog in api_errors prefill; do
+    "$CC" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -Iinclude "examples-c/$prog.c" \
+        -L"$lib" -lseerattn -lm -Wl,-rpath,"$lib" -o "$out/$prog"
+done
+gate=tests/data/upstream/gqa4_s1000_gates
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+"$out/prefill" "$gate" 1
+"$out/api_errors" "$gate" "$scratch"

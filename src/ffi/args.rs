@@ -1,0 +1,306 @@
+//! Descriptors the C caller fills in, and the checks that turn them into safe
+//! Rust views. Nothing in this module trusts a pointer it has not checked for
+//! NULL, alignment and size; every slice formed from caller memory is first
+//! checked not to alias another buffer of the same call that is written.
+
+use super::status::{FfiError, FfiResult, SeerStatus};
+use crate::batch::Batch;
+use crate::mask::BlockMaskRef;
+use crate::tensor::{DType, Layout3, Tensor3, Tensor3Mut};
+use std::ffi::c_void;
+use std::mem::{align_of, size_of};
+
+/// Element types of `SeerTensor::dtype`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeerDType {
+    SEER_DTYPE_BF16 = 0,
+    SEER_DTYPE_F16 = 1,
+    SEER_DTYPE_F32 = 2,
+}
+
+/// Where a buffer lives (`device` fields).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeerDevice {
+    /// Host memory: the CPU reference path.
+    SEER_DEVICE_CPU = 0,
+    /// CUDA device memory, used on the stream given in the call's params.
+    SEER_DEVICE_CUDA = 1,
+}
+
+/// A `[tokens, heads, dim]` tensor: pointer, element type, shape and strides
+/// **in elements** (64-bit). Strides may describe views (a KV cache slice, one
+/// of Q/K/V inside a fused QKV buffer): no contiguity is required. `data`
+/// must be aligned to the element size. Inputs are only read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SeerTensor {
+    pub data: *mut c_void,
+    /// A `SeerDType` value.
+    pub dtype: u32,
+    /// A `SeerDevice` value.
+    pub device: u32,
+    pub shape: [i64; 3],
+    pub strides: [i64; 3],
+}
+
+/// Sequence lengths of a variable-length batch, FlashAttention style:
+/// sequence `s` owns query rows `cu_seqlens_q[s]..cu_seqlens_q[s+1]` and key
+/// rows `cu_seqlens_k[s]..cu_seqlens_k[s+1]`; its queries are the last
+/// `q_len` of its `k_len` positions (`q_len < k_len` is chunked prefill over
+/// a KV cache). Both arrays hold `num_seqs + 1` entries in **host** memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SeerBatch {
+    pub num_seqs: u32,
+    pub cu_seqlens_q: *const i32,
+    pub cu_seqlens_k: *const i32,
+}
+
+/// A block mask in the index-list format (see the README): `counts[rows]`,
+/// `row_offsets[rows + 1]` and `indices[row_offsets[rows]]`, all in the memory
+/// named by `device`. Written by `seer_gate_compute_mask` and
+/// `seer_mask_from_dense`, read by `seer_sparse_prefill` and `seer_mask_to_dense`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SeerBlockMask {
+    pub counts: *mut i32,
+    pub counts_len: usize,
+    pub indices: *mut i32,
+    pub indices_len: usize,
+    pub row_offsets: *mut i64,
+    pub row_offsets_len: usize,
+    /// A `SeerDevice` value.
+    pub device: u32,
+}
+
+pub(crate) fn null(name: &str) -> FfiError {
+    FfiError::new(SeerStatus::SEER_NULL_POINTER, format!("{name} is NULL"))
+}
+
+pub(crate) fn invalid(msg: impl Into<String>) -> FfiError {
+    FfiError::new(SeerStatus::SEER_INVALID_ARGUMENT, msg)
+}
+
+/// Borrow `*ptr`, refusing NULL and misalignment.
+pub(crate) unsafe fn deref<'a, T>(name: &str, ptr: *const T) -> FfiResult<&'a T> {
+    if ptr.is_null() {
+        return Err(null(name));
+    }
+    if (ptr as usize) % align_of::<T>() != 0 {
+        return Err(invalid(format!("{name} is not aligned to {} bytes", align_of::<T>())));
+    }
+    Ok(&*ptr)
+}
+
+/// Read a versioned params struct whose first field is `struct_size`. The
+/// caller's `struct_size` must cover this version's struct; fields a newer
+/// caller appended past it are not read.
+pub(crate) unsafe fn read_sized<T: Copy>(name: &str, ptr: *const T) -> FfiResult<T> {
+    let head: &usize = deref(name, ptr.cast::<usize>())?;
+    if (ptr as usize) % align_of::<T>() != 0 {
+        return Err(invalid(format!("{name} is not aligned to {} bytes", align_of::<T>())));
+    }
+    if *head < size_of::<T>() {
+        return Err(invalid(format!(
+            "{name}->struct_size = {} but this library's struct is {} bytes: set struct_size = sizeof(the struct) \
+             (use the matching *_default function to initialise it)",
+            head,
+            size_of::<T>()
+        )));
+    }
+    Ok(ptr.read())
+}
+
+/// Write a versioned output struct after checking the caller's `struct_size`.
+pub(crate) unsafe fn write_sized<T: Copy>(name: &str, ptr: *mut T, value: T) -> FfiResult {
+    let head: &usize = deref(name, ptr.cast::<usize>().cast_const())?;
+    if (ptr as usize) % align_of::<T>() != 0 {
+        return Err(invalid(format!("{name} is not aligned to {} bytes", align_of::<T>())));
+    }
+    if *head < size_of::<T>() {
+        return Err(invalid(format!(
+            "{name}->struct_size = {head} but this library's struct is {} bytes: set struct_size = sizeof(the struct)",
+            size_of::<T>()
+        )));
+    }
+    ptr.write(value);
+    Ok(())
+}
+
+/// A byte range of caller memory, for aliasing checks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Region {
+    pub name: &'static str,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl Region {
+    fn overlaps(&self, other: &Region) -> bool {
+        self.len > 0 && other.len > 0 && self.start < other.start + other.len && other.start < self.start + self.len
+    }
+}
+
+/// Refuse any written region that overlaps another region of the call.
+pub(crate) fn check_disjoint(written: &[Region], read: &[Region]) -> FfiResult {
+    for (i, w) in written.iter().enumerate() {
+        for other in written[i + 1..].iter().chain(read) {
+            if w.overlaps(other) {
+                return Err(invalid(format!("{} overlaps {} in memory", w.name, other.name)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A checked slice of caller memory: NULL only with length 0, aligned, and
+/// not larger than the address space allows.
+pub(crate) struct RawSlice<T> {
+    pub ptr: *mut T,
+    pub len: usize,
+    pub region: Region,
+}
+
+pub(crate) fn raw_slice<T>(name: &'static str, ptr: *mut T, len: usize) -> FfiResult<RawSlice<T>> {
+    if ptr.is_null() {
+        if len == 0 {
+            return Ok(RawSlice { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0, region: Region { name, start: 0, len: 0 } });
+        }
+        return Err(null(name));
+    }
+    if (ptr as usize) % align_of::<T>() != 0 {
+        return Err(invalid(format!("{name} is not aligned to {} bytes", align_of::<T>())));
+    }
+    let bytes = len
+        .checked_mul(size_of::<T>())
+        .filter(|&b| b <= isize::MAX as usize && (ptr as usize).checked_add(b).is_some())
+        .ok_or_else(|| invalid(format!("{name}: length {len} exceeds the address space")))?;
+    Ok(RawSlice { ptr, len, region: Region { name, start: ptr as usize, len: bytes } })
+}
+
+impl<T> RawSlice<T> {
+    /// # Safety
+    /// The caller promised `len` valid elements at `ptr` for the call.
+    pub unsafe fn get<'a>(&self) -> &'a [T] {
+        std::slice::from_raw_parts(self.ptr, self.len)
+    }
+    /// # Safety
+    /// As [`RawSlice::get`], and the region was checked disjoint from every
+    /// other buffer of the call.
+    pub unsafe fn get_mut<'a>(&self) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.ptr, self.len)
+    }
+}
+
+pub(crate) fn dtype_of(name: &str, code: u32) -> FfiResult<DType> {
+    match code {
+        0 => Ok(DType::BF16),
+        1 => Ok(DType::F16),
+        2 => Ok(DType::F32),
+        _ => Err(invalid(format!("{name}: dtype {code} is not a SeerDType (0 = bf16, 1 = f16, 2 = f32)"))),
+    }
+}
+
+/// Refuse a device this build cannot serve yet, with the reason.
+pub(crate) fn require_cpu(name: &str, device: u32) -> FfiResult {
+    match device {
+        0 => Ok(()),
+        1 => Err(FfiError::new(
+            SeerStatus::SEER_UNSUPPORTED,
+            format!("{name}: CUDA buffers are not supported by this build yet (the CPU reference path takes host memory)"),
+        )),
+        _ => Err(invalid(format!("{name}: device {device} is not a SeerDevice (0 = CPU, 1 = CUDA)"))),
+    }
+}
+
+/// A checked tensor descriptor: its layout, dtype and memory region.
+pub(crate) struct CheckedTensor {
+    pub dtype: DType,
+    pub layout: Layout3,
+    pub bytes: RawSlice<u8>,
+}
+
+pub(crate) unsafe fn tensor(name: &'static str, ptr: *const SeerTensor) -> FfiResult<CheckedTensor> {
+    let t = deref(name, ptr)?;
+    let dtype = dtype_of(name, t.dtype)?;
+    require_cpu(name, t.device)?;
+    let mut shape = [0usize; 3];
+    let mut strides = [0usize; 3];
+    for d in 0..3 {
+        if t.shape[d] <= 0 {
+            return Err(invalid(format!("{name}: shape {:?} must be positive in every dimension", t.shape)));
+        }
+        if t.strides[d] < 0 {
+            return Err(invalid(format!("{name}: strides {:?} must be non-negative", t.strides)));
+        }
+        shape[d] = t.shape[d] as usize;
+        strides[d] = t.strides[d] as usize;
+    }
+    let layout = Layout3 { shape, strides };
+    let span = layout.span(name).map_err(FfiError::from)?;
+    let len = span.checked_mul(dtype.size()).ok_or_else(|| invalid(format!("{name}: byte size overflows")))?;
+    if t.data.is_null() {
+        return Err(null(&format!("{name}->data")));
+    }
+    if (t.data as usize) % dtype.size() != 0 {
+        return Err(invalid(format!("{name}->data is not aligned to its {}-byte elements", dtype.size())));
+    }
+    let bytes = raw_slice(name, t.data.cast::<u8>(), len)?;
+    Ok(CheckedTensor { dtype, layout, bytes })
+}
+
+impl CheckedTensor {
+    pub unsafe fn view<'a>(&self, name: &str) -> FfiResult<Tensor3<'a>> {
+        Ok(Tensor3::new(name, self.bytes.get(), self.dtype, self.layout)?)
+    }
+    pub unsafe fn view_mut<'a>(&self, name: &str) -> FfiResult<Tensor3Mut<'a>> {
+        Ok(Tensor3Mut::new(name, self.bytes.get_mut(), self.dtype, self.layout)?)
+    }
+}
+
+pub(crate) unsafe fn batch(ptr: *const SeerBatch) -> FfiResult<Batch> {
+    let b = deref("batch", ptr)?;
+    if b.num_seqs == 0 {
+        return Err(invalid("batch->num_seqs is 0: a batch needs at least one sequence"));
+    }
+    let n = b.num_seqs as usize + 1;
+    let q = raw_slice("batch->cu_seqlens_q", b.cu_seqlens_q.cast_mut(), n)?;
+    let k = raw_slice("batch->cu_seqlens_k", b.cu_seqlens_k.cast_mut(), n)?;
+    Ok(Batch::from_cu_seqlens(q.get(), k.get())?)
+}
+
+/// The three arrays of a mask descriptor, checked.
+pub(crate) struct CheckedMask {
+    pub counts: RawSlice<i32>,
+    pub indices: RawSlice<i32>,
+    pub row_offsets: RawSlice<i64>,
+}
+
+pub(crate) unsafe fn mask(name: &'static str, ptr: *const SeerBlockMask) -> FfiResult<CheckedMask> {
+    let m = deref(name, ptr)?;
+    require_cpu(name, m.device)?;
+    let counts = raw_slice("mask->counts", m.counts, m.counts_len)?;
+    let indices = raw_slice("mask->indices", m.indices, m.indices_len)?;
+    let row_offsets = raw_slice("mask->row_offsets", m.row_offsets, m.row_offsets_len)?;
+    Ok(CheckedMask { counts, indices, row_offsets })
+}
+
+impl CheckedMask {
+    pub fn regions(&self) -> [Region; 3] {
+        [self.counts.region, self.indices.region, self.row_offsets.region]
+    }
+    pub unsafe fn view<'a>(&self) -> BlockMaskRef<'a> {
+        BlockMaskRef { counts: self.counts.get(), indices: self.indices.get(), row_offsets: self.row_offsets.get() }
+    }
+}
+
+/// `0` or `1` for a C boolean field; anything else is refused.
+pub(crate) fn flag(name: &str, v: u32) -> FfiResult<bool> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(invalid(format!("{name} = {v} must be 0 or 1"))),
+    }
+}

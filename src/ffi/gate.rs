@@ -1,0 +1,541 @@
+//! The gate handle: create, load, set weights, query, compute a block mask, destroy.
+
+use super::args::{self, invalid, SeerBatch, SeerBlockMask, SeerTensor};
+use super::status::{FfiError, FfiResult, SeerStatus};
+use crate::config::{
+    EmptyRowPolicy, GateConfig, GateType, MaskParams, Pool, RopeConfig, RopeScaling, SparsityMethod, ThresholdCompare,
+};
+use crate::gate::{Gate, WeightRef};
+use crate::mask::MaskLayout;
+use std::collections::HashSet;
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::{Mutex, RwLock};
+
+/// A gate for every layer of one model (opaque). Created by
+/// `seer_gate_create` or `seer_gate_load`, released by `seer_gate_destroy`.
+///
+/// Thread safety: any number of threads may compute masks with one handle at
+/// once; `seer_gate_set_layer_weights` may run concurrently with them (it
+/// waits for running computations of the handle); `seer_gate_destroy` must
+/// not race with any other use of the same handle.
+pub struct SeerGate {
+    gate: RwLock<Gate>,
+}
+
+/// Addresses of live handles: a call with a pointer that is not one (never
+/// created, or already destroyed, unless the address was reused) fails with
+/// `SEER_INVALID_ARGUMENT` instead of reading freed memory.
+static LIVE_GATES: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
+
+fn live_gates<R>(f: impl FnOnce(&mut HashSet<usize>) -> R) -> R {
+    let mut guard = LIVE_GATES.lock().unwrap_or_else(|poison| poison.into_inner());
+    f(guard.get_or_insert_with(HashSet::new))
+}
+
+unsafe fn gate_handle<'a>(ptr: *const SeerGate) -> FfiResult<&'a SeerGate> {
+    if ptr.is_null() {
+        return Err(args::null("gate"));
+    }
+    if !live_gates(|live| live.contains(&(ptr as usize))) {
+        return Err(invalid("gate is not a live handle (never created, or already destroyed)"));
+    }
+    Ok(&*ptr)
+}
+
+fn read_gate(h: &SeerGate) -> std::sync::RwLockReadGuard<'_, Gate> {
+    h.gate.read().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn publish(gate: Gate) -> *mut SeerGate {
+    let ptr = Box::into_raw(Box::new(SeerGate { gate: RwLock::new(gate) }));
+    live_gates(|live| live.insert(ptr as usize));
+    ptr
+}
+
+/// Pooling functions, as bits of `SeerGateConfig::q_pools` / `k_pools`.
+/// The gate type `Q<pools>_K<pools>` lists its pools in this order.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug)]
+pub enum SeerPool {
+    SEER_POOL_MAX = 1,
+    SEER_POOL_MIN = 2,
+    SEER_POOL_AVG = 4,
+}
+
+/// RoPE scaling kinds (`SeerGateConfig::rope_scaling`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug)]
+pub enum SeerRopeScaling {
+    SEER_ROPE_NONE = 0,
+    SEER_ROPE_LINEAR = 1,
+    SEER_ROPE_LLAMA3 = 2,
+}
+
+/// How scores become a mask (`sparsity_method` fields).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug)]
+pub enum SeerSparsityMethod {
+    /// Keep blocks whose gate probability exceeds `threshold`.
+    SEER_SPARSITY_THRESHOLD = 0,
+    /// Keep the top `max(1, floor((1 - sqrt(1 - nz_ratio)) * k_blocks))` blocks per row.
+    SEER_SPARSITY_NZ_RATIO = 1,
+}
+
+/// Policy for query-block rows the rule leaves empty (`SeerMaskParams::empty_rows`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug)]
+pub enum SeerEmptyRows {
+    /// Select the row's diagonal block (default).
+    SEER_EMPTY_ROWS_KEEP_DIAGONAL = 0,
+    /// Leave it empty as upstream does; attention writes zeros there.
+    SEER_EMPTY_ROWS_EMPTY = 1,
+}
+
+/// Threshold comparison precision (`SeerMaskParams::threshold_compare`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug)]
+pub enum SeerThresholdCompare {
+    /// `prob > threshold` in f32 (default).
+    SEER_THRESHOLD_F32 = 0,
+    /// Upstream's: both sides rounded to bf16 first.
+    SEER_THRESHOLD_BF16 = 1,
+}
+
+/// Everything that defines a gate apart from its weights. Initialise with
+/// `seer_gate_config_default`, then set the model's fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SeerGateConfig {
+    /// `sizeof(SeerGateConfig)`, set by the caller.
+    pub struct_size: usize,
+    pub num_layers: u32,
+    pub num_q_heads: u32,
+    pub num_kv_heads: u32,
+    pub head_dim: u32,
+    /// Width of the gate's projected Q and K.
+    pub gate_hidden: u32,
+    /// Tokens per block; 64 is supported.
+    pub block_size: u32,
+    /// `SeerPool` bits of the gate type's Q pooling (released: AVG).
+    pub q_pools: u32,
+    /// `SeerPool` bits of the gate type's K pooling (released: MAX|MIN|AVG).
+    pub k_pools: u32,
+    /// 1: a Q projection even where the gate type needs none (upstream `force_double`).
+    pub force_double: u32,
+    /// A `SeerRopeScaling` value.
+    pub rope_scaling: u32,
+    pub rope_theta: f64,
+    /// Linear and llama3 scaling factor.
+    pub rope_factor: f64,
+    pub rope_low_freq_factor: f64,
+    pub rope_high_freq_factor: f64,
+    pub rope_original_max_position_embeddings: f64,
+    /// A `SeerSparsityMethod` value: the default rule of `seer_mask_params_default`.
+    pub sparsity_method: u32,
+    pub threshold: f32,
+    pub nz_ratio: f32,
+    /// 1: the last two query-block rows of each sequence are dense.
+    pub last_block_dense: u32,
+}
+
+/// Parameters of `seer_gate_compute_mask`. Initialise with `seer_mask_params_default`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SeerMaskParams {
+    /// `sizeof(SeerMaskParams)`, set by the caller.
+    pub struct_size: usize,
+    /// Which layer's gate.
+    pub layer: u32,
+    /// A `SeerSparsityMethod` value.
+    pub sparsity_method: u32,
+    pub threshold: f32,
+    pub nz_ratio: f32,
+    /// 1: the last two query-block rows of each sequence are dense.
+    pub last_block_dense: u32,
+    /// A `SeerEmptyRows` value.
+    pub empty_rows: u32,
+    /// A `SeerThresholdCompare` value.
+    pub threshold_compare: u32,
+    /// CUDA stream (`cudaStream_t`) for device buffers; unused on the CPU.
+    pub cuda_stream: *mut c_void,
+    /// Caller-owned scratch memory of at least `seer_workspace_size` bytes (NULL when that is 0).
+    pub workspace: *mut c_void,
+    pub workspace_bytes: usize,
+}
+
+fn pools_to_bits(pools: &[Pool]) -> u32 {
+    pools
+        .iter()
+        .map(|p| match p {
+            Pool::Max => SeerPool::SEER_POOL_MAX as u32,
+            Pool::Min => SeerPool::SEER_POOL_MIN as u32,
+            Pool::Avg => SeerPool::SEER_POOL_AVG as u32,
+        })
+        .sum()
+}
+
+fn pools_from_bits(name: &str, bits: u32) -> FfiResult<Vec<Pool>> {
+    if bits == 0 || bits & !7 != 0 {
+        return Err(invalid(format!("{name} = {bits:#x} must be a non-empty combination of SEER_POOL_MAX|MIN|AVG")));
+    }
+    Ok([(1, Pool::Max), (2, Pool::Min), (4, Pool::Avg)].into_iter().filter(|(b, _)| bits & b != 0).map(|(_, p)| p).collect())
+}
+
+fn method_from(name: &str, v: u32) -> FfiResult<SparsityMethod> {
+    match v {
+        0 => Ok(SparsityMethod::Threshold),
+        1 => Ok(SparsityMethod::NzRatio),
+        _ => Err(invalid(format!("{name} = {v} is not a SeerSparsityMethod"))),
+    }
+}
+
+fn method_to(m: SparsityMethod) -> u32 {
+    match m {
+        SparsityMethod::Threshold => SeerSparsityMethod::SEER_SPARSITY_THRESHOLD as u32,
+        SparsityMethod::NzRatio => SeerSparsityMethod::SEER_SPARSITY_NZ_RATIO as u32,
+    }
+}
+
+impl SeerGateConfig {
+    fn to_config(&self) -> FfiResult<GateConfig> {
+        let scaling = match self.rope_scaling {
+            0 => RopeScaling::None,
+            1 => RopeScaling::Linear { factor: self.rope_factor },
+            2 => RopeScaling::Llama3 {
+                factor: self.rope_factor,
+                low_freq_factor: self.rope_low_freq_factor,
+                high_freq_factor: self.rope_high_freq_factor,
+                original_max_position_embeddings: self.rope_original_max_position_embeddings,
+            },
+            v => return Err(invalid(format!("config->rope_scaling = {v} is not a SeerRopeScaling"))),
+        };
+        let config = GateConfig {
+            num_layers: self.num_layers as usize,
+            num_q_heads: self.num_q_heads as usize,
+            num_kv_heads: self.num_kv_heads as usize,
+            head_dim: self.head_dim as usize,
+            gate_hidden: self.gate_hidden as usize,
+            block_size: self.block_size as usize,
+            gate_type: GateType {
+                q_pools: pools_from_bits("config->q_pools", self.q_pools)?,
+                k_pools: pools_from_bits("config->k_pools", self.k_pools)?,
+            },
+            force_double: args::flag("config->force_double", self.force_double)?,
+            rope: RopeConfig { theta: self.rope_theta, scaling },
+            sparsity_method: method_from("config->sparsity_method", self.sparsity_method)?,
+            threshold: self.threshold,
+            nz_ratio: self.nz_ratio,
+            last_block_dense: args::flag("config->last_block_dense", self.last_block_dense)?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn from_config(c: &GateConfig) -> Self {
+        let (rope_scaling, factor, low, high, orig) = match c.rope.scaling {
+            RopeScaling::None => (0, 1.0, 0.0, 0.0, 0.0),
+            RopeScaling::Linear { factor } => (1, factor, 0.0, 0.0, 0.0),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                (2, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+            }
+        };
+        SeerGateConfig {
+            struct_size: std::mem::size_of::<SeerGateConfig>(),
+            num_layers: c.num_layers as u32,
+            num_q_heads: c.num_q_heads as u32,
+            num_kv_heads: c.num_kv_heads as u32,
+            head_dim: c.head_dim as u32,
+            gate_hidden: c.gate_hidden as u32,
+            block_size: c.block_size as u32,
+            q_pools: pools_to_bits(&c.gate_type.q_pools),
+            k_pools: pools_to_bits(&c.gate_type.k_pools),
+            force_double: c.force_double as u32,
+            rope_scaling,
+            rope_theta: c.rope.theta,
+            rope_factor: factor,
+            rope_low_freq_factor: low,
+            rope_high_freq_factor: high,
+            rope_original_max_position_embeddings: orig,
+            sparsity_method: method_to(c.sparsity_method),
+            threshold: c.threshold,
+            nz_ratio: c.nz_ratio,
+            last_block_dense: c.last_block_dense as u32,
+        }
+    }
+}
+
+/// Fill `*out` with the defaults of a released gate (`Qavg_Kmaxminavg`,
+/// 64-token blocks, gate_hidden 128, threshold method with threshold 0 and
+/// nz_ratio 1 as upstream's config defaults, last_block_dense 1, plain RoPE
+/// with theta 10000) and zero model geometry (num_layers, heads, head_dim),
+/// which the caller must set. Writes `struct_size`.
+#[no_mangle]
+pub unsafe extern "C" fn seer_gate_config_default(out: *mut SeerGateConfig) -> SeerStatus {
+    ffi_call!("seer_gate_config_default", {
+        if out.is_null() {
+            return Err(args::null("out"));
+        }
+        let released = GateType::released();
+        let value = SeerGateConfig {
+            struct_size: std::mem::size_of::<SeerGateConfig>(),
+            num_layers: 0,
+            num_q_heads: 0,
+            num_kv_heads: 0,
+            head_dim: 0,
+            gate_hidden: 128,
+            block_size: 64,
+            q_pools: pools_to_bits(&released.q_pools),
+            k_pools: pools_to_bits(&released.k_pools),
+            force_double: 0,
+            rope_scaling: SeerRopeScaling::SEER_ROPE_NONE as u32,
+            rope_theta: 10000.0,
+            rope_factor: 1.0,
+            rope_low_freq_factor: 0.0,
+            rope_high_freq_factor: 0.0,
+            rope_original_max_position_embeddings: 0.0,
+            sparsity_method: SeerSparsityMethod::SEER_SPARSITY_THRESHOLD as u32,
+            threshold: 0.0,
+            nz_ratio: 1.0,
+            last_block_dense: 1,
+        };
+        if (out as usize) % std::mem::align_of::<SeerGateConfig>() != 0 {
+            return Err(invalid("out is not aligned"));
+        }
+        out.write(value);
+        Ok(())
+    })
+}
+
+/// Create a gate with no weights from `*config`; set each layer's weights
+/// with `seer_gate_set_layer_weights`. On success `*out` receives the handle.
+#[no_mangle]
+pub unsafe extern "C" fn seer_gate_create(config: *const SeerGateConfig, out: *mut *mut SeerGate) -> SeerStatus {
+    ffi_call!("seer_gate_create", {
+        let config = args::read_sized("config", config)?;
+        if out.is_null() {
+            return Err(args::null("out"));
+        }
+        let gate = Gate::new(config.to_config()?)?;
+        *out = publish(gate);
+        Ok(())
+    })
+}
+
+/// Load a gate directory as released upstream (`config.json` plus
+/// `attn_gate_weights.pth` or a `.safetensors` file). `dir` is a
+/// NUL-terminated UTF-8 path. On success `*out` receives the handle.
+#[no_mangle]
+pub unsafe extern "C" fn seer_gate_load(dir: *const c_char, out: *mut *mut SeerGate) -> SeerStatus {
+    ffi_call!("seer_gate_load", {
+        if dir.is_null() {
+            return Err(args::null("dir"));
+        }
+        if out.is_null() {
+            return Err(args::null("out"));
+        }
+        let path = CStr::from_ptr(dir).to_str().map_err(|_| invalid("dir is not valid UTF-8"))?;
+        let gate = Gate::load_dir(std::path::Path::new(path))?;
+        *out = publish(gate);
+        Ok(())
+    })
+}
+
+/// Set one layer's gate weights from host memory: `k_weight` is
+/// `mask_linear_k.weight` `[heads, k_in, gate_hidden]` (heads = num_q_heads
+/// for the released layout), `maybe_q_weight` is `mask_linear_q.weight` for
+/// gate types that have one, else NULL. bf16, f16 or f32, any strides; the
+/// data is copied.
+#[no_mangle]
+pub unsafe extern "C" fn seer_gate_set_layer_weights(
+    gate: *mut SeerGate,
+    layer: u32,
+    k_weight: *const SeerTensor,
+    maybe_q_weight: *const SeerTensor,
+) -> SeerStatus {
+    ffi_call!("seer_gate_set_layer_weights", {
+        let handle = gate_handle(gate)?;
+        let k = dense_weight("k_weight", k_weight)?;
+        let q = if maybe_q_weight.is_null() { None } else { Some(dense_weight("maybe_q_weight", maybe_q_weight)?) };
+        let mut g = handle.gate.write().unwrap_or_else(|poison| poison.into_inner());
+        g.set_layer_weights(layer as usize, weight_ref(&k), q.as_ref().map(weight_ref))?;
+        Ok(())
+    })
+}
+
+fn weight_ref(w: &(crate::tensor::DType, [usize; 3], Vec<u8>)) -> WeightRef<'_> {
+    WeightRef { dtype: w.0, shape: w.1, bytes: &w.2 }
+}
+
+/// Gather a (possibly strided) weight tensor into contiguous bytes.
+unsafe fn dense_weight(name: &'static str, t: *const SeerTensor) -> FfiResult<(crate::tensor::DType, [usize; 3], Vec<u8>)> {
+    let checked = args::tensor(name, t)?;
+    let view = checked.view(name)?;
+    let shape = view.shape();
+    let size = checked.dtype.size();
+    let mut out = vec![0u8; shape.iter().product::<usize>() * size];
+    let mut i = 0;
+    for a in 0..shape[0] {
+        for b in 0..shape[1] {
+            for c in 0..shape[2] {
+                crate::tensor::store_f32(&mut out, checked.dtype, i, view.get(a, b, c));
+                i += 1;
+            }
+        }
+    }
+    Ok((checked.dtype, shape, out))
+}
+
+/// Write the gate's config into `*out` (whose `struct_size` the caller sets).
+#[no_mangle]
+pub unsafe extern "C" fn seer_gate_get_config(gate: *const SeerGate, out: *mut SeerGateConfig) -> SeerStatus {
+    ffi_call!("seer_gate_get_config", {
+        let handle = gate_handle(gate)?;
+        let value = SeerGateConfig::from_config(read_gate(handle).config());
+        args::write_sized("out", out, value)
+    })
+}
+
+/// 1 if layer `layer` of the gate has weights, 0 if not (or on a bad handle or layer).
+#[no_mangle]
+pub unsafe extern "C" fn seer_gate_has_layer(gate: *const SeerGate, layer: u32) -> u32 {
+    let mut has = false;
+    let status = ffi_call!("seer_gate_has_layer", {
+        has = read_gate(gate_handle(gate)?).has_layer(layer as usize);
+        Ok(())
+    });
+    (status == SeerStatus::SEER_OK && has) as u32
+}
+
+/// Release a gate. NULL is accepted and ignored; so is a pointer that is not
+/// a live handle (a double destroy), which is reported through
+/// `seer_last_error_message` only.
+#[no_mangle]
+pub unsafe extern "C" fn seer_gate_destroy(gate: *mut SeerGate) {
+    let _ = ffi_call!("seer_gate_destroy", {
+        if gate.is_null() {
+            return Ok(());
+        }
+        if !live_gates(|live| live.remove(&(gate as usize))) {
+            return Err(invalid("gate is not a live handle (already destroyed?)"));
+        }
+        drop(Box::from_raw(gate));
+        Ok(())
+    });
+}
+
+/// Fill `*out` with the mask rule of the gate's config for layer 0
+/// (sparsity method, threshold, nz_ratio, last_block_dense), the default
+/// policies (keep the diagonal of empty rows, f32 threshold comparison) and
+/// no stream or workspace. Writes `struct_size`.
+#[no_mangle]
+pub unsafe extern "C" fn seer_mask_params_default(gate: *const SeerGate, out: *mut SeerMaskParams) -> SeerStatus {
+    ffi_call!("seer_mask_params_default", {
+        let handle = gate_handle(gate)?;
+        if out.is_null() {
+            return Err(args::null("out"));
+        }
+        if (out as usize) % std::mem::align_of::<SeerMaskParams>() != 0 {
+            return Err(invalid("out is not aligned"));
+        }
+        let p = MaskParams::from_config(read_gate(handle).config());
+        out.write(SeerMaskParams {
+            struct_size: std::mem::size_of::<SeerMaskParams>(),
+            layer: 0,
+            sparsity_method: method_to(p.method),
+            threshold: p.threshold,
+            nz_ratio: p.nz_ratio,
+            last_block_dense: p.last_block_dense as u32,
+            empty_rows: SeerEmptyRows::SEER_EMPTY_ROWS_KEEP_DIAGONAL as u32,
+            threshold_compare: SeerThresholdCompare::SEER_THRESHOLD_F32 as u32,
+            cuda_stream: std::ptr::null_mut(),
+            workspace: std::ptr::null_mut(),
+            workspace_bytes: 0,
+        });
+        Ok(())
+    })
+}
+
+impl SeerMaskParams {
+    fn to_params(&self) -> FfiResult<MaskParams> {
+        let p = MaskParams {
+            method: method_from("params->sparsity_method", self.sparsity_method)?,
+            threshold: self.threshold,
+            nz_ratio: self.nz_ratio,
+            last_block_dense: args::flag("params->last_block_dense", self.last_block_dense)?,
+            empty_rows: match self.empty_rows {
+                0 => EmptyRowPolicy::KeepDiagonal,
+                1 => EmptyRowPolicy::Empty,
+                v => return Err(invalid(format!("params->empty_rows = {v} is not a SeerEmptyRows"))),
+            },
+            threshold_compare: match self.threshold_compare {
+                0 => ThresholdCompare::F32,
+                1 => ThresholdCompare::Bf16,
+                v => return Err(invalid(format!("params->threshold_compare = {v} is not a SeerThresholdCompare"))),
+            },
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+/// Compute layer `params->layer`'s block mask for a batch from pre-RoPE
+/// `q_nope` `[total_q, num_q_heads, head_dim]` and `k_nope`
+/// `[total_k, num_kv_heads, head_dim]` (bf16 or f16, any strides). Writes
+/// `out_mask` (sizes from `seer_mask_sizes`); the mask arrays must not
+/// overlap each other or the inputs.
+#[no_mangle]
+pub unsafe extern "C" fn seer_gate_compute_mask(
+    gate: *const SeerGate,
+    params: *const SeerMaskParams,
+    batch: *const SeerBatch,
+    q_nope: *const SeerTensor,
+    k_nope: *const SeerTensor,
+    out_mask: *const SeerBlockMask,
+) -> SeerStatus {
+    ffi_call!("seer_gate_compute_mask", {
+        let handle = gate_handle(gate)?;
+        let params = args::read_sized("params", params)?;
+        let rule = params.to_params()?;
+        let batch = args::batch(batch)?;
+        let q = args::tensor("q_nope", q_nope)?;
+        let k = args::tensor("k_nope", k_nope)?;
+        let out = args::mask("out_mask", out_mask)?;
+        args::check_disjoint(&out.regions(), &[q.bytes.region, k.bytes.region])?;
+        let g = read_gate(handle);
+        let layout = MaskLayout::new(&batch, g.config().num_q_heads, g.config().block_size)?;
+        check_mask_capacity(&layout, out.counts.len, out.indices.len, out.row_offsets.len)?;
+        let mask = g.compute_block_mask(params.layer as usize, &q.view("q_nope")?, &k.view("k_nope")?, &batch, &rule)?;
+        out.counts.get_mut().copy_from_slice(&mask.counts);
+        out.row_offsets.get_mut().copy_from_slice(&mask.row_offsets);
+        out.indices.get_mut()[..mask.indices.len()].copy_from_slice(&mask.indices);
+        Ok(())
+    })
+}
+
+/// Refuse output mask arrays of the wrong size for a layout.
+pub(crate) fn check_mask_capacity(layout: &MaskLayout, counts: usize, indices: usize, offsets: usize) -> FfiResult {
+    let short = |what: &str, have: usize, need: usize| {
+        FfiError::new(
+            SeerStatus::SEER_BUFFER_TOO_SMALL,
+            format!("mask->{what}_len = {have}, this batch needs {need} (see seer_mask_sizes)"),
+        )
+    };
+    if counts != layout.rows() {
+        return Err(if counts < layout.rows() {
+            short("counts", counts, layout.rows())
+        } else {
+            invalid(format!("mask->counts_len = {counts} but the batch has {} rows", layout.rows()))
+        });
+    }
+    if offsets != layout.rows() + 1 {
+        return Err(if offsets < layout.rows() + 1 {
+            short("row_offsets", offsets, layout.rows() + 1)
+        } else {
+            invalid(format!("mask->row_offsets_len = {offsets} but the batch needs rows + 1 = {}", layout.rows() + 1))
+        });
+    }
+    if indices < layout.index_capacity() {
+        return Err(short("indices", indices, layout.index_capacity()));
+    }
+    Ok(())
+}

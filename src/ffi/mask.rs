@@ -1,0 +1,132 @@
+//! Mask buffer sizes, workspace sizes, and conversion between the index-list
+//! mask and a caller's dense `u8` block map.
+
+use super::args::{self, invalid, SeerBatch, SeerBlockMask};
+use super::gate::check_mask_capacity;
+use super::status::{FfiError, SeerStatus};
+use crate::mask::{BlockMask, MaskLayout};
+
+/// Buffer sizes of a block mask for one batch shape (`seer_mask_sizes`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SeerMaskSizes {
+    /// `sizeof(SeerMaskSizes)`, set by the caller.
+    pub struct_size: usize,
+    /// Rows: (sequence, query head, query block) triples; entries of `counts`.
+    pub rows: usize,
+    /// Entries of `row_offsets`: `rows + 1`.
+    pub row_offsets_len: usize,
+    /// Entries of `indices` (each row's causal length, summed).
+    pub indices_len: usize,
+    /// Bytes of the dense map: per sequence `[num_q_heads, q_blocks, k_blocks]`, concatenated.
+    pub dense_bytes: usize,
+}
+
+unsafe fn layout(batch: *const SeerBatch, num_q_heads: u32, block_size: u32) -> Result<MaskLayout, FfiError> {
+    let batch = args::batch(batch)?;
+    if num_q_heads == 0 {
+        return Err(invalid("num_q_heads is 0"));
+    }
+    if block_size as usize != crate::config::SUPPORTED_BLOCK_SIZE {
+        return Err(FfiError::new(
+            SeerStatus::SEER_UNSUPPORTED,
+            format!("block_size = {block_size} (this build supports {})", crate::config::SUPPORTED_BLOCK_SIZE),
+        ));
+    }
+    Ok(MaskLayout::new(&batch, num_q_heads as usize, block_size as usize)?)
+}
+
+/// Sizes of the mask arrays (and of the dense map) for a batch with
+/// `num_q_heads` query heads and `block_size`-token blocks. The caller sets
+/// `out->struct_size`.
+#[no_mangle]
+pub unsafe extern "C" fn seer_mask_sizes(
+    batch: *const SeerBatch,
+    num_q_heads: u32,
+    block_size: u32,
+    out: *mut SeerMaskSizes,
+) -> SeerStatus {
+    ffi_call!("seer_mask_sizes", {
+        let l = layout(batch, num_q_heads, block_size)?;
+        let value = SeerMaskSizes {
+            struct_size: std::mem::size_of::<SeerMaskSizes>(),
+            rows: l.rows(),
+            row_offsets_len: l.rows() + 1,
+            indices_len: l.index_capacity(),
+            dense_bytes: l.dense_len(),
+        };
+        args::write_sized("out", out, value)
+    })
+}
+
+/// Scratch bytes that `seer_gate_compute_mask` and `seer_sparse_prefill`
+/// need for this batch on `device` (a `SeerDevice`). The CPU path needs none
+/// and reports 0.
+#[no_mangle]
+pub unsafe extern "C" fn seer_workspace_size(
+    batch: *const SeerBatch,
+    num_q_heads: u32,
+    head_dim: u32,
+    device: u32,
+    out_bytes: *mut usize,
+) -> SeerStatus {
+    ffi_call!("seer_workspace_size", {
+        let _ = layout(batch, num_q_heads, crate::config::SUPPORTED_BLOCK_SIZE as u32)?;
+        if head_dim == 0 {
+            return Err(invalid("head_dim is 0"));
+        }
+        args::require_cpu("device", device)?;
+        if out_bytes.is_null() {
+            return Err(args::null("out_bytes"));
+        }
+        *out_bytes = 0;
+        Ok(())
+    })
+}
+
+/// Build an index-list mask from a dense `u8` block map (non-zero selects;
+/// blocks above the causal diagonal are dropped). `dense_len` must equal
+/// `SeerMaskSizes::dense_bytes`.
+#[no_mangle]
+pub unsafe extern "C" fn seer_mask_from_dense(
+    batch: *const SeerBatch,
+    num_q_heads: u32,
+    block_size: u32,
+    dense: *const u8,
+    dense_len: usize,
+    out_mask: *const SeerBlockMask,
+) -> SeerStatus {
+    ffi_call!("seer_mask_from_dense", {
+        let l = layout(batch, num_q_heads, block_size)?;
+        let dense = args::raw_slice("dense", dense.cast_mut(), dense_len)?;
+        let out = args::mask("out_mask", out_mask)?;
+        args::check_disjoint(&out.regions(), &[dense.region])?;
+        check_mask_capacity(&l, out.counts.len, out.indices.len, out.row_offsets.len)?;
+        let mask = BlockMask::from_dense(&l, dense.get())?;
+        out.counts.get_mut().copy_from_slice(&mask.counts);
+        out.row_offsets.get_mut().copy_from_slice(&mask.row_offsets);
+        out.indices.get_mut()[..mask.indices.len()].copy_from_slice(&mask.indices);
+        Ok(())
+    })
+}
+
+/// Write the dense `u8` map (1 = selected) of a mask, after validating it.
+/// `dense_len` must equal `SeerMaskSizes::dense_bytes`.
+#[no_mangle]
+pub unsafe extern "C" fn seer_mask_to_dense(
+    batch: *const SeerBatch,
+    num_q_heads: u32,
+    block_size: u32,
+    mask: *const SeerBlockMask,
+    out_dense: *mut u8,
+    dense_len: usize,
+) -> SeerStatus {
+    ffi_call!("seer_mask_to_dense", {
+        let l = layout(batch, num_q_heads, block_size)?;
+        let m = args::mask("mask", mask)?;
+        let out = args::raw_slice("out_dense", out_dense, dense_len)?;
+        args::check_disjoint(&[out.region], &m.regions())?;
+        m.view().to_dense(&l, out.get_mut())?;
+        Ok(())
+    })
+}
