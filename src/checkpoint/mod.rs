@@ -69,12 +69,22 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 
 /// Every tensor of a `torch.save` archive, in the order it was saved.
 pub fn read_pth(path: &Path) -> Result<Vec<RawTensor>> {
-    pth::read_pth_bytes(&path.display().to_string(), read_file(path)?)
+    parse_pth(&path.display().to_string(), read_file(path)?)
+}
+
+/// As [`read_pth`], for an archive already in memory; `name` labels it in errors.
+pub fn parse_pth(name: &str, bytes: Vec<u8>) -> Result<Vec<RawTensor>> {
+    pth::read_pth_bytes(name, bytes)
 }
 
 /// Every tensor of a `.safetensors` file, in file order.
 pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
-    safetensors_io::read_safetensors_bytes(&path.display().to_string(), &read_file(path)?)
+    parse_safetensors(&path.display().to_string(), &read_file(path)?)
+}
+
+/// As [`read_safetensors`], for a file already in memory; `name` labels it in errors.
+pub fn parse_safetensors(name: &str, bytes: &[u8]) -> Result<Vec<RawTensor>> {
+    safetensors_io::read_safetensors_bytes(name, bytes)
 }
 
 /// Write `tensors` to a `.safetensors` file (metadata `{"format": "pt"}`).

@@ -180,9 +180,12 @@ pub(crate) mod tests {
     use super::super::zip::tests::build_zip;
     use super::*;
 
+    /// (name, storage class, storage key, storage numel, offset, size, stride).
+    pub(crate) type Spec<'a> = (&'a str, &'a str, &'a str, u32, u32, &'a [u32], &'a [u32]);
+
     /// A pickle of `{name: _rebuild_tensor_v2(storage(class, key, numel), offset, size, stride, False, OrderedDict())}`
     /// for each tensor, in torch's opcode sequence.
-    pub(crate) fn state_dict_pickle(tensors: &[(&str, &str, &str, u32, u32, &[u32], &[u32])]) -> Vec<u8> {
+    pub(crate) fn state_dict_pickle(tensors: &[Spec<'_>]) -> Vec<u8> {
         let mut p = vec![0x80, 2, b'}', b'('];
         let s = |p: &mut Vec<u8>, s: &str| {
             p.push(b'X');
@@ -246,7 +249,7 @@ pub(crate) mod tests {
     #[test]
     fn refuses_bad_storages() {
         let storage = vec![0u8; 24];
-        let cases: [(&[(&str, &str, &str, u32, u32, &[u32], &[u32])], &str); 5] = [
+        let cases: [(&[Spec<'_>], &str); 5] = [
             (&[("a", "BFloat16Storage", "0", 13, 0, &[12], &[1])], "declares 13"),
             (&[("a", "BFloat16Storage", "0", 12, 1, &[12], &[1])], "address past"),
             (&[("a", "BFloat16Storage", "0", 12, 0, &[4, 4], &[0, 1])], "aliasing"),
@@ -263,6 +266,28 @@ pub(crate) mod tests {
         match read_pth_bytes("x.pth", archive(&long, &[("0", &storage)])) {
             Err(Error::Unsupported(m)) => assert!(m.contains("LongStorage") && m.contains("'a'"), "{m}"),
             other => panic!("expected unsupported, got {other:?}"),
+        }
+    }
+
+    /// Mutated pickles inside archives with valid CRCs, so that the damage
+    /// reaches the interpreter and the storage checks rather than the zip layer.
+    #[test]
+    fn mutated_pickles_never_panic() {
+        let storage = vec![0u8; 24];
+        let base = state_dict_pickle(&[
+            ("a", "BFloat16Storage", "0", 12, 0, &[3, 4], &[4, 1]),
+            ("b", "BFloat16Storage", "0", 12, 2, &[2, 2], &[4, 1]),
+        ]);
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..500 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut p = base.clone();
+            let i = (seed % p.len() as u64) as usize;
+            p[i] = (seed >> 24) as u8;
+            let r = std::panic::catch_unwind(|| read_pth_bytes("x.pth", archive(&p, &[("0", &storage)])));
+            assert!(r.is_ok(), "panic on a pickle mutated at byte {i}");
         }
     }
 }

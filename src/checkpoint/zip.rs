@@ -48,7 +48,7 @@ pub(crate) struct ZipArchive {
 }
 
 /// Little-endian reads that fail (instead of panicking) past the end.
-fn slice<'a>(b: &'a [u8], at: usize, len: usize) -> Option<&'a [u8]> {
+fn slice(b: &[u8], at: usize, len: usize) -> Option<&[u8]> {
     b.get(at..at.checked_add(len)?)
 }
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
