@@ -1,1 +1,48 @@
-fn main(){}
+//! `seerattn`: a small command line over the library, for looking at gate
+//! checkpoints without Python. Arguments are parsed by hand (a dependency
+//! would outweigh two subcommands); each subcommand is one arm of the `match`
+//! in `main`, so adding one means adding an arm and a line of help.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+const HELP: &str = "\
+seerattn - SeerAttention gate checkpoints
+
+usage:
+  seerattn inspect <gate_dir>
+      print the config, gate type and per-tensor shapes and weight statistics
+      of a gate directory (config.json + attn_gate_weights.pth or *.safetensors)
+  seerattn convert <attn_gate_weights.pth> <out.safetensors>
+      rewrite a torch.save archive as safetensors, bytes and dtypes unchanged
+  seerattn help
+      print this help
+";
+
+/// Exit status for every error: bad usage and failed commands alike.
+const FAILURE: u8 = 2;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match argv.as_slice() {
+        [] | ["help" | "-h" | "--help"] => {
+            print!("{HELP}");
+            Ok(())
+        }
+        ["inspect", dir] => seerattn::checkpoint::describe_gate_dir(Path::new(dir)).map(|s| print!("{s}")),
+        ["convert", src, dst] => seerattn::checkpoint::convert_pth_to_safetensors(Path::new(src), Path::new(dst))
+            .map(|()| println!("wrote {dst}")),
+        _ => {
+            eprintln!("seerattn: unrecognized arguments: {}\n\n{HELP}", argv.join(" "));
+            return ExitCode::from(FAILURE);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("seerattn: {e}");
+            ExitCode::from(FAILURE)
+        }
+    }
+}
