@@ -102,7 +102,7 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("inputs   {}; layer {layer}; CPU reference path", inputs.source);
 
     let n = inputs.seq;
-    let view = |b: &'_ [u8], heads| Tensor3::new("input", b, DType::BF16, Layout3::contiguous(n, heads, c.head_dim));
+    let view = |b, heads| bf16_view(b, n, heads, c.head_dim);
     let (q_nope, k_nope) = (view(&inputs.q_nope, c.num_q_heads)?, view(&inputs.k_nope, c.num_kv_heads)?);
     let (q, k, v) = (view(&inputs.q, c.num_q_heads)?, view(&inputs.k, c.num_kv_heads)?, view(&inputs.v, c.num_kv_heads)?);
     let batch = Batch::single(n)?;
@@ -140,6 +140,10 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("{name:<16} {:>8.4} {gate_ms:>10.1} {prefill_ms:>12.1} {max_err:>12.5} {rel:>12.5}", mask.as_ref().density(&layout));
     }
     Ok(())
+}
+
+fn bf16_view(bytes: &[u8], tokens: usize, heads: usize, dim: usize) -> Result<Tensor3<'_>> {
+    Tensor3::new("input", bytes, DType::BF16, Layout3::contiguous(tokens, heads, dim))
 }
 
 fn parse(v: Option<&String>, flag: &str) -> Result<usize> {

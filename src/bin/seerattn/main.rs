@@ -1,15 +1,22 @@
-//! `seerattn`: a small command line over the library, for looking at gate
-//! checkpoints without Python. Arguments are parsed by hand (a dependency
-//! would outweigh two subcommands); each subcommand is one arm of the `match`
+//! `seerattn`: a small command line over the library: the end-to-end demo,
+//! and looking at gate checkpoints without Python. Arguments are parsed by hand (a dependency
+//! would outweigh three subcommands); each subcommand is one arm of the `match`
 //! in `main`, so adding one means adding an arm and a line of help.
+
+mod demo;
 
 use std::path::Path;
 use std::process::ExitCode;
 
 const HELP: &str = "\
-seerattn - SeerAttention gate checkpoints
+seerattn - SeerAttention block-sparse attention
 
 usage:
+  seerattn demo [gate_dir] [--layer L] [--seq N]
+      gate + block mask + sparse prefill on the CPU reference: loads the gate
+      (default: the bundled upstream test gate and its recorded inputs; other
+      gates get N random tokens, default 1024), prints mask density, error
+      against dense causal attention, and the time of each stage
   seerattn inspect <gate_dir>
       print the config, gate type and per-tensor shapes and weight statistics
       of a gate directory (config.json + attn_gate_weights.pth or *.safetensors)
@@ -30,6 +37,7 @@ fn main() -> ExitCode {
             print!("{HELP}");
             Ok(())
         }
+        ["demo", ..] => demo::run(&args[1..]),
         ["inspect", dir] => seerattn::checkpoint::describe_gate_dir(Path::new(dir)).map(|s| print!("{s}")),
         ["convert", src, dst] => seerattn::checkpoint::convert_pth_to_safetensors(Path::new(src), Path::new(dst))
             .map(|()| println!("wrote {dst}")),
