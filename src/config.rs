@@ -100,7 +100,12 @@ impl RopeConfig {
                 match self.scaling {
                     RopeScaling::None => base,
                     RopeScaling::Linear { factor } => base / factor,
-                    RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position_embeddings,
+                    } => {
                         let low_freq_wavelen = original_max_position_embeddings / low_freq_factor;
                         let high_freq_wavelen = original_max_position_embeddings / high_freq_factor;
                         let wavelen = 2.0 * std::f64::consts::PI / base;

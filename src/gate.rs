@@ -61,7 +61,10 @@ impl Gate {
     /// gate type has a Q projection ([`GateConfig::q_weight_shape`]).
     pub fn set_layer_weights(&mut self, layer: usize, k: WeightRef<'_>, q: Option<WeightRef<'_>>) -> Result<()> {
         if layer >= self.config.num_layers {
-            return Err(Error::invalid(format!("layer {layer} out of range (the gate has {} layers)", self.config.num_layers)));
+            return Err(Error::invalid(format!(
+                "layer {layer} out of range (the gate has {} layers)",
+                self.config.num_layers
+            )));
         }
         let k_proj = convert_weight(&format!("layer {layer} mask_linear_k"), k, self.config.k_weight_shape())?;
         let q_proj = match (self.config.q_weight_shape(), q) {
@@ -87,7 +90,10 @@ impl Gate {
     /// Layer `layer`'s weights, or an error naming the layer if it has none.
     pub fn layer(&self, layer: usize) -> Result<&LayerWeights> {
         match self.layers.get(layer) {
-            None => Err(Error::invalid(format!("layer {layer} out of range (the gate has {} layers)", self.config.num_layers))),
+            None => Err(Error::invalid(format!(
+                "layer {layer} out of range (the gate has {} layers)",
+                self.config.num_layers
+            ))),
             Some(None) => Err(Error::invalid(format!("layer {layer} has no weights loaded"))),
             Some(Some(w)) => Ok(w),
         }
@@ -123,7 +129,10 @@ impl Gate {
             [("q_nope", q_nope, batch.total_q(), c.num_q_heads), ("k_nope", k_nope, batch.total_k(), c.num_kv_heads)]
         {
             if !matches!(t.dtype(), DType::BF16 | DType::F16) {
-                return Err(Error::unsupported(format!("{name}: dtype {} (the gate takes bf16 or f16)", t.dtype().name())));
+                return Err(Error::unsupported(format!(
+                    "{name}: dtype {} (the gate takes bf16 or f16)",
+                    t.dtype().name()
+                )));
             }
             let want = [tokens, heads, c.head_dim];
             if t.shape() != want {

@@ -74,10 +74,8 @@ impl MaskLayout {
                 first_q_block: sq.first_q_block,
                 k_blocks: sq.k_blocks,
             });
-            let per_head_slots = tri(sq.k_blocks)
-                .zip(tri(sq.first_q_block))
-                .map(|(a, b)| a - b)
-                .ok_or_else(overflow)?;
+            let per_head_slots =
+                tri(sq.k_blocks).zip(tri(sq.first_q_block)).map(|(a, b)| a - b).ok_or_else(overflow)?;
             rows = sq.q_blocks.checked_mul(num_heads).and_then(|x| x.checked_add(rows)).ok_or_else(overflow)?;
             slots = per_head_slots.checked_mul(num_heads).and_then(|x| x.checked_add(slots)).ok_or_else(overflow)?;
             dense = sq
@@ -227,7 +225,10 @@ impl<'a> BlockMaskRef<'a> {
     pub fn validate(&self, layout: &MaskLayout) -> Result<()> {
         let rows = layout.rows();
         if self.counts.len() != rows {
-            return Err(Error::invalid(format!("mask: counts has {} entries, the batch has {rows} rows", self.counts.len())));
+            return Err(Error::invalid(format!(
+                "mask: counts has {} entries, the batch has {rows} rows",
+                self.counts.len()
+            )));
         }
         if self.row_offsets.len() != rows + 1 {
             return Err(Error::invalid(format!(

@@ -71,7 +71,7 @@ impl Layout3 {
     /// Number of elements a buffer needs to hold every addressed element:
     /// one past the largest offset, or 0 for an empty tensor. Errors on overflow.
     pub fn span(&self, name: &str) -> Result<usize> {
-        if self.shape.iter().any(|&n| n == 0) {
+        if self.shape.contains(&0) {
             return Ok(0);
         }
         let mut last = 0usize;
@@ -188,9 +188,7 @@ impl<'a> Tensor3Mut<'a> {
 
 fn check_fits(name: &str, len_bytes: usize, dtype: DType, layout: &Layout3) -> Result<()> {
     let span = layout.span(name)?;
-    let need = span
-        .checked_mul(dtype.size())
-        .ok_or_else(|| Error::invalid(format!("{name}: byte size overflows")))?;
+    let need = span.checked_mul(dtype.size()).ok_or_else(|| Error::invalid(format!("{name}: byte size overflows")))?;
     if need > len_bytes {
         return Err(Error::invalid(format!(
             "{name}: shape {:?} with strides {:?} addresses {need} bytes but the buffer holds {len_bytes}",

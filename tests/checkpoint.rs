@@ -341,7 +341,8 @@ fn bad_archives_are_refused() {
     assert_eq!(parse_pth("ok.pth", good).unwrap()[0].shape, [2, 3]);
 
     // Compressed entry.
-    let members = vec![("archive/data.pkl".to_string(), pickle(&[])), ("archive/byteorder".to_string(), b"little".to_vec())];
+    let members =
+        vec![("archive/data.pkl".to_string(), pickle(&[])), ("archive/byteorder".to_string(), b"little".to_vec())];
     format_message(parse_pth("deflate.pth", zip(&members, 8)), "compressed");
     // Wrong dtype: int64 storage.
     let long = PklTensor { name: K0, class: "LongStorage", key: "0", numel: 6, shape: &[2, 3] };
@@ -386,7 +387,10 @@ fn gate_dir_checks_tensors_against_config() {
     assert_eq!(g.layer(1).unwrap().k_proj[0], 2.0 * -8.0 / 64.0);
 
     let missing = gate_dir("missing", TINY_CONFIG, &[tiny_k(0)]);
-    let m = format_message(load_gate_dir(missing.path()), "missing tensor 'model.layers.1.self_attn.attn_gate.mask_linear_k.weight'");
+    let m = format_message(
+        load_gate_dir(missing.path()),
+        "missing tensor 'model.layers.1.self_attn.attn_gate.mask_linear_k.weight'",
+    );
     assert!(m.contains("gate.safetensors"), "{m}");
 
     let extra = gate_dir("extra", TINY_CONFIG, &[tiny_k(0), tiny_k(1), tiny_k(2)]);
@@ -400,7 +404,10 @@ fn gate_dir_checks_tensors_against_config() {
     let mut bias = tiny_k(0);
     bias.name = "model.layers.0.self_attn.attn_gate.mask_linear_k.bias".into();
     let unknown = gate_dir("unknown", TINY_CONFIG, &[tiny_k(0), tiny_k(1), bias]);
-    format_message(load_gate_dir(unknown.path()), "unexpected tensor 'model.layers.0.self_attn.attn_gate.mask_linear_k.bias'");
+    format_message(
+        load_gate_dir(unknown.path()),
+        "unexpected tensor 'model.layers.0.self_attn.attn_gate.mask_linear_k.bias'",
+    );
 
     let mut q = tiny_k(0);
     q.name = "model.layers.0.self_attn.attn_gate.mask_linear_q.weight".into();
@@ -417,7 +424,8 @@ fn gate_dir_checks_tensors_against_config() {
     std::fs::write(dup.path().join("config.json"), TINY_CONFIG).unwrap();
     let t = |key| PklTensor { name: K1, class: "BFloat16Storage", key, numel: 4 * 192 * 64, shape: &[4, 192, 64] };
     let k0 = PklTensor { name: K0, ..t("0") };
-    let archive = pth(pickle(&[k0, t("1"), t("2")]), &[("0", tiny_k(0).data), ("1", tiny_k(1).data), ("2", tiny_k(1).data)]);
+    let archive =
+        pth(pickle(&[k0, t("1"), t("2")]), &[("0", tiny_k(0).data), ("1", tiny_k(1).data), ("2", tiny_k(1).data)]);
     std::fs::write(dup.path().join("attn_gate_weights.pth"), archive).unwrap();
     format_message(load_gate_dir(dup.path()), "appears twice");
 
@@ -431,17 +439,30 @@ fn gate_dir_checks_tensors_against_config() {
 fn gate_dir_config_errors() {
     let cases: [(&str, &str); 5] = [
         (r#"{"num_attention_heads": 4, "head_dim": 64}"#, "'num_hidden_layers': missing"),
-        (r#"{"num_attention_heads": "4", "head_dim": 64, "num_hidden_layers": 2}"#, "'num_attention_heads': expected a non-negative integer"),
+        (
+            r#"{"num_attention_heads": "4", "head_dim": 64, "num_hidden_layers": 2}"#,
+            "'num_attention_heads': expected a non-negative integer",
+        ),
         (r#"{"num_attention_heads": 4,, }"#, "invalid JSON"),
-        (r#"{"num_attention_heads": 6, "num_key_value_heads": 4, "head_dim": 64, "num_hidden_layers": 2}"#, "num_kv_heads = 4 must be positive and divide"),
-        (r#"{"num_attention_heads": 4, "head_dim": 64, "num_hidden_layers": 2, "rope_scaling": {"rope_type": "llama3"}}"#, "rope_scaling.factor"),
+        (
+            r#"{"num_attention_heads": 6, "num_key_value_heads": 4, "head_dim": 64, "num_hidden_layers": 2}"#,
+            "num_kv_heads = 4 must be positive and divide",
+        ),
+        (
+            r#"{"num_attention_heads": 4, "head_dim": 64, "num_hidden_layers": 2, "rope_scaling": {"rope_type": "llama3"}}"#,
+            "rope_scaling.factor",
+        ),
     ];
     for (i, (config, want)) in cases.iter().enumerate() {
         let d = gate_dir(&format!("cfg{i}"), config, &[tiny_k(0), tiny_k(1)]);
         let m = format_message(load_gate_dir(d.path()), want);
         assert!(m.contains("config.json"), "{m}");
     }
-    let yarn = gate_dir("yarn", &TINY_CONFIG.replace("\"rope_theta\"", r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_theta""#), &[]);
+    let yarn = gate_dir(
+        "yarn",
+        &TINY_CONFIG.replace("\"rope_theta\"", r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_theta""#),
+        &[],
+    );
     unsupported_message(load_gate_dir(yarn.path()), "rope_scaling type 'yarn'");
     let gt = gate_dir("gatetype", &TINY_CONFIG.replace("Qavg_Kmaxminavg", "Qavg_Kmedian"), &[]);
     unsupported_message(load_gate_dir(gt.path()), "Qavg_Kmedian");
@@ -458,7 +479,10 @@ fn bad_safetensors_are_refused() {
         b
     };
     let i64_json = r#"{"w":{"dtype":"I64","shape":[2],"data_offsets":[0,16]}}"#;
-    unsupported_message(parse_safetensors("i64.safetensors", &header(i64_json, i64_json.len() as u64, 16)), "tensor 'w' has dtype I64");
+    unsupported_message(
+        parse_safetensors("i64.safetensors", &header(i64_json, i64_json.len() as u64, 16)),
+        "tensor 'w' has dtype I64",
+    );
     let ok_json = r#"{"w":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}"#;
     assert_eq!(parse_safetensors("ok", &header(ok_json, ok_json.len() as u64, 4)).unwrap()[0].shape, [2]);
     // Header cut short, header length beyond the file, file shorter than 8 bytes, data cut short.

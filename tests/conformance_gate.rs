@@ -12,7 +12,8 @@ const CASES: [&str; 2] = ["gqa4_s1000", "mqa_s3072"];
 fn load(case: &Case) -> (Gate, GateScores, Batch) {
     let gate = Gate::load_dir(&case.gate_dir()).unwrap();
     let batch = Batch::single(case.usize("seq_len")).unwrap();
-    let scores = gate.scores(case.gate_layer(), &case.get("q_nope").view3(), &case.get("k_nope").view3(), &batch).unwrap();
+    let scores =
+        gate.scores(case.gate_layer(), &case.get("q_nope").view3(), &case.get("k_nope").view3(), &batch).unwrap();
     (gate, scores, batch)
 }
 
@@ -82,7 +83,13 @@ fn threshold_masks_match_upstream_except_near_threshold() {
                 ..MaskParams::from_config(gate.config())
             };
             let ours = gate
-                .compute_block_mask(case.gate_layer(), &case.get("q_nope").view3(), &case.get("k_nope").view3(), &batch, &params)
+                .compute_block_mask(
+                    case.gate_layer(),
+                    &case.get("q_nope").view3(),
+                    &case.get("k_nope").view3(),
+                    &batch,
+                    &params,
+                )
                 .unwrap();
             let ours = dense(&ours, &scores.layout);
             let mut near = 0;
@@ -136,7 +143,13 @@ fn top_k_masks_match_upstream_except_ties() {
                 };
                 let k = params.top_k(nb);
                 let mask = gate
-                    .compute_block_mask(case.gate_layer(), &case.get("q_nope").view3(), &case.get("k_nope").view3(), &batch, &params)
+                    .compute_block_mask(
+                        case.gate_layer(),
+                        &case.get("q_nope").view3(),
+                        &case.get("k_nope").view3(),
+                        &batch,
+                        &params,
+                    )
                     .unwrap();
                 let ours = dense(&mask, &scores.layout);
                 let mut ties = 0;
@@ -146,12 +159,15 @@ fn top_k_masks_match_upstream_except_ties() {
                     let mut sorted = logits.to_vec();
                     sorted.sort_by(|a, b| b.total_cmp(a));
                     let kth = sorted[k.min(sorted.len()) - 1];
-                    for j in 0..nb {
+                    for j in id.q_block + 1..nb {
+                        let u = up_index(nb, id.head, id.q_block, j);
+                        assert!(ours[u] == 0 && upstream[u] == 0, "{name} {key}: block above the diagonal selected");
+                    }
+                    for (j, &l) in logits.iter().enumerate() {
                         let u = up_index(nb, id.head, id.q_block, j);
                         if ours[u] != upstream[u] {
                             // A disagreement is a tie at the k-th place, up to
                             // the bf16 error of upstream's logits.
-                            let l = logits[j];
                             assert!(
                                 (l - kth).abs() <= 0.02 + 0.01 * kth.abs(),
                                 "{name} {key}: head {} row {} block {j}: logit {l} is no tie with the k-th {kth}",
@@ -161,7 +177,12 @@ fn top_k_masks_match_upstream_except_ties() {
                             ties += 1;
                         }
                     }
-                    assert!(mask.as_ref().row(r).len() == if last_dense && id.q_block + 2 >= nb { id.q_block + 1 } else { k.min(id.q_block + 1) });
+                    let want = if last_dense && id.q_block + 2 >= nb { id.q_block + 1 } else { k.min(id.q_block + 1) };
+                    assert_eq!(
+                        mask.as_ref().row(r).len(),
+                        want,
+                        "{name} {key}: row {r} keeps the wrong number of blocks"
+                    );
                 }
                 let causal = case.usize("num_q_heads") * nb * (nb + 1) / 2;
                 println!("{name} {key}: k = {k}, {ties} tie differences");

@@ -35,7 +35,9 @@ pub fn parse_config(path: &str, text: &str) -> Result<GateConfig> {
         None => {
             let hidden = f.usize_req("hidden_size")?;
             if num_q_heads == 0 || hidden % num_q_heads != 0 {
-                return Err(f.bad("hidden_size", format!("{hidden} is not a multiple of num_attention_heads = {num_q_heads}")));
+                return Err(
+                    f.bad("hidden_size", format!("{hidden} is not a multiple of num_attention_heads = {num_q_heads}"))
+                );
             }
             hidden / num_q_heads
         }
@@ -87,13 +89,17 @@ fn rope_scaling(f: &Fields<'_>) -> Result<RopeScaling> {
     let obj = match f.obj.get("rope_scaling") {
         None | Some(Value::Null) => return Ok(RopeScaling::None),
         Some(Value::Object(o)) => o,
-        Some(other) => return Err(f.bad("rope_scaling", format!("expected an object or null, found {}", type_name(other)))),
+        Some(other) => {
+            return Err(f.bad("rope_scaling", format!("expected an object or null, found {}", type_name(other))))
+        }
     };
     let s = Fields { path: f.path, obj, prefix: "rope_scaling." };
     // Hugging Face renamed `type` to `rope_type`; both still appear.
     let kind = match s.str_opt("rope_type")? {
         Some(k) => k,
-        None => s.str_opt("type")?.ok_or_else(|| s.bad("rope_type", "missing (neither rope_type nor type given)".into()))?,
+        None => {
+            s.str_opt("type")?.ok_or_else(|| s.bad("rope_type", "missing (neither rope_type nor type given)".into()))?
+        }
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -178,7 +184,9 @@ mod tests {
     const MINIMAL: &str = r#"{"num_attention_heads": 32, "num_hidden_layers": 4, "hidden_size": 4096}"#;
 
     fn with(extra: &str) -> String {
-        format!(r#"{{"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128, "num_hidden_layers": 2, {extra}}}"#)
+        format!(
+            r#"{{"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128, "num_hidden_layers": 2, {extra}}}"#
+        )
     }
 
     fn format_msg<T: std::fmt::Debug>(r: Result<T>) -> String {
@@ -204,7 +212,8 @@ mod tests {
 
     #[test]
     fn rope_scaling_variants() {
-        let rope = |s: &str| parse_config("cfg.json", &with(&format!(r#""rope_scaling": {s}"#))).map(|c| c.rope.scaling);
+        let rope =
+            |s: &str| parse_config("cfg.json", &with(&format!(r#""rope_scaling": {s}"#))).map(|c| c.rope.scaling);
         assert_eq!(rope("null").unwrap(), RopeScaling::None);
         assert_eq!(rope(r#"{"rope_type": "default"}"#).unwrap(), RopeScaling::None);
         assert_eq!(rope(r#"{"type": "linear", "factor": 2}"#).unwrap(), RopeScaling::Linear { factor: 2.0 });
@@ -227,13 +236,23 @@ mod tests {
     fn errors_name_the_field() {
         assert!(format_msg(parse_config("cfg.json", "{\"num_attention_heads\": 8,")).contains("invalid JSON"));
         assert!(format_msg(parse_config("cfg.json", "[]")).contains("not a JSON object"));
-        assert!(format_msg(parse_config("cfg.json", r#"{"num_attention_heads": 8, "head_dim": 64}"#)).contains("'num_hidden_layers': missing"));
-        assert!(format_msg(parse_config("cfg.json", r#"{"num_attention_heads": 8, "num_hidden_layers": 1}"#)).contains("'hidden_size'"));
-        assert!(format_msg(parse_config("cfg.json", &with(r#""seerattn_threshold": "0.1""#))).contains("'seerattn_threshold': expected a number"));
-        assert!(format_msg(parse_config("cfg.json", &with(r#""seerattn_last_block_dense": 1"#))).contains("seerattn_last_block_dense"));
-        assert!(format_msg(parse_config("cfg.json", &with(r#""seerattn_gate_block_size": -64"#))).contains("seerattn_gate_block_size"));
-        assert!(format_msg(parse_config("cfg.json", &with(r#""seerattn_gate_type": 3"#))).contains("seerattn_gate_type"));
-        let kv = parse_config("cfg.json", r#"{"num_attention_heads": 8, "num_key_value_heads": 3, "head_dim": 64, "num_hidden_layers": 1}"#);
+        assert!(format_msg(parse_config("cfg.json", r#"{"num_attention_heads": 8, "head_dim": 64}"#))
+            .contains("'num_hidden_layers': missing"));
+        assert!(format_msg(parse_config("cfg.json", r#"{"num_attention_heads": 8, "num_hidden_layers": 1}"#))
+            .contains("'hidden_size'"));
+        assert!(format_msg(parse_config("cfg.json", &with(r#""seerattn_threshold": "0.1""#)))
+            .contains("'seerattn_threshold': expected a number"));
+        assert!(format_msg(parse_config("cfg.json", &with(r#""seerattn_last_block_dense": 1"#)))
+            .contains("seerattn_last_block_dense"));
+        assert!(format_msg(parse_config("cfg.json", &with(r#""seerattn_gate_block_size": -64"#)))
+            .contains("seerattn_gate_block_size"));
+        assert!(
+            format_msg(parse_config("cfg.json", &with(r#""seerattn_gate_type": 3"#))).contains("seerattn_gate_type")
+        );
+        let kv = parse_config(
+            "cfg.json",
+            r#"{"num_attention_heads": 8, "num_key_value_heads": 3, "head_dim": 64, "num_hidden_layers": 1}"#,
+        );
         assert!(format_msg(kv).contains("num_kv_heads"));
     }
 
@@ -249,7 +268,9 @@ mod tests {
                 other => panic!("{extra}: {other:?}"),
             }
         }
-        let nz = parse_config("cfg.json", &with(r#""seerattn_sparsity_method": "nz_ratio", "seerattn_nz_ratio": 0.25"#)).unwrap();
+        let nz =
+            parse_config("cfg.json", &with(r#""seerattn_sparsity_method": "nz_ratio", "seerattn_nz_ratio": 0.25"#))
+                .unwrap();
         assert_eq!((nz.sparsity_method, nz.nz_ratio), (SparsityMethod::NzRatio, 0.25));
     }
 }

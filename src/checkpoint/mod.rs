@@ -175,7 +175,11 @@ fn parse_gate_name(name: &str) -> Option<(usize, Proj)> {
     let rest = name.strip_prefix("model.layers.")?;
     let (index, rest) = rest.split_once('.')?;
     // Canonical decimal only, so "01" and "1" cannot both claim layer 1.
-    if index.is_empty() || index.len() > 6 || !index.bytes().all(|b| b.is_ascii_digit()) || (index.len() > 1 && index.starts_with('0')) {
+    if index.is_empty()
+        || index.len() > 6
+        || !index.bytes().all(|b| b.is_ascii_digit())
+        || (index.len() > 1 && index.starts_with('0'))
+    {
         return None;
     }
     let proj = match rest {
@@ -225,9 +229,9 @@ impl GateParts {
                     t.name
                 ))
             })?;
-            let slot = slots
-                .get_mut(layer)
-                .ok_or_else(|| fmt(format!("tensor '{}' is for layer {layer}, but the config has {} layers", t.name, c.num_layers)))?;
+            let slot = slots.get_mut(layer).ok_or_else(|| {
+                fmt(format!("tensor '{}' is for layer {layer}, but the config has {} layers", t.name, c.num_layers))
+            })?;
             let want = match proj {
                 Proj::K => c.k_weight_shape(),
                 Proj::Q => c.q_weight_shape().ok_or_else(|| {

@@ -262,9 +262,10 @@ impl<'a> Vm<'a> {
     fn len_prefixed_str(&mut self, len: u64, at: usize) -> Result<String> {
         // Compare with what is left before allocating anything.
         let left = self.data.len() - self.pos.min(self.data.len());
-        let n = usize::try_from(len).ok().filter(|&n| n <= left).ok_or_else(|| {
-            self.err(at, format!("string of declared length {len} exceeds the {left} bytes left"))
-        })?;
+        let n = usize::try_from(len)
+            .ok()
+            .filter(|&n| n <= left)
+            .ok_or_else(|| self.err(at, format!("string of declared length {len} exceeds the {left} bytes left")))?;
         let bytes = self.take(n, at)?;
         std::str::from_utf8(bytes).map(str::to_string).map_err(|_| self.err(at, "string is not valid UTF-8"))
     }
@@ -358,7 +359,11 @@ impl<'a> Vm<'a> {
                     if !self.marks.is_empty() || self.stack.len() != 1 {
                         return Err(self.err(
                             at,
-                            format!("STOP with {} values and {} open marks (expected 1 value)", self.stack.len(), self.marks.len()),
+                            format!(
+                                "STOP with {} values and {} open marks (expected 1 value)",
+                                self.stack.len(),
+                                self.marks.len()
+                            ),
                         ));
                     }
                     return self.stack.pop().ok_or_else(|| self.err(at, "empty stack at STOP"));
@@ -535,7 +540,8 @@ impl<'a> Vm<'a> {
     }
 
     fn resolve_global(&self, module: &str, name: &str, at: usize) -> Result<Global> {
-        let is_storage = |n: &str| n.len() <= 40 && n.ends_with("Storage") && n.bytes().all(|b| b.is_ascii_alphanumeric());
+        let is_storage =
+            |n: &str| n.len() <= 40 && n.ends_with("Storage") && n.bytes().all(|b| b.is_ascii_alphanumeric());
         match (module, name) {
             ("collections", "OrderedDict") => Ok(Global::OrderedDict),
             ("torch._utils", "_rebuild_tensor_v2") => Ok(Global::RebuildTensorV2),
@@ -578,11 +584,16 @@ impl<'a> Vm<'a> {
         let empty_dict = |v: &Value| matches!(v, Value::Dict(d) if d.is_empty());
         match (g, args.as_slice()) {
             (Global::OrderedDict, []) => Ok(Value::Dict(Vec::new())),
-            (Global::RebuildTensorV2, [Value::Storage(s), Value::Int(off), Value::Tuple(size), Value::Tuple(stride), Value::Bool(_), hooks, meta @ ..])
-                if empty_dict(hooks) && (meta.is_empty() || matches!(meta, [Value::None]) || matches!(meta, [m] if empty_dict(m))) =>
+            (
+                Global::RebuildTensorV2,
+                [Value::Storage(s), Value::Int(off), Value::Tuple(size), Value::Tuple(stride), Value::Bool(_), hooks, meta @ ..],
+            ) if empty_dict(hooks)
+                && (meta.is_empty() || matches!(meta, [Value::None]) || matches!(meta, [m] if empty_dict(m))) =>
             {
                 let nonneg = |v: &Value, what: &str| match v {
-                    Value::Int(i) => u64::try_from(*i).map_err(|_| self.err(at, format!("tensor {what} {i} is negative"))),
+                    Value::Int(i) => {
+                        u64::try_from(*i).map_err(|_| self.err(at, format!("tensor {what} {i} is negative")))
+                    }
                     other => Err(self.err(at, format!("tensor {what} is a {}, not an int", other.kind()))),
                 };
                 let size = size.iter().map(|v| nonneg(v, "size")).collect::<Result<Vec<_>>>()?;
@@ -593,7 +604,9 @@ impl<'a> Vm<'a> {
                 let offset = nonneg(&Value::Int(*off), "storage offset")?;
                 Ok(Value::Tensor(TensorRecord { storage: s.clone(), offset, size, stride }))
             }
-            (Global::RebuildParameter, [t @ Value::Tensor(_), Value::Bool(_), hooks]) if empty_dict(hooks) => Ok(t.clone()),
+            (Global::RebuildParameter, [t @ Value::Tensor(_), Value::Bool(_), hooks]) if empty_dict(hooks) => {
+                Ok(t.clone())
+            }
             (g, _) => Err(self.err(at, format!("REDUCE of {g:?} with unexpected arguments ({} values)", args.len()))),
         }
     }
@@ -629,8 +642,12 @@ mod tests {
     /// as shown by pickletools (protocol 2).
     fn torch_tensor_entry() -> Vec<u8> {
         let mut p = Vec::new();
-        p.extend_from_slice(b"X\x01\x00\x00\x00wq\x01ctorch._utils\n_rebuild_tensor_v2\nq\x02((X\x07\x00\x00\x00storageq\x03");
-        p.extend_from_slice(b"ctorch\nBFloat16Storage\nq\x04X\x01\x00\x00\x000q\x05X\x03\x00\x00\x00cpuq\x06J\x00\x00\x06\x00tq\x07Q");
+        p.extend_from_slice(
+            b"X\x01\x00\x00\x00wq\x01ctorch._utils\n_rebuild_tensor_v2\nq\x02((X\x07\x00\x00\x00storageq\x03",
+        );
+        p.extend_from_slice(
+            b"ctorch\nBFloat16Storage\nq\x04X\x01\x00\x00\x000q\x05X\x03\x00\x00\x00cpuq\x06J\x00\x00\x06\x00tq\x07Q",
+        );
         p.extend_from_slice(b"K\x00K\x08M\x80\x01K\x80\x87q\x08M\x00\xc0K\x80K\x01\x87q\x09\x89ccollections\nOrderedDict\nq\x0a)Rq\x0btq\x0cRq\x0d");
         p
     }
@@ -644,7 +661,10 @@ mod tests {
         assert_eq!(items.len(), 1);
         assert_eq!(items[0].0, Value::Str("w".into()));
         let Value::Tensor(t) = &items[0].1 else { panic!("not a tensor") };
-        assert_eq!(t.storage, StorageRef { class: "BFloat16Storage".into(), key: "0".into(), location: "cpu".into(), numel: 393216 });
+        assert_eq!(
+            t.storage,
+            StorageRef { class: "BFloat16Storage".into(), key: "0".into(), location: "cpu".into(), numel: 393216 }
+        );
         assert_eq!((t.offset, t.size.clone(), t.stride.clone()), (0, vec![8, 384, 128], vec![49152, 128, 1]));
     }
 
@@ -666,9 +686,15 @@ mod tests {
         p[3..11].copy_from_slice(&frame_len.to_le_bytes());
         let Value::Dict(items) = run(&p).unwrap() else { panic!("not a dict") };
         let Value::Tensor(t) = &items[0].1 else { panic!("not a tensor: {:?}", items[0].1) };
-        assert_eq!((t.storage.class.as_str(), t.storage.location.as_str(), t.storage.numel), ("HalfStorage", "cuda:0", 6));
+        assert_eq!(
+            (t.storage.class.as_str(), t.storage.location.as_str(), t.storage.numel),
+            ("HalfStorage", "cuda:0", 6)
+        );
         assert_eq!((t.offset, t.size.clone(), t.stride.clone()), (2, vec![2, 2], vec![2, 1]));
-        assert_eq!(items[1].1, Value::List(vec![Value::Int(1), Value::Int(-1), Value::Float(1.0), Value::None, Value::Bool(false)]));
+        assert_eq!(
+            items[1].1,
+            Value::List(vec![Value::Int(1), Value::Int(-1), Value::Float(1.0), Value::None, Value::Bool(false)])
+        );
     }
 
     #[test]

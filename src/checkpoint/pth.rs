@@ -29,10 +29,10 @@ pub(crate) fn read_pth_bytes(path: &str, bytes: Vec<u8>) -> Result<Vec<RawTensor
     match zip.get(&format!("{top}/byteorder")) {
         // Archives from before torch 1.10 have no byteorder record and are little-endian.
         None | Some(b"little") => {}
-        Some(b"big") => {
-            return Err(Error::unsupported(format!("{path}: big-endian tensor data (byteorder 'big')")))
+        Some(b"big") => return Err(Error::unsupported(format!("{path}: big-endian tensor data (byteorder 'big')"))),
+        Some(other) => {
+            return Err(fmt(format!("{top}/byteorder holds {:?}, expected 'little'", String::from_utf8_lossy(other))))
         }
-        Some(other) => return Err(fmt(format!("{top}/byteorder holds {:?}, expected 'little'", String::from_utf8_lossy(other)))),
     }
 
     let pkl_name = format!("{top}/data.pkl");
@@ -114,16 +114,26 @@ fn resolve(path: &str, zip: &ZipArchive, top: &str, name: &str, rec: &TensorReco
     let data = zip.get(&member).ok_or_else(|| fmt(format!("storage record {member} is missing")))?;
     let numel_storage = usize::try_from(rec.storage.numel).ok().filter(|n| n.checked_mul(es) == Some(data.len()));
     let numel_storage = numel_storage.ok_or_else(|| {
-        fmt(format!("storage {member} declares {} {} elements but holds {} bytes", rec.storage.numel, dtype.name(), data.len()))
+        fmt(format!(
+            "storage {member} declares {} {} elements but holds {} bytes",
+            rec.storage.numel,
+            dtype.name(),
+            data.len()
+        ))
     })?;
 
     let to_usize = |v: u64, what: &str| usize::try_from(v).map_err(|_| fmt(format!("{what} {v} out of range")));
     let shape = rec.size.iter().map(|&s| to_usize(s, "size")).collect::<Result<Vec<_>>>()?;
     let stride = rec.stride.iter().map(|&s| to_usize(s, "stride")).collect::<Result<Vec<_>>>()?;
     let offset = to_usize(rec.offset, "storage offset")?;
-    let numel = shape.iter().try_fold(1usize, |a, &s| a.checked_mul(s)).ok_or_else(|| fmt(format!("shape {shape:?} overflows")))?;
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |a, &s| a.checked_mul(s))
+        .ok_or_else(|| fmt(format!("shape {shape:?} overflows")))?;
     if numel > numel_storage {
-        return Err(fmt(format!("shape {shape:?} has {numel} elements but its storage only {numel_storage} (aliasing view)")));
+        return Err(fmt(format!(
+            "shape {shape:?} has {numel} elements but its storage only {numel_storage} (aliasing view)"
+        )));
     }
     if numel == 0 {
         return Ok(RawTensor { name: name.to_string(), dtype, shape, data: Vec::new() });
@@ -220,7 +230,8 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn archive(pkl: &[u8], records: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut members: Vec<(String, &[u8])> = vec![("arch/data.pkl".into(), pkl), ("arch/byteorder".into(), b"little")];
+        let mut members: Vec<(String, &[u8])> =
+            vec![("arch/data.pkl".into(), pkl), ("arch/byteorder".into(), b"little")];
         for (k, d) in records {
             members.push((format!("arch/data/{k}"), d));
         }
@@ -237,7 +248,8 @@ pub(crate) mod tests {
             ("t", "BFloat16Storage", "0", 12, 0, &[4, 3], &[1, 4]), // a transposed view
         ]);
         let ts = read_pth_bytes("x.pth", archive(&pkl, &[("0", &storage)])).unwrap();
-        let elems = |t: &RawTensor| t.data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect::<Vec<_>>();
+        let elems =
+            |t: &RawTensor| t.data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect::<Vec<_>>();
         assert_eq!(ts[0].shape, vec![3, 4]);
         assert_eq!(elems(&ts[0]), (0..12).collect::<Vec<_>>());
         assert_eq!(elems(&ts[1]), vec![2, 3, 6, 7]);

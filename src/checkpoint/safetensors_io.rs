@@ -13,7 +13,8 @@ use std::collections::HashMap;
 /// Parse a whole `.safetensors` file; `path` names it in errors. Tensors come
 /// back in file (data offset) order.
 pub(crate) fn read_safetensors_bytes(path: &str, bytes: &[u8]) -> Result<Vec<RawTensor>> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
+    let st =
+        SafeTensors::deserialize(bytes).map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
     let mut views: Vec<(String, TensorView<'_>)> = st.tensors();
     views.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
     views
@@ -48,12 +49,19 @@ pub(crate) fn safetensors_bytes(tensors: &[RawTensor]) -> Result<Vec<u8>> {
             DType::F32 => Dtype::F32,
         };
         let view = TensorView::new(dtype, t.shape.clone(), &t.data).map_err(|e| {
-            Error::invalid(format!("tensor '{}': {} bytes do not fit shape {:?} of {}: {e}", t.name, t.data.len(), t.shape, t.dtype.name()))
+            Error::invalid(format!(
+                "tensor '{}': {} bytes do not fit shape {:?} of {}: {e}",
+                t.name,
+                t.data.len(),
+                t.shape,
+                t.dtype.name()
+            ))
         })?;
         views.push((t.name.as_str(), view));
     }
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(views, Some(metadata)).map_err(|e| Error::invalid(format!("cannot serialize safetensors: {e}")))
+    safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::invalid(format!("cannot serialize safetensors: {e}")))
 }
 
 #[cfg(test)]

@@ -125,7 +125,10 @@ impl ZipArchive {
 fn find_directory(path: &str, b: &[u8]) -> Result<Directory> {
     let err = |m: String| Error::format(path, m);
     if b.len() < EOCD_LEN {
-        return Err(err(format!("not a zip archive: {} bytes is shorter than an end-of-central-directory record", b.len())));
+        return Err(err(format!(
+            "not a zip archive: {} bytes is shorter than an end-of-central-directory record",
+            b.len()
+        )));
     }
     // Search backwards over at most the largest possible comment.
     let last = b.len() - EOCD_LEN;
@@ -141,7 +144,9 @@ fn find_directory(path: &str, b: &[u8]) -> Result<Directory> {
     let (cd_size, cd_offset) = (field32(12)?, field32(16)?);
     let comment_len = field16(20)? as usize;
     if eocd + EOCD_LEN + comment_len != b.len() {
-        return Err(err("end-of-central-directory comment length disagrees with the file size (truncated or trailing data)".into()));
+        return Err(err(
+            "end-of-central-directory comment length disagrees with the file size (truncated or trailing data)".into(),
+        ));
     }
 
     let zip64_locator = eocd.checked_sub(ZIP64_LOCATOR_LEN).filter(|&l| u32_at(b, l) == Some(SIG_ZIP64_LOCATOR));
@@ -161,8 +166,13 @@ fn find_directory(path: &str, b: &[u8]) -> Result<Directory> {
         if f32_(16)? != 0 || f32_(20)? != 0 || f64_(24)? != f64_(32)? {
             return Err(err("multi-disk archives are not supported".into()));
         }
-        let to_usize = |v: u64, what: &str| usize::try_from(v).map_err(|_| err(format!("ZIP64 {what} {v} is out of range")));
-        Directory { count: to_usize(f64_(32)?, "entry count")?, size: to_usize(f64_(40)?, "directory size")?, offset: to_usize(f64_(48)?, "directory offset")? }
+        let to_usize =
+            |v: u64, what: &str| usize::try_from(v).map_err(|_| err(format!("ZIP64 {what} {v} is out of range")));
+        Directory {
+            count: to_usize(f64_(32)?, "entry count")?,
+            size: to_usize(f64_(40)?, "directory size")?,
+            offset: to_usize(f64_(48)?, "directory offset")?,
+        }
     } else {
         if disk != 0 || cd_disk != 0 || n_disk != n_total {
             return Err(err("multi-disk archives are not supported".into()));
@@ -243,7 +253,9 @@ fn read_central(path: &str, b: &[u8], dir: &Directory) -> Result<Vec<Entry>> {
         let start = local_data_start(path, b, &name, local)?;
         let len = usize::try_from(usize_).map_err(|_| err(format!("{name}: size {usize_} out of range")))?;
         if start.checked_add(len).map_or(true, |e| e > dir.offset) {
-            return Err(err(format!("{name}: {len} bytes at offset {start} run past the entries' region (truncated?)")));
+            return Err(err(format!(
+                "{name}: {len} bytes at offset {start} run past the entries' region (truncated?)"
+            )));
         }
         let data = &b[start..start + len];
         if crc32(data) != crc {
@@ -349,7 +361,8 @@ pub(crate) mod tests {
         }
         out.extend_from_slice(&SIG_EOCD.to_le_bytes());
         out.extend_from_slice(&[0; 4]);
-        let (n16, sz, off) = if zip64 { (0xFFFF, u32::MAX, u32::MAX) } else { (n as u16, central.len() as u32, cd_off as u32) };
+        let (n16, sz, off) =
+            if zip64 { (0xFFFF, u32::MAX, u32::MAX) } else { (n as u16, central.len() as u32, cd_off as u32) };
         out.extend_from_slice(&n16.to_le_bytes());
         out.extend_from_slice(&n16.to_le_bytes());
         out.extend_from_slice(&sz.to_le_bytes());

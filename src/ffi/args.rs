@@ -166,7 +166,11 @@ pub(crate) struct RawSlice<T> {
 pub(crate) fn raw_slice<T>(name: &'static str, ptr: *mut T, len: usize) -> FfiResult<RawSlice<T>> {
     if ptr.is_null() {
         if len == 0 {
-            return Ok(RawSlice { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0, region: Region { name, start: 0, len: 0 } });
+            return Ok(RawSlice {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len: 0,
+                region: Region { name, start: 0, len: 0 },
+            });
         }
         return Err(null(name));
     }
@@ -209,7 +213,9 @@ pub(crate) fn require_cpu(name: &str, device: u32) -> FfiResult {
         0 => Ok(()),
         1 => Err(FfiError::new(
             SeerStatus::SEER_UNSUPPORTED,
-            format!("{name}: CUDA buffers are not supported by this build yet (the CPU reference path takes host memory)"),
+            format!(
+                "{name}: CUDA buffers are not supported by this build yet (the CPU reference path takes host memory)"
+            ),
         )),
         _ => Err(invalid(format!("{name}: device {device} is not a SeerDevice (0 = CPU, 1 = CUDA)"))),
     }

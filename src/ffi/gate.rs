@@ -178,7 +178,11 @@ fn pools_from_bits(name: &str, bits: u32) -> FfiResult<Vec<Pool>> {
     if bits == 0 || bits & !7 != 0 {
         return Err(invalid(format!("{name} = {bits:#x} must be a non-empty combination of SEER_POOL_MAX|MIN|AVG")));
     }
-    Ok([(1, Pool::Max), (2, Pool::Min), (4, Pool::Avg)].into_iter().filter(|(b, _)| bits & b != 0).map(|(_, p)| p).collect())
+    Ok([(1, Pool::Max), (2, Pool::Min), (4, Pool::Avg)]
+        .into_iter()
+        .filter(|(b, _)| bits & b != 0)
+        .map(|(_, p)| p)
+        .collect())
 }
 
 fn method_from(name: &str, v: u32) -> FfiResult<SparsityMethod> {
@@ -197,7 +201,7 @@ fn method_to(m: SparsityMethod) -> u32 {
 }
 
 impl SeerGateConfig {
-    fn to_config(&self) -> FfiResult<GateConfig> {
+    fn to_config(self) -> FfiResult<GateConfig> {
         let scaling = match self.rope_scaling {
             0 => RopeScaling::None,
             1 => RopeScaling::Linear { factor: self.rope_factor },
@@ -367,7 +371,10 @@ fn weight_ref(w: &(crate::tensor::DType, [usize; 3], Vec<u8>)) -> WeightRef<'_> 
 }
 
 /// Gather a (possibly strided) weight tensor into contiguous bytes.
-unsafe fn dense_weight(name: &'static str, t: *const SeerTensor) -> FfiResult<(crate::tensor::DType, [usize; 3], Vec<u8>)> {
+unsafe fn dense_weight(
+    name: &'static str,
+    t: *const SeerTensor,
+) -> FfiResult<(crate::tensor::DType, [usize; 3], Vec<u8>)> {
     let checked = args::tensor(name, t)?;
     let view = checked.view(name)?;
     let shape = view.shape();
@@ -456,7 +463,7 @@ pub unsafe extern "C" fn seer_mask_params_default(gate: *const SeerGate, out: *m
 }
 
 impl SeerMaskParams {
-    fn to_params(&self) -> FfiResult<MaskParams> {
+    fn to_params(self) -> FfiResult<MaskParams> {
         let p = MaskParams {
             method: method_from("params->sparsity_method", self.sparsity_method)?,
             threshold: self.threshold,
@@ -504,7 +511,8 @@ pub unsafe extern "C" fn seer_gate_compute_mask(
         let g = read_gate(handle);
         let layout = MaskLayout::new(&batch, g.config().num_q_heads, g.config().block_size)?;
         check_mask_capacity(&layout, out.counts.len, out.indices.len, out.row_offsets.len)?;
-        let mask = g.compute_block_mask(params.layer as usize, &q.view("q_nope")?, &k.view("k_nope")?, &batch, &rule)?;
+        let mask =
+            g.compute_block_mask(params.layer as usize, &q.view("q_nope")?, &k.view("k_nope")?, &batch, &rule)?;
         out.counts.get_mut().copy_from_slice(&mask.counts);
         out.row_offsets.get_mut().copy_from_slice(&mask.row_offsets);
         out.indices.get_mut()[..mask.indices.len()].copy_from_slice(&mask.indices);

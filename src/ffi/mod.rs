@@ -13,7 +13,15 @@
 //! versions), [`gate`] (the gate handle), [`mask`] (mask sizes and dense
 //! conversion), [`attention`] (sparse prefill).
 
+//! # Safety
+//! Every entry point is `unsafe` for one reason, stated once here: the
+//! library cannot verify that a non-NULL pointer refers to memory of the
+//! documented size that stays valid for the call. Everything it can verify
+//! (NULL, alignment, sizes against lengths, overlap, handle liveness, enum
+//! values) it does, and reports as a status.
+
 #![allow(non_camel_case_types)]
+#![allow(clippy::missing_safety_doc)]
 
 #[macro_use]
 pub mod status;
@@ -21,5 +29,3 @@ pub mod args;
 pub mod attention;
 pub mod gate;
 pub mod mask;
-
-

@@ -77,7 +77,13 @@ pub fn apply_rope(x: &mut [f32], inv_freq: &[f64], position: usize) {
 /// Gate logits and probabilities of one layer for a whole batch. Inputs are
 /// pre-RoPE `q_nope: [total_q, hq, head_dim]` and `k_nope: [total_k, hkv, head_dim]`,
 /// already validated against `config` and `batch`.
-pub fn gate_scores(config: &GateConfig, weights: &LayerWeights, q_nope: &Tensor3, k_nope: &Tensor3, batch: &Batch) -> GateScores {
+pub fn gate_scores(
+    config: &GateConfig,
+    weights: &LayerWeights,
+    q_nope: &Tensor3,
+    k_nope: &Tensor3,
+    batch: &Batch,
+) -> GateScores {
     let layout = MaskLayout::new(batch, config.num_q_heads, config.block_size)
         .expect("callers validate the batch before scoring");
     let row_offsets = layout.row_offsets();

@@ -16,7 +16,14 @@ use half::bf16;
 
 /// Selected key blocks of one row, ascending. `logits`/`probs` cover key
 /// blocks `0..=q_block`; `k_blocks` is the sequence's key-block count.
-pub fn select_row(params: &MaskParams, logits: &[f32], probs: &[f32], q_block: usize, k_blocks: usize, out: &mut Vec<i32>) {
+pub fn select_row(
+    params: &MaskParams,
+    logits: &[f32],
+    probs: &[f32],
+    q_block: usize,
+    k_blocks: usize,
+    out: &mut Vec<i32>,
+) {
     out.clear();
     let causal = q_block + 1;
     if params.last_block_dense && q_block + 2 >= k_blocks {

@@ -97,14 +97,22 @@ pub fn run(args: &[String]) -> Result<()> {
     let c = gate.config().clone();
     let layer = layer.unwrap_or(if bundled { 1 } else { c.num_layers - 1 });
     let inputs = if bundled { bundled_inputs()? } else { random_inputs(&c, seq) };
-    println!("gate     {} ({} layers, {} q heads, {} kv heads, head_dim {}, {}), loaded in {load_ms:.1} ms",
-        dir.display(), c.num_layers, c.num_q_heads, c.num_kv_heads, c.head_dim, c.gate_type.name());
+    println!(
+        "gate     {} ({} layers, {} q heads, {} kv heads, head_dim {}, {}), loaded in {load_ms:.1} ms",
+        dir.display(),
+        c.num_layers,
+        c.num_q_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.gate_type.name()
+    );
     println!("inputs   {}; layer {layer}; CPU reference path", inputs.source);
 
     let n = inputs.seq;
     let view = |b, heads| bf16_view(b, n, heads, c.head_dim);
     let (q_nope, k_nope) = (view(&inputs.q_nope, c.num_q_heads)?, view(&inputs.k_nope, c.num_kv_heads)?);
-    let (q, k, v) = (view(&inputs.q, c.num_q_heads)?, view(&inputs.k, c.num_kv_heads)?, view(&inputs.v, c.num_kv_heads)?);
+    let (q, k, v) =
+        (view(&inputs.q, c.num_q_heads)?, view(&inputs.k, c.num_kv_heads)?, view(&inputs.v, c.num_kv_heads)?);
     let batch = Batch::single(n)?;
     let layout = MaskLayout::new(&batch, c.num_q_heads, c.block_size)?;
     let attn = AttentionParams::for_head_dim(c.head_dim);
@@ -114,17 +122,32 @@ pub fn run(args: &[String]) -> Result<()> {
     let full = BlockMask::from_dense(&layout, &vec![1u8; layout.dense_len()])?;
     let mut dense_out = vec![0u8; out_len];
     {
-        let mut o = Tensor3Mut::new("out", &mut dense_out, DType::F32, Layout3::contiguous(n, c.num_q_heads, c.head_dim))?;
+        let mut o =
+            Tensor3Mut::new("out", &mut dense_out, DType::F32, Layout3::contiguous(n, c.num_q_heads, c.head_dim))?;
         sparse_prefill(&q, &k, &v, &batch, full.as_ref(), &attn, &mut o, None)?;
     }
     println!("dense    causal attention: {:.1} ms", ms(t0));
 
     let rules = [
         ("config rule", MaskParams::from_config(&c)),
-        ("threshold 0.05", MaskParams { method: SparsityMethod::Threshold, threshold: 0.05, ..MaskParams::from_config(&c) }),
-        ("top-k nz 0.3", MaskParams { method: SparsityMethod::NzRatio, nz_ratio: 0.3, last_block_dense: false, ..MaskParams::from_config(&c) }),
+        (
+            "threshold 0.05",
+            MaskParams { method: SparsityMethod::Threshold, threshold: 0.05, ..MaskParams::from_config(&c) },
+        ),
+        (
+            "top-k nz 0.3",
+            MaskParams {
+                method: SparsityMethod::NzRatio,
+                nz_ratio: 0.3,
+                last_block_dense: false,
+                ..MaskParams::from_config(&c)
+            },
+        ),
     ];
-    println!("{:<16} {:>8} {:>10} {:>12} {:>12} {:>12}", "mask", "density", "gate ms", "prefill ms", "max|err|", "rel l2 err");
+    println!(
+        "{:<16} {:>8} {:>10} {:>12} {:>12} {:>12}",
+        "mask", "density", "gate ms", "prefill ms", "max|err|", "rel l2 err"
+    );
     for (name, rule) in rules {
         let t0 = Instant::now();
         let mask = gate.compute_block_mask(layer, &q_nope, &k_nope, &batch, &rule)?;
@@ -132,12 +155,16 @@ pub fn run(args: &[String]) -> Result<()> {
         let mut out = vec![0u8; out_len];
         let t0 = Instant::now();
         {
-            let mut o = Tensor3Mut::new("out", &mut out, DType::F32, Layout3::contiguous(n, c.num_q_heads, c.head_dim))?;
+            let mut o =
+                Tensor3Mut::new("out", &mut out, DType::F32, Layout3::contiguous(n, c.num_q_heads, c.head_dim))?;
             sparse_prefill(&q, &k, &v, &batch, mask.as_ref(), &attn, &mut o, None)?;
         }
         let prefill_ms = ms(t0);
         let (max_err, rel) = compare(&out, &dense_out);
-        println!("{name:<16} {:>8.4} {gate_ms:>10.1} {prefill_ms:>12.1} {max_err:>12.5} {rel:>12.5}", mask.as_ref().density(&layout));
+        println!(
+            "{name:<16} {:>8.4} {gate_ms:>10.1} {prefill_ms:>12.1} {max_err:>12.5} {rel:>12.5}",
+            mask.as_ref().density(&layout)
+        );
     }
     Ok(())
 }
