@@ -85,13 +85,19 @@ pub(crate) fn invalid(msg: impl Into<String>) -> FfiError {
 
 /// Borrow `*ptr`, refusing NULL and misalignment.
 pub(crate) unsafe fn deref<'a, T>(name: &str, ptr: *const T) -> FfiResult<&'a T> {
+    Ok(&*out_ptr(name, ptr.cast_mut())?)
+}
+
+/// Check a pointer for NULL and alignment. Out-parameters go through this
+/// before any work is done, so a call with nowhere to put its result has no effect.
+pub(crate) fn out_ptr<T>(name: &str, ptr: *mut T) -> FfiResult<*mut T> {
     if ptr.is_null() {
         return Err(null(name));
     }
     if (ptr as usize) % align_of::<T>() != 0 {
         return Err(invalid(format!("{name} is not aligned to {} bytes", align_of::<T>())));
     }
-    Ok(&*ptr)
+    Ok(ptr)
 }
 
 /// Read a versioned params struct whose first field is `struct_size`. The

@@ -27,13 +27,7 @@ pub struct SeerPrefillParams {
 #[no_mangle]
 pub unsafe extern "C" fn seer_prefill_params_default(out: *mut SeerPrefillParams) -> SeerStatus {
     ffi_call!("seer_prefill_params_default", {
-        if out.is_null() {
-            return Err(args::null("out"));
-        }
-        if (out as usize) % std::mem::align_of::<SeerPrefillParams>() != 0 {
-            return Err(invalid("out is not aligned"));
-        }
-        out.write(SeerPrefillParams {
+        args::out_ptr("out", out)?.write(SeerPrefillParams {
             struct_size: std::mem::size_of::<SeerPrefillParams>(),
             softmax_scale: 0.0,
             block_size: crate::config::SUPPORTED_BLOCK_SIZE as u32,

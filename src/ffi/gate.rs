@@ -276,9 +276,7 @@ impl SeerGateConfig {
 #[no_mangle]
 pub unsafe extern "C" fn seer_gate_config_default(out: *mut SeerGateConfig) -> SeerStatus {
     ffi_call!("seer_gate_config_default", {
-        if out.is_null() {
-            return Err(args::null("out"));
-        }
+        let out = args::out_ptr("out", out)?;
         let released = GateType::released();
         let value = SeerGateConfig {
             struct_size: std::mem::size_of::<SeerGateConfig>(),
@@ -302,9 +300,6 @@ pub unsafe extern "C" fn seer_gate_config_default(out: *mut SeerGateConfig) -> S
             nz_ratio: 1.0,
             last_block_dense: 1,
         };
-        if (out as usize) % std::mem::align_of::<SeerGateConfig>() != 0 {
-            return Err(invalid("out is not aligned"));
-        }
         out.write(value);
         Ok(())
     })
@@ -316,11 +311,9 @@ pub unsafe extern "C" fn seer_gate_config_default(out: *mut SeerGateConfig) -> S
 pub unsafe extern "C" fn seer_gate_create(config: *const SeerGateConfig, out: *mut *mut SeerGate) -> SeerStatus {
     ffi_call!("seer_gate_create", {
         let config = args::read_sized("config", config)?;
-        if out.is_null() {
-            return Err(args::null("out"));
-        }
+        let out = args::out_ptr("out", out)?;
         let gate = Gate::new(config.to_config()?)?;
-        *out = publish(gate);
+        out.write(publish(gate));
         Ok(())
     })
 }
@@ -334,12 +327,10 @@ pub unsafe extern "C" fn seer_gate_load(dir: *const c_char, out: *mut *mut SeerG
         if dir.is_null() {
             return Err(args::null("dir"));
         }
-        if out.is_null() {
-            return Err(args::null("out"));
-        }
+        let out = args::out_ptr("out", out)?;
         let path = CStr::from_ptr(dir).to_str().map_err(|_| invalid("dir is not valid UTF-8"))?;
         let gate = Gate::load_dir(std::path::Path::new(path))?;
-        *out = publish(gate);
+        out.write(publish(gate));
         Ok(())
     })
 }
@@ -438,12 +429,7 @@ pub unsafe extern "C" fn seer_gate_destroy(gate: *mut SeerGate) {
 pub unsafe extern "C" fn seer_mask_params_default(gate: *const SeerGate, out: *mut SeerMaskParams) -> SeerStatus {
     ffi_call!("seer_mask_params_default", {
         let handle = gate_handle(gate)?;
-        if out.is_null() {
-            return Err(args::null("out"));
-        }
-        if (out as usize) % std::mem::align_of::<SeerMaskParams>() != 0 {
-            return Err(invalid("out is not aligned"));
-        }
+        let out = args::out_ptr("out", out)?;
         let p = MaskParams::from_config(read_gate(handle).config());
         out.write(SeerMaskParams {
             struct_size: std::mem::size_of::<SeerMaskParams>(),

@@ -76,10 +76,7 @@ pub unsafe extern "C" fn seer_workspace_size(
             return Err(invalid("head_dim is 0"));
         }
         args::require_cpu("device", device)?;
-        if out_bytes.is_null() {
-            return Err(args::null("out_bytes"));
-        }
-        *out_bytes = 0;
+        args::out_ptr("out_bytes", out_bytes)?.write(0);
         Ok(())
     })
 }
