@@ -116,7 +116,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *gate_dir = argv[1], *scratch = argv[2];
-    char path[1024], dir[1024];
+    char path[2048], dir[1024];
 
     expect_true("seer_version is non-empty", seer_version()[0] != '\0');
     expect_true("seer_version matches the header", strcmp(seer_version(), SEER_VERSION_STRING) == 0);
@@ -166,6 +166,18 @@ int main(int argc, char **argv) {
         expect("load: pickle naming os.system", seer_gate_load(dir, &gate), SEER_FORMAT_ERROR);
         expect_true("load: the message names the forbidden global", strstr(seer_last_error_message(), "system") != NULL);
         free(evil);
+    }
+    {
+        /* A safetensors file whose header claims more bytes than the file holds. */
+        const char st[16] = {(char)0xff, (char)0xff, 0, 0, 0, 0, 0, 0, '{', '}', ' ', ' ', ' ', ' ', ' ', ' '};
+        snprintf(dir, sizeof dir, "%s/bad_safetensors", scratch);
+        snprintf(path, sizeof path, "mkdir -p '%s'", dir);
+        if (system(path) != 0) return 2;
+        snprintf(path, sizeof path, "%s/config.json", dir);
+        write_file(path, config, config_len);
+        snprintf(path, sizeof path, "%s/gate.safetensors", dir);
+        write_file(path, st, sizeof st);
+        expect("load: corrupted .safetensors", seer_gate_load(dir, &gate), SEER_FORMAT_ERROR);
     }
     {
         const char *bad_rope = "{\"num_attention_heads\": 8, \"num_key_value_heads\": 2, \"head_dim\": 128,"

@@ -32,12 +32,10 @@ pub fn select_row(
     }
     match params.method {
         SparsityMethod::Threshold => {
-            let keep: Box<dyn Fn(f32) -> bool> = match params.threshold_compare {
-                ThresholdCompare::F32 => Box::new(|p| p > params.threshold),
-                ThresholdCompare::Bf16 => {
-                    let t = bf16::from_f32(params.threshold).to_f32();
-                    Box::new(move |p| bf16::from_f32(p).to_f32() > t)
-                }
+            let bf16_round = |x: f32| bf16::from_f32(x).to_f32();
+            let keep = |p: f32| match params.threshold_compare {
+                ThresholdCompare::F32 => p > params.threshold,
+                ThresholdCompare::Bf16 => bf16_round(p) > bf16_round(params.threshold),
             };
             out.extend((0..causal).filter(|&j| keep(probs[j])).map(|j| j as i32));
         }
