@@ -29,6 +29,9 @@ pub enum Error {
     /// No usable CUDA driver or device.
     #[error("no CUDA device: {0}")]
     NoDevice(String),
+    /// A CUDA driver call failed: the call, the driver's error name, code and description.
+    #[error("CUDA error: {0}")]
+    Cuda(String),
 }
 
 impl Error {

@@ -13,12 +13,14 @@
 //! released checkpoint by [`checkpoint`]); [`Gate::compute_block_mask`] runs
 //! the first three stages and [`attention::sparse_prefill`] the last, on
 //! strided host tensors ([`tensor`]) of variable-length batches ([`batch`]).
-//! The C ABI over all of it lives in `ffi` (header: `include/seerattn.h`).
+//! The C ABI over all of it lives in `ffi` (header: `include/seerattn.h`);
+//! [`cuda`] owns the CUDA driver (kernel loading, contexts, launches).
 
 pub mod attention;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda;
 pub mod error;
 pub mod gate;
 pub mod mask;

@@ -55,6 +55,7 @@ impl From<Error> for FfiError {
             Error::Io { .. } => SeerStatus::SEER_IO_ERROR,
             Error::BufferTooSmall(_) => SeerStatus::SEER_BUFFER_TOO_SMALL,
             Error::NoDevice(_) => SeerStatus::SEER_NO_DEVICE,
+            Error::Cuda(_) => SeerStatus::SEER_CUDA_ERROR,
         };
         FfiError { status, message: e.to_string() }
     }

@@ -1,0 +1,95 @@
+//! Test support, not for production use: synchronous copies, private
+//! streams and whole-context synchronization, which the library itself never
+//! does (it works on the caller's buffers and stream). The GPU tests
+//! (`tests/cuda.rs`, run by `scripts/gpu-test.sh`) use these to set up
+//! inputs and read results back.
+
+use super::context::Ctx;
+use super::memory::DeviceBuffer;
+use super::{check, driver};
+use crate::error::{Error, Result};
+use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
+
+/// `len` bytes of device memory in `ctx`, zeroed.
+pub fn alloc_zeroed(ctx: &Ctx, len: usize) -> Result<DeviceBuffer> {
+    let buffer = DeviceBuffer::alloc(ctx, len)?;
+    if len > 0 {
+        let _current = ctx.make_current()?;
+        // SAFETY: the allocation holds `len` bytes.
+        check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(buffer.ptr(), 0, len) })?;
+    }
+    Ok(buffer)
+}
+
+/// Copy `src` to device address `dst` (synchronous).
+pub fn copy_to_device(ctx: &Ctx, dst: CUdeviceptr, src: &[u8]) -> Result<()> {
+    driver()?;
+    let _current = ctx.make_current()?;
+    // SAFETY: the caller names a device range of at least src.len() bytes;
+    // the driver refuses addresses it does not know.
+    check("cuMemcpyHtoD", unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) })
+}
+
+/// Copy `dst.len()` bytes from device address `src` (synchronous with
+/// respect to the legacy default stream; synchronize other streams first).
+pub fn copy_to_host(ctx: &Ctx, dst: &mut [u8], src: CUdeviceptr) -> Result<()> {
+    driver()?;
+    let _current = ctx.make_current()?;
+    // SAFETY: `dst` is a live, writable slice; the driver checks `src`.
+    check("cuMemcpyDtoH", unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src, dst.len()) })
+}
+
+/// Wait for all work of `ctx`.
+pub fn synchronize(ctx: &Ctx) -> Result<()> {
+    driver()?;
+    let _current = ctx.make_current()?;
+    // SAFETY: no arguments; the context is current.
+    check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
+}
+
+/// A non-blocking stream of one context, destroyed on drop.
+pub struct Stream {
+    ctx: Ctx,
+    raw: CUstream,
+}
+
+// SAFETY: a stream handle may be used from any thread (driver handles are
+// thread-agnostic); the tests launch on one stream per thread.
+unsafe impl Send for Stream {}
+// SAFETY: as above.
+unsafe impl Sync for Stream {}
+
+impl Stream {
+    /// A new stream that does not synchronize with the legacy default stream.
+    pub fn new(ctx: &Ctx) -> Result<Stream> {
+        driver()?;
+        let _current = ctx.make_current()?;
+        let mut raw: CUstream = std::ptr::null_mut();
+        let flags = sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
+        // SAFETY: valid out-pointer.
+        check("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut raw, flags) })?;
+        if raw.is_null() {
+            return Err(Error::Cuda("cuStreamCreate returned a NULL stream".into()));
+        }
+        Ok(Stream { ctx: *ctx, raw })
+    }
+    /// The raw handle, as an engine would pass it.
+    pub fn raw(&self) -> CUstream {
+        self.raw
+    }
+    /// Wait for the work queued on this stream.
+    pub fn synchronize(&self) -> Result<()> {
+        let _current = self.ctx.make_current()?;
+        // SAFETY: a live stream of this context.
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(self.raw) })
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Ok(_current) = self.ctx.make_current() {
+            // SAFETY: destroys the stream this value created, once.
+            let _ = unsafe { sys::cuStreamDestroy_v2(self.raw) };
+        }
+    }
+}
