@@ -361,6 +361,14 @@ SeerStatus seer_sparse_prefill(const struct SeerPrefillParams *params,
                                float *maybe_lse,
                                size_t lse_len);
 
+// The GPU seerattn would use for the calling thread: that of the current
+// CUDA context, or else device 0 (its primary context, as the CUDA runtime
+// would pick). Writes the compute capability as `major * 10 + minor` (80 for
+// A100, 90 for H100) and the number of SMs. `SEER_NO_DEVICE` (with the
+// reason) without a CUDA driver or GPU; `SEER_UNSUPPORTED` for a build
+// without CUDA kernels. Both pointers are required.
+SeerStatus seer_cuda_device_info(int32_t *out_compute_capability, int32_t *out_sm_count);
+
 // Fill `*out` with the defaults of a released gate (`Qavg_Kmaxminavg`,
 // 64-token blocks, gate_hidden 128, threshold method with threshold 0 and
 // nz_ratio 1 as upstream's config defaults, last_block_dense 1, plain RoPE

@@ -213,14 +213,16 @@ pub(crate) fn dtype_of(name: &str, code: u32) -> FfiResult<DType> {
     }
 }
 
-/// Refuse a device this build cannot serve yet, with the reason.
+/// Refuse a device the calling operation cannot serve yet, with the reason.
+/// The message is prefixed with the entry point's name (the operation) by
+/// the boundary, so it reads "seer_x: CUDA buffers for q: ...".
 pub(crate) fn require_cpu(name: &str, device: u32) -> FfiResult {
     match device {
         0 => Ok(()),
         1 => Err(FfiError::new(
             SeerStatus::SEER_UNSUPPORTED,
             format!(
-                "{name}: CUDA buffers are not supported by this build yet (the CPU reference path takes host memory)"
+                "CUDA buffers for {name}: this operation has no CUDA path yet (its CPU reference path takes host memory)"
             ),
         )),
         _ => Err(invalid(format!("{name}: device {device} is not a SeerDevice (0 = CPU, 1 = CUDA)"))),

@@ -11,7 +11,7 @@
 //!
 //! Submodules follow the C-visible concepts: [`status`] (codes, messages,
 //! versions), [`gate`] (the gate handle), [`mask`] (mask sizes and dense
-//! conversion), [`attention`] (sparse prefill).
+//! conversion), [`attention`] (sparse prefill), [`cuda`] (device queries).
 
 //! # Safety
 //! Every entry point is `unsafe` for one reason, stated once here: the
@@ -27,5 +27,6 @@
 pub mod status;
 pub mod args;
 pub mod attention;
+pub mod cuda;
 pub mod gate;
 pub mod mask;
