@@ -12,13 +12,15 @@ use seerattn::attention::{sparse_prefill, AttentionParams};
 use seerattn::{Batch, BlockMask, DType, Layout3, MaskLayout, Tensor3, Tensor3Mut};
 use std::ops::Range;
 
+mod common;
+
 const BLOCK: usize = 64;
 const MASK: &str = "mask_threshold_0_05";
 const UPSTREAM_OUT: &str = "out_sparse_threshold_0_05";
 
 fn load(name: &str) -> Vec<u8> {
-    let path = format!("{}/tests/data/upstream/{name}.safetensors", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    let path = common::upstream_dir().join(format!("{name}.safetensors"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn bf16_at(bytes: &[u8], i: usize) -> f32 {

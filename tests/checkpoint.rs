@@ -8,13 +8,15 @@ use seerattn::checkpoint::{
 use seerattn::{DType, Error};
 use std::path::{Path, PathBuf};
 
+mod common;
+
 const GQA: &str = "tests/data/upstream/gqa4_s1000_gates";
 const MQA: &str = "tests/data/upstream/mqa_s3072_gates";
 const K0: &str = "model.layers.0.self_attn.attn_gate.mask_linear_k.weight";
 const K1: &str = "model.layers.1.self_attn.attn_gate.mask_linear_k.weight";
 
 fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+    common::repo_root().join(p)
 }
 
 /// A scratch directory removed on drop.

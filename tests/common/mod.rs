@@ -6,9 +6,20 @@ use seerattn::{DType, Layout3, Tensor3};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// The checkout the test data is read from: `SEERATTN_TEST_ROOT` when set,
+/// else the source tree the tests were compiled in. The override serves test
+/// binaries built on one machine and run on another (`scripts/gpu-test.sh`),
+/// where the compile-time path does not exist.
+pub fn repo_root() -> PathBuf {
+    match std::env::var_os("SEERATTN_TEST_ROOT") {
+        Some(root) if !root.is_empty() => PathBuf::from(root),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
+}
+
 /// Directory of the upstream conformance vectors (see its PROVENANCE.md).
 pub fn upstream_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/upstream")
+    repo_root().join("tests/data/upstream")
 }
 
 /// One tensor read from a safetensors file.

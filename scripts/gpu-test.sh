@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# The GPU tests, built on a machine with cargo and run on a GPU machine
+# without it.
+#
+#   scripts/gpu-test.sh build   here (cargo, a C compiler, python3 for nvcc):
+#       builds the library and every test binary in release with the CUDA
+#       kernels compiled, and stages what the run needs in .devbuild/
+#       (git-ignored, self-contained, ~tens of MB):
+#         bin/    test executables (Rust tests link the library statically)
+#         c/      the examples-c programs, linked against lib/ through an rpath
+#         lib/    libseerattn.so     include/  the header
+#         tests/data/   the conformance vectors the tests read
+#         MANIFEST      commit, nvcc, the binaries
+#   scripts/gpu-test.sh run     on the GPU machine, from the repo root with
+#       .devbuild/ present: runs every test binary with --include-ignored
+#       (the #[ignore]d GPU tests included) and the C programs, prints PASS or
+#       FAIL per binary and a final "N passed, M failed" line; exits non-zero
+#       on any failure. Needs nothing but the NVIDIA driver.
+#
+# Logs of the run go to $OUT/gpu-test-logs when OUT is set (the device
+# runner returns that folder), else .devbuild/logs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage=.devbuild
+
+build() {
+    NVCC=$(scripts/setup-cuda.sh)
+    export NVCC
+    echo "== nvcc: $NVCC"
+    echo "== cargo build --release (library)"
+    cargo build --release --lib --quiet
+    echo "== cargo test --release --no-run"
+    local json
+    json=$(mktemp)
+    cargo test --release --no-run --message-format=json >"$json"
+    local target_dir
+    target_dir=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+
+    rm -rf "$stage"
+    mkdir -p "$stage/bin" "$stage/c" "$stage/lib" "$stage/tests"
+    # One executable per test target: lib and bin unit tests, integration
+    # tests. `header` is left out: it checks include/ against the Rust
+    # sources, which is a property of the checkout, not of the device.
+    jq -r 'select(.reason == "compiler-artifact" and .profile.test and .executable != null)
+           | "\(.target.kind[0])\t\(.target.name)\t\(.executable)"' "$json" |
+        while IFS=$'\t' read -r kind name exe; do
+            [ "$name" = header ] && continue
+            local dest=$name
+            case $kind in
+            test) ;;
+            bin) dest="bin-$name" ;;
+            *) dest="lib-$name" ;; # the library's unit tests (kind cdylib/staticlib/rlib)
+            esac
+            # Line tables are enough for backtraces; full debug info would
+            # multiply the size of what has to travel.
+            objcopy --strip-debug "$exe" "$stage/bin/$dest"
+        done
+    rm -f "$json"
+    objcopy --strip-debug "$target_dir/release/libseerattn.so" "$stage/lib/libseerattn.so"
+    cp -r include "$stage/include"
+    cp -r tests/data "$stage/tests/data"
+    local cc=${CC:-cc}
+    for prog in api_errors prefill; do
+        "$cc" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -Iinclude "examples-c/$prog.c" \
+            -L"$stage/lib" -lseerattn -lm -Wl,-rpath,'$ORIGIN/../lib' -o "$stage/c/$prog"
+    done
+    {
+        echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+        echo "built: $(date -u +%FT%TZ) on $(uname -n)"
+        echo "nvcc: $("$NVCC" --version | tail -n 2 | head -n 1)"
+        echo "binaries: $(ls "$stage/bin" | tr '\n' ' ')"
+    } >"$stage/MANIFEST"
+    cat "$stage/MANIFEST"
+    echo "== staged in $stage: $(du -sh "$stage" | cut -f1)"
+}
+
+run() {
+    if [ ! -d "$stage/bin" ]; then
+        echo "no $stage/bin: run 'scripts/gpu-test.sh build' on the build machine first" >&2
+        exit 2
+    fi
+    cat "$stage/MANIFEST"
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    fi
+    local logs=${OUT:+$OUT/gpu-test-logs}
+    logs=${logs:-$stage/logs}
+    mkdir -p "$logs"
+    # The tests read their data from the staged copy, not from the path the
+    # build machine compiled in.
+    export SEERATTN_TEST_ROOT="$PWD/$stage"
+    export RUST_BACKTRACE=1
+
+    local passed=0 failed=0 tests_passed=0 tests_failed=0 summary=""
+    record() { # name status log
+        local name=$1 status=$2 log=$3 line
+        # libtest's "test result: ok. 5 passed; 0 failed; ..." lines (none for the C programs).
+        local p f
+        read -r p f < <(awk '/^test result:/ {p += $4; f += $6} END {print p + 0, f + 0}' "$log")
+        line=""
+        if grep -q '^test result:' "$log"; then line="$p tests passed, $f failed"; fi
+        tests_passed=$((tests_passed + p))
+        tests_failed=$((tests_failed + f))
+        if [ "$status" -eq 0 ]; then
+            passed=$((passed + 1))
+            summary+=$(printf 'PASS  %-28s %s' "$name" "$line")$'\n'
+        else
+            failed=$((failed + 1))
+            summary+=$(printf 'FAIL  %-28s exit %s %s (log: %s)' "$name" "$status" "$line" "$log")$'\n'
+            echo "---- $name failed; end of its log:"
+            grep -E '^test .* FAILED|^---- ' "$log" | head -n 40 || true
+            tail -n 40 "$log"
+        fi
+    }
+    for bin in "$stage"/bin/*; do
+        local name status=0
+        name=$(basename "$bin")
+        echo "== $name"
+        "$bin" --include-ignored >"$logs/$name.log" 2>&1 || status=$?
+        record "$name" "$status" "$logs/$name.log"
+    done
+    local gate="$stage/tests/data/upstream/gqa4_s1000_gates" scratch status
+    scratch=$(mktemp -d)
+    echo "== c/prefill"
+    status=0
+    "$stage/c/prefill" "$gate" 1 >"$logs/c-prefill.log" 2>&1 || status=$?
+    record c/prefill "$status" "$logs/c-prefill.log"
+    echo "== c/api_errors"
+    status=0
+    "$stage/c/api_errors" "$gate" "$scratch" >"$logs/c-api_errors.log" 2>&1 || status=$?
+    record c/api_errors "$status" "$logs/c-api_errors.log"
+    rm -rf "$scratch"
+
+    echo
+    printf '%s' "$summary"
+    echo "($tests_passed tests passed, $tests_failed failed in the Rust binaries)"
+    echo "$passed passed, $failed failed"
+    [ "$failed" -eq 0 ]
+}
+
+case "${1:-}" in
+build) build ;;
+run) run ;;
+*)
+    echo "usage: scripts/gpu-test.sh build   (here: stage release test binaries in .devbuild/)" >&2
+    echo "       scripts/gpu-test.sh run     (on the GPU machine: run them all, GPU tests included)" >&2
+    exit 2
+    ;;
+esac
