@@ -15,8 +15,14 @@
 //!   broken kernel must never turn silently into a CPU-only library.
 
 use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// nvcc options of every kernel: a fatbin, optimised, with line info for
+/// profilers, ptxas warning on register spills and reporting each kernel's
+/// resources (registers, shared memory, spills).
+const FLAGS: [&str; 6] = ["-fatbin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas=--warn-on-spills", "--resource-usage"];
 
 /// The architectures every kernel is built for: SASS for A100-class (sm_80)
 /// and Hopper with its arch-specific features (sm_90a: wgmma, TMA), and PTX
@@ -43,6 +49,7 @@ fn main() {
     }
 
     let sources = kernel_sources(&kernel_dir);
+    let inputs = inputs_digest(&kernel_dir);
     let Some(nvcc) = find_nvcc(&root) else {
         println!(
             "cargo:warning=seerattn: no nvcc found (looked in NVCC, CUDA_HOME, CUDA_PATH, PATH and \
@@ -60,7 +67,7 @@ fn main() {
     // template kernel can take minutes for three targets.
     let results: Vec<Result<PathBuf, String>> = std::thread::scope(|scope| {
         let handles: Vec<_> =
-            sources.iter().map(|src| scope.spawn(|| compile(&nvcc, &kernel_dir, src, &out))).collect();
+            sources.iter().map(|src| scope.spawn(|| compile(&nvcc, &kernel_dir, src, &out, inputs))).collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("compile thread panicked".into()))).collect()
     });
 
@@ -147,18 +154,38 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
     executable(&root.join(".cuda/pip/nvidia/cu13/bin/nvcc"))
 }
 
-/// Compile one kernel; on failure, the command and nvcc's output.
-fn compile(nvcc: &Path, include: &Path, src: &Path, out: &Path) -> Result<PathBuf, String> {
+/// A digest of everything under kernels/ (sources and headers). Any change
+/// recompiles every kernel: coarse, but never stale.
+fn inputs_digest(dir: &Path) -> u64 {
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir).map(|e| e.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+    files.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(&f).unwrap_or_default().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Compile one kernel; on failure, the command and nvcc's output. A kernel
+/// whose inputs, compiler and flags are those of its last successful build
+/// is not recompiled: the build script reruns whenever PATH changes, and a
+/// real attention kernel takes minutes for three targets.
+fn compile(nvcc: &Path, include: &Path, src: &Path, out: &Path, inputs: u64) -> Result<PathBuf, String> {
     let stem = stem(src);
     let fatbin = out.join(format!("{stem}.fatbin"));
+    let stamp_path = out.join(format!("{stem}.stamp"));
+    let nvcc_meta = std::fs::metadata(nvcc).ok().map(|m| (m.len(), m.modified().ok()));
+    let stamp = format!("{inputs:016x} {nvcc:?} {nvcc_meta:?} {FLAGS:?} {GENCODES:?}");
+    let report_path = out.join(format!("{stem}.ptxas.txt"));
+    if fatbin.is_file() && std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
+        warn_spills(&stem, &std::fs::read_to_string(&report_path).unwrap_or_default());
+        return Ok(fatbin);
+    }
+    let _ = std::fs::remove_file(&stamp_path);
     let mut cmd = Command::new(nvcc);
-    cmd.args(["-fatbin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas=--warn-on-spills", "--resource-usage"])
-        .args(GENCODES)
-        .arg("-I")
-        .arg(include)
-        .arg("-o")
-        .arg(&fatbin)
-        .arg(src);
+    cmd.args(FLAGS).args(GENCODES).arg("-I").arg(include).arg("-o").arg(&fatbin).arg(src);
     let output = cmd.output().map_err(|e| format!("seerattn: cannot run {}: {e}", nvcc.display()))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -172,11 +199,17 @@ fn compile(nvcc: &Path, include: &Path, src: &Path, out: &Path) -> Result<PathBu
     // ptxas prints its resource report (--resource-usage) and spill warnings;
     // keep all of it for the notes, and surface spills as build warnings.
     let report = format!("{stdout}{stderr}");
-    let _ = std::fs::write(out.join(format!("{stem}.ptxas.txt")), &report);
+    let _ = std::fs::write(&report_path, &report);
+    warn_spills(&stem, &report);
+    let _ = std::fs::write(&stamp_path, stamp);
+    Ok(fatbin)
+}
+
+/// Surface ptxas's warnings (register spills above all) as build warnings.
+fn warn_spills(stem: &str, report: &str) {
     for line in report.lines().filter(|l| l.contains("warning")) {
         println!("cargo:warning=seerattn: {stem}.cu: {}", line.trim());
     }
-    Ok(fatbin)
 }
 
 /// Write only when the content differs, so that an unchanged kernels.rs does
