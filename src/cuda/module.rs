@@ -50,6 +50,7 @@ pub fn function(ctx: &Ctx, fatbin: &'static [u8], name: &str) -> Result<CUfuncti
     if let Some(f) = cache.modules.get(&key).and_then(|m| m.functions.get(name)) {
         return Ok(f.0);
     }
+    check_fatbin(fatbin)?;
     let c_name = CString::new(name).map_err(|_| Error::invalid(format!("kernel name {name:?} contains NUL")))?;
     let _current = ctx.make_current()?;
     let module = match cache.modules.entry(key) {
@@ -73,6 +74,25 @@ pub fn function(ctx: &Ctx, fatbin: &'static [u8], name: &str) -> Result<CUfuncti
         FunctionInfo { name: name.to_string(), context: Handle(ctx.raw()), max_dynamic_smem: 48 * 1024 },
     );
     Ok(f)
+}
+
+/// Refuse bytes that are not a whole fatbin before the driver parses them:
+/// the magic, and a header whose declared size fits in the slice (header:
+/// u32 magic, u16 version, u16 header size, u64 payload size).
+fn check_fatbin(fatbin: &[u8]) -> Result<()> {
+    let le =
+        |range: std::ops::Range<usize>| fatbin.get(range).map(|b| b.iter().rev().fold(0u64, |a, &x| a << 8 | x as u64));
+    let whole = match (le(0..4), le(6..8), le(8..16)) {
+        (Some(0xBA55_ED50), Some(header), Some(payload)) => {
+            header.checked_add(payload).is_some_and(|n| n <= fatbin.len() as u64)
+        }
+        _ => false,
+    };
+    if whole {
+        Ok(())
+    } else {
+        Err(Error::invalid("function: the image is not a complete fatbin (use a seerattn::cuda::kernels constant)"))
+    }
 }
 
 /// Launch `f` (from [`function`]) on `stream` with `smem_bytes` of dynamic
@@ -137,4 +157,23 @@ pub unsafe fn launch(
     // The message is built only on failure: the hot path allocates nothing.
     let name = lock(cache()).functions.get(&Handle(f)).map(|i| i.name.clone()).unwrap_or_default();
     check(&format!("cuLaunchKernel({name}, grid {grid:?}, block {block:?}, smem {smem_bytes})"), r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_fatbin;
+
+    #[test]
+    fn fatbin_check_accepts_built_kernels_and_refuses_partial_images() {
+        for (name, bytes) in super::super::kernels::ALL {
+            check_fatbin(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(check_fatbin(&bytes[..bytes.len() - 1]).is_err(), "{name} truncated");
+        }
+        assert!(check_fatbin(b"").is_err());
+        assert!(check_fatbin(&[0u8; 64]).is_err());
+        let mut huge = 0xBA55_ED50u32.to_le_bytes().to_vec();
+        huge.extend([1, 0, 16, 0]);
+        huge.extend(u64::MAX.to_le_bytes());
+        assert!(check_fatbin(&huge).is_err());
+    }
 }
