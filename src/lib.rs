@@ -23,6 +23,7 @@ pub mod config;
 pub mod cuda;
 pub mod error;
 pub mod gate;
+pub mod gpu;
 pub mod mask;
 pub mod reference;
 pub mod tensor;

@@ -8,3 +8,12 @@
 pub struct Aligned<B: ?Sized>(pub B);
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// The fatbin of `kernels/<stem>.cu`; `Unsupported` in a build without it.
+pub fn fatbin(stem: &str) -> crate::error::Result<&'static [u8]> {
+    ALL.iter().find(|(name, _)| *name == stem).map(|(_, bytes)| *bytes).ok_or_else(|| {
+        crate::error::Error::unsupported(format!(
+            "this build of seerattn has no kernels/{stem}.cu (built without nvcc?)"
+        ))
+    })
+}

@@ -93,3 +93,56 @@ impl Drop for Stream {
         }
     }
 }
+
+/// An instantiated CUDA graph, destroyed on drop.
+pub struct Graph {
+    ctx: Ctx,
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+}
+
+/// Capture the work `enqueue` puts on `stream` into a graph (global capture
+/// mode: any call that is illegal during capture, such as a synchronous
+/// copy, an allocation or a synchronization, fails the capture).
+///
+/// # Safety
+/// `enqueue` must only enqueue work on `stream`.
+pub unsafe fn capture(stream: &Stream, enqueue: impl FnOnce() -> Result<()>) -> Result<Graph> {
+    let _current = stream.ctx.make_current()?;
+    check(
+        "cuStreamBeginCapture",
+        sys::cuStreamBeginCapture_v2(stream.raw, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL),
+    )?;
+    let enqueued = enqueue();
+    let mut graph: sys::CUgraph = std::ptr::null_mut();
+    let ended = check("cuStreamEndCapture", sys::cuStreamEndCapture(stream.raw, &mut graph));
+    enqueued?;
+    ended?;
+    let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+    if let Err(e) = check("cuGraphInstantiate", sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0)) {
+        sys::cuGraphDestroy(graph);
+        return Err(e);
+    }
+    Ok(Graph { ctx: stream.ctx, graph, exec })
+}
+
+impl Graph {
+    /// Replay the graph on `stream`.
+    pub fn launch(&self, stream: &Stream) -> Result<()> {
+        let _current = self.ctx.make_current()?;
+        // SAFETY: a live executable graph of this context.
+        check("cuGraphLaunch", unsafe { sys::cuGraphLaunch(self.exec, stream.raw) })
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        if let Ok(_current) = self.ctx.make_current() {
+            // SAFETY: destroys what `capture` created, once.
+            unsafe {
+                let _ = sys::cuGraphExecDestroy(self.exec);
+                let _ = sys::cuGraphDestroy(self.graph);
+            }
+        }
+    }
+}

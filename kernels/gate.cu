@@ -1,0 +1,424 @@
+/*
+ * The SeerAttention gate on the GPU: pre-RoPE Q and K in, block mask out.
+ *
+ * What it computes (the contract is src/reference/{pooling,scores,select}.rs):
+ *   per sequence, 64-token block and head, Q average-pooled and K pooled
+ *   [max|min|avg]; k_gate = RoPE(pooled_k · W[h]); q_gate = RoPE(pooled_q);
+ *   logits = q_gate · k_gate / sqrt(hidden) over causal key blocks; softmax;
+ *   threshold or top-k; the index-list block mask (counts, indices, row_offsets).
+ *   Released gate type only (Qavg_Kmaxminavg, no Q projection, hidden == head_dim).
+ *
+ * Three launches on the caller's stream, no allocation, no synchronization:
+ *   seer_gate_pool_*     one pass over Q and K (the memory-bound part);
+ *   seer_gate_project_*  K projection on bf16 tensor cores (WMMA), RoPE epilogue;
+ *   seer_gate_select_*   a 16-row tile of logits on tensor cores into shared
+ *                        memory, then softmax and selection, one warp per row.
+ * The per-sequence table travels by value in the kernel parameters (it is
+ * computed on the host from the host cu_seqlens), so no host-to-device copy
+ * is needed and a captured graph replays exactly the shapes it captured.
+ *
+ * Budget at 32k tokens, 32 q heads, 8 kv heads, head_dim 128, bf16:
+ *   bytes: Q 268 MB + K 67 MB read once (the floor: ~0.11 ms at 3 TB/s);
+ *          scratch (q_gate 4 MB, pooled_k 3 MB, k_gate 4 MB) written once, read from L2.
+ *   FLOPs: projection 1.6 G, logits 2.1 G, both on tensor cores; softmax and
+ *          selection O(rows * k_blocks).
+ * Tested by tests/gpu_gate.rs against the CPU reference.
+ */
+#include "gate.cuh"
+
+#include <mma.h>
+
+namespace seer {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+
+// ---------------------------------------------------------------- pooling --
+
+// 8 consecutive elements of a row as floats (one 16-byte load).
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
+}
+
+// One CTA pools one (sequence, block, head). blockIdx.z < hq: a query head
+// (average, then RoPE at the block start, written to q_gate); otherwise a KV
+// head (max, min, average written to pooled_k). Lanes of a row read 16 bytes
+// each; row groups stride over the block's tokens; shared memory reduces the
+// groups.
+template <int D, typename T, int MAXS>
+__device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
+    constexpr int kLanes = D / 8;               // threads per row
+    constexpr int kGroups = kThreads / kLanes;  // rows in flight per step
+    constexpr int kSteps = kBlock / kGroups;
+    __shared__ float red[3][kGroups][D];
+    __shared__ float pooled[D];
+
+    const int head = blockIdx.z;
+    const bool is_q = head < a.hq;
+    const int local = blockIdx.x;
+    if (blockIdx.y == tab.num_seqs) {
+        // The extra grid row zeroes the scratch padding that the tensor-core
+        // tiles of the later stages read past the last real block.
+        if (is_q) {
+            const long long row = tab.total_q_blocks + local;
+            if (row < a.q_gate_rows) {
+                bf16* out = a.q_gate + (static_cast<long long>(head) * a.q_gate_rows + row) * D;
+                for (int c = threadIdx.x; c < D; c += kThreads) out[c] = __float2bfloat16(0.f);
+            }
+        } else {
+            const long long row = a.kblock_rows + local;
+            if (row < a.kblock_rows_padded) {
+                bf16* out = a.pooled_k + (row * a.hkv + (head - a.hq)) * (3 * D);
+                for (int c = threadIdx.x; c < 3 * D; c += kThreads) out[c] = __float2bfloat16(0.f);
+            }
+        }
+        return;
+    }
+    const SeqEntry& e = tab.seq[blockIdx.y];
+    long long first_row;
+    int count;
+    int abs_block;
+    const T* base;
+    long long row_stride;
+    if (is_q) {
+        if (local >= e.q_blocks) return;
+        abs_block = e.first_q_block + local;
+        const int lo = max(abs_block * kBlock, e.q_start);
+        const int hi = min(abs_block * kBlock + kBlock, e.k_len);
+        first_row = e.q_off + (lo - e.q_start);
+        count = hi - lo;
+        base = static_cast<const T*>(a.q) + head * a.q_head_stride;
+        row_stride = a.q_row_stride;
+    } else {
+        if (local >= e.k_blocks) return;
+        abs_block = local;
+        first_row = e.k_off + static_cast<long long>(local) * kBlock;
+        count = min(kBlock, e.k_len - local * kBlock);
+        base = static_cast<const T*>(a.k) + (head - a.hq) * a.k_head_stride;
+        row_stride = a.k_row_stride;
+    }
+
+    const int lane = threadIdx.x % kLanes;
+    const int group = threadIdx.x / kLanes;
+    float mx[8], mn[8], sum[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        mx[i] = -INFINITY;
+        mn[i] = INFINITY;
+        sum[i] = 0.f;
+    }
+    // All of a thread's loads are independent: unrolled, they are in flight together.
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+        const int t = group + s * kGroups;
+        if (t < count) {
+            float v[8];
+            load8(base + (first_row + t) * row_stride + lane * 8, v);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                mx[i] = fmaxf(mx[i], v[i]);
+                mn[i] = fminf(mn[i], v[i]);
+                sum[i] += v[i];
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        red[0][group][lane * 8 + i] = mx[i];
+        red[1][group][lane * 8 + i] = mn[i];
+        red[2][group][lane * 8 + i] = sum[i];
+    }
+    __syncthreads();
+
+    const int c = threadIdx.x;
+    if (c < D) {
+        float m = -INFINITY, n = INFINITY, s = 0.f;
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) {
+            m = fmaxf(m, red[0][g][c]);
+            n = fminf(n, red[1][g][c]);
+            s += red[2][g][c];
+        }
+        const float avg = s / static_cast<float>(count);
+        if (is_q) {
+            pooled[c] = avg;
+        } else {
+            bf16* out = a.pooled_k + ((e.kblock_base + local) * a.hkv + (head - a.hq)) * (3 * D);
+            out[c] = __float2bfloat16(m);
+            out[D + c] = __float2bfloat16(n);
+            out[2 * D + c] = __float2bfloat16(avg);
+        }
+    }
+    if (!is_q) return;
+    __syncthreads();
+    if (c < D / 2) {
+        float x1 = pooled[c], x2 = pooled[c + D / 2];
+        rope_pair(x1, x2, static_cast<double>(abs_block) * kBlock, a.inv_freq[c]);
+        bf16* out = a.q_gate + (static_cast<long long>(head) * a.q_gate_rows + e.qblock_base + local) * D;
+        out[c] = __float2bfloat16(x1);
+        out[c + D / 2] = __float2bfloat16(x2);
+    }
+}
+
+// ------------------------------------------------------------- projection --
+
+// Which sequence a global key-block row belongs to (binary search of kblock_base).
+template <int MAXS>
+__device__ int seq_of_kblock(const SeqTable<MAXS>& tab, long long row) {
+    int lo = 0, hi = tab.num_seqs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (tab.seq[mid].kblock_base <= row) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// One CTA: 64 key-block rows of one query head. Each warp owns 16 rows and
+// all D output columns: acc[16 x D] = pooled_k[16 x 3D] · W[h][3D x D] on
+// bf16 tensor cores; the accumulator goes through shared memory so the
+// epilogue can rotate (c, c + D/2) pairs at each row's block-start position.
+template <int D, int MAXS>
+__device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
+    constexpr int kRows = 16 * kWarps;
+    constexpr int kIn = 3 * D;
+    __shared__ __align__(32) float tile[kRows][D];
+
+    const int head = blockIdx.y;
+    const int kv = head / a.group;
+    const long long row0 = static_cast<long long>(blockIdx.x) * kRows;
+    const int warp = threadIdx.x / 32;
+    const long long ldA = static_cast<long long>(a.hkv) * kIn;
+    const bf16* A = a.pooled_k + (row0 + warp * 16) * ldA + kv * kIn;
+    const bf16* B = a.weights + static_cast<long long>(head) * kIn * D;
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[D / 16];
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+    for (int kk = 0; kk < kIn; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, A + kk, static_cast<unsigned>(ldA));
+#pragma unroll
+        for (int n = 0; n < D / 16; ++n) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fb;
+            wmma::load_matrix_sync(fb, B + kk * D + n * 16, D);
+            wmma::mma_sync(acc[n], fa, fb, acc[n]);
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+        wmma::store_matrix_sync(&tile[warp * 16][n * 16], acc[n], D, wmma::mem_row_major);
+    }
+    __syncthreads();
+
+    for (int w = threadIdx.x; w < kRows * (D / 2); w += kThreads) {
+        const int r = w / (D / 2);
+        const int c = w % (D / 2);
+        const long long row = row0 + r;
+        const SeqEntry& e = tab.seq[seq_of_kblock(tab, row)];
+        const long long local = row - e.kblock_base;
+        // Rows past the last sequence's blocks are padding: zero in, zero out.
+        const double pos = local < e.k_blocks ? static_cast<double>(local) * kBlock : 0.0;
+        float x1 = tile[r][c], x2 = tile[r][c + D / 2];
+        rope_pair(x1, x2, pos, a.inv_freq[c]);
+        bf16* out = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + row) * D;
+        out[c] = __float2bfloat16(x1);
+        out[c + D / 2] = __float2bfloat16(x2);
+    }
+}
+
+// -------------------------------------------------------------- selection --
+
+// f32 -> u32 whose unsigned order is the float order (for the top-k search).
+__device__ __forceinline__ unsigned order_key(float x) {
+    const unsigned u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float warp_fsum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Number of logits in row[0..n) whose key is >= `key`.
+__device__ int count_at_least(const float* row, int n, unsigned key) {
+    int c = 0;
+    for (int j = threadIdx.x % 32; j < n; j += 32) c += order_key(row[j]) >= key;
+    return warp_sum(c);
+}
+
+// The k-th largest key of row[0..n), 1 <= k <= n: the largest key K with
+// count(>= K) >= k, built bit by bit from the top.
+__device__ unsigned kth_largest_key(const float* row, int n, int k) {
+    unsigned key = 0;
+    for (int bit = 31; bit >= 0; --bit) {
+        const unsigned candidate = key | (1u << bit);
+        if (count_at_least(row, n, candidate) >= k) key = candidate;
+    }
+    return key;
+}
+
+// One warp decides one mask row from its logits in shared memory and writes
+// the selected blocks in ascending order (ballot compaction keeps the order).
+__device__ void select_row(const GateArgs& a, float* row, int n, int q_block, int k_blocks, long long mask_row,
+                           long long slot) {
+    const int lane = threadIdx.x % 32;
+    float m = -INFINITY;
+    for (int j = lane; j < n; j += 32) {
+        row[j] *= a.scale;
+        m = fmaxf(m, row[j]);
+    }
+    m = warp_max(m);
+    float s = 0.f;
+    for (int j = lane; j < n; j += 32) s += expf(row[j] - m);
+    s = warp_fsum(s);
+
+    const bool dense = a.last_block_dense && q_block + 2 >= k_blocks;
+    int keep_top = 0;            // top-k: how many to keep
+    unsigned kth = 0;            // top-k: the k-th largest key
+    int ties_left = 0;           // top-k: elements equal to kth still to keep, lowest index first
+    if (!dense && a.method == kMethodTopK) {
+        keep_top = min(n, max(1, static_cast<int>(a.topk_ratio * static_cast<double>(k_blocks))));
+        kth = kth_largest_key(row, n, keep_top);
+        ties_left = keep_top - count_at_least(row, n, kth + 1u);
+    }
+    const float t_bf16 = __bfloat162float(__float2bfloat16(a.threshold));
+
+    int count = 0;
+    int* out = a.indices + slot;
+    for (int base = 0; base < n; base += 32) {
+        const int j = base + lane;
+        bool keep = false;
+        bool tie = false;
+        if (j < n) {
+            if (dense) {
+                keep = true;
+            } else if (a.method == kMethodTopK) {
+                const unsigned key = order_key(row[j]);
+                keep = key > kth;
+                tie = key == kth;
+            } else {
+                const float p = expf(row[j] - m) / s;
+                keep = a.threshold_bf16 ? __bfloat162float(__float2bfloat16(p)) > t_bf16 : p > a.threshold;
+            }
+        }
+        const unsigned ties = __ballot_sync(0xffffffffu, tie);
+        if (tie) keep = __popc(ties & ((1u << lane) - 1u)) < ties_left;
+        ties_left -= min(ties_left, __popc(ties));
+        const unsigned kept = __ballot_sync(0xffffffffu, keep);
+        if (keep) out[count + __popc(kept & ((1u << lane) - 1u))] = j;
+        count += __popc(kept);
+    }
+    if (count == 0 && a.keep_diagonal) {
+        if (lane == 0) out[0] = q_block;
+        count = 1;
+    }
+    if (lane == 0) {
+        a.counts[mask_row] = count;
+        a.row_offsets[mask_row] = slot;
+    }
+}
+
+// One CTA: 16 query-block rows of one (sequence, head). Warps share the key
+// tiles: logits[16 x n] = q_gate[16 x D] · k_gate[n x D]^T on tensor cores,
+// into dynamic shared memory; then each warp selects 4 rows.
+template <int D, int MAXS>
+__device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
+    extern __shared__ __align__(32) float logits[];
+    const SeqEntry& e = tab.seq[blockIdx.y];
+    const int head = blockIdx.z;
+    const int i0 = blockIdx.x * 16;
+    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0) {
+        a.row_offsets[a.total_rows] = a.total_slots;
+    }
+    if (i0 >= e.q_blocks) return;
+    const int rows = min(16, e.q_blocks - i0);
+    const int n_max = e.first_q_block + i0 + rows;  // causal columns of the tile's last row
+    const int ld = (n_max + 15) / 16 * 16;
+    const int warp = threadIdx.x / 32;
+
+    const bf16* Q = a.q_gate + (static_cast<long long>(head) * a.q_gate_rows + e.qblock_base + i0) * D;
+    const bf16* K = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + e.kblock_base) * D;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fq[D / 16];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(fq[kk], Q + kk * 16, D);
+    for (int kt = warp; kt < ld / 16; kt += kWarps) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fk;
+            wmma::load_matrix_sync(fk, K + static_cast<long long>(kt) * 16 * D + kk * 16, D);
+            wmma::mma_sync(acc, fq[kk], fk, acc);
+        }
+        wmma::store_matrix_sync(logits + kt * 16, acc, ld, wmma::mem_row_major);
+    }
+    __syncthreads();
+
+    const long long per_head_slots = tri(e.k_blocks) - tri(e.first_q_block);
+    for (int r = warp; r < rows; r += kWarps) {
+        const int i = i0 + r;
+        const int q_block = e.first_q_block + i;
+        const long long mask_row = e.row_base + static_cast<long long>(head) * e.q_blocks + i;
+        const long long slot =
+            e.slot_base + head * per_head_slots + tri(q_block) - tri(e.first_q_block);
+        select_row(a, logits + r * ld, q_block + 1, q_block, e.k_blocks, mask_row, slot);
+    }
+}
+
+}  // namespace
+}  // namespace seer
+
+// ------------------------------------------------------------ entry points --
+// One extern "C" symbol per (head_dim, input dtype, table capacity), so the
+// host picks a kernel by name (see src/gpu/gate.rs).
+
+#define SEER_POOL(D, T, TN, S)                                                                     \
+    extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
+        seer_gate_pool_d##D##_##TN##_s##S(const seer::GateArgs a,                                  \
+                                          const __grid_constant__ seer::SeqTable<S> tab) {         \
+        seer::pool<D, T, S>(a, tab);                                                               \
+    }
+#define SEER_PROJECT(D, S)                                                                         \
+    extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
+        seer_gate_project_d##D##_s##S(const seer::GateArgs a,                                      \
+                                      const __grid_constant__ seer::SeqTable<S> tab) {             \
+        seer::project<D, S>(a, tab);                                                               \
+    }
+#define SEER_SELECT(D, S)                                                                          \
+    extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
+        seer_gate_select_d##D##_s##S(const seer::GateArgs a,                                       \
+                                     const __grid_constant__ seer::SeqTable<S> tab) {              \
+        seer::select_tile<D, S>(a, tab);                                                           \
+    }
+#define SEER_GATE_KERNELS(S)                                                                       \
+    SEER_POOL(64, __nv_bfloat16, bf16, S)                                                          \
+    SEER_POOL(64, __half, f16, S)                                                                  \
+    SEER_POOL(128, __nv_bfloat16, bf16, S)                                                         \
+    SEER_POOL(128, __half, f16, S)                                                                 \
+    SEER_PROJECT(64, S)                                                                            \
+    SEER_PROJECT(128, S)                                                                           \
+    SEER_SELECT(64, S)                                                                             \
+    SEER_SELECT(128, S)
+
+SEER_GATE_KERNELS(16)
+SEER_GATE_KERNELS(256)

@@ -1,0 +1,101 @@
+/*
+ * Shared definitions of the gate kernels (kernels/gate.cu) and the structs
+ * the host passes to them by value. The layouts here are mirrored field for
+ * field by #[repr(C)] structs in src/gpu/gate.rs; a size check on both
+ * sides (static_assert here, a unit test there) keeps them in step.
+ */
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace seer {
+
+using bf16 = __nv_bfloat16;
+
+// Tokens per block: the gate pools 64-token blocks.
+constexpr int kBlock = 64;
+// GateArgs::method values.
+constexpr int kMethodThreshold = 0;
+constexpr int kMethodTopK = 1;
+
+// One sequence of the batch, computed on the host from cu_seqlens.
+struct SeqEntry {
+    long long q_off;        // packed row of the first query token
+    long long k_off;        // packed row of the first key token
+    long long kblock_base;  // first global key-block row (pooled_k, k_gate)
+    long long qblock_base;  // first global query-block row (q_gate)
+    long long row_base;     // first mask row
+    long long slot_base;    // first index slot
+    int q_len;
+    int k_len;
+    int q_start;            // absolute position of the first query: k_len - q_len
+    int k_blocks;           // ceil(k_len / 64)
+    int first_q_block;      // q_start / 64
+    int q_blocks;           // k_blocks - first_q_block
+};
+static_assert(sizeof(SeqEntry) == 72, "SeqEntry layout is shared with Rust");
+
+// The batch, by value in the kernel parameters (capacity S sequences).
+template <int S>
+struct SeqTable {
+    long long total_q_blocks;  // query-block rows over the batch (q_gate rows in use)
+    int num_seqs;
+    int reserved;
+    SeqEntry seq[S];
+};
+
+// Everything else a gate launch needs, by value.
+struct GateArgs {
+    const void* q;                // pre-RoPE Q [total_q, hq, D], dim stride 1
+    const void* k;                // pre-RoPE K [total_k, hkv, D], dim stride 1
+    long long q_row_stride;       // elements between tokens
+    long long q_head_stride;      // elements between heads
+    long long k_row_stride;
+    long long k_head_stride;
+    bf16* q_gate;                 // scratch [hq][q_gate_rows][D]: rotated pooled Q
+    bf16* pooled_k;               // scratch [kblock_rows_padded][hkv][3D]: [max|min|avg]
+    bf16* k_gate;                 // scratch [hq][kblock_rows_padded][D]: rotated projected K
+    const bf16* weights;          // this layer's mask_linear_k [hq][3D][D]
+    int* counts;                  // mask outputs
+    int* indices;
+    long long* row_offsets;
+    long long q_gate_rows;        // rows per head of q_gate, padding included
+    long long kblock_rows;        // real key-block rows over the batch
+    long long kblock_rows_padded; // allocated key-block rows (a multiple of 64, plus 16 spare)
+    long long total_rows;         // mask rows
+    long long total_slots;        // mask index slots
+    double topk_ratio;            // 1 - sqrt(1 - nz_ratio)
+    double inv_freq[128];         // RoPE inverse frequencies, D/2 used
+    int hq;
+    int hkv;
+    int group;                    // hq / hkv
+    int method;                   // kMethodThreshold or kMethodTopK
+    float threshold;
+    float scale;                  // 1 / sqrt(hidden)
+    int threshold_bf16;           // compare in bf16 as upstream does
+    int keep_diagonal;            // empty rows keep their diagonal block
+    int last_block_dense;
+    int reserved;
+};
+static_assert(sizeof(GateArgs) == 1216, "GateArgs layout is shared with Rust");
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// n(n+1)/2: index slots of causal rows 0..n-1.
+__device__ __forceinline__ long long tri(long long n) { return n * (n + 1) / 2; }
+
+// NeoX RoPE of the pair (x1, x2) = (x[c], x[c + D/2]) at `pos`. The angle is
+// formed and reduced in double: positions reach 2^17 and more, where an f32
+// angle would be off by ~1e-2 rad (the CPU reference uses f64 too).
+__device__ __forceinline__ void rope_pair(float& x1, float& x2, double pos, double inv_freq) {
+    double s, c;
+    sincos(pos * inv_freq, &s, &c);
+    const float sf = static_cast<float>(s), cf = static_cast<float>(c);
+    const float a = x1, b = x2;
+    x1 = a * cf - b * sf;
+    x2 = b * cf + a * sf;
+}
+
+}  // namespace seer

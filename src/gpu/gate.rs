@@ -1,0 +1,521 @@
+//! Host side of `kernels/gate.cu`: the gate on the GPU.
+//!
+//! [`GatePlan`] turns a batch into the per-sequence table the kernels take
+//! by value, the scratch layout inside the caller's workspace, and the grids
+//! of the three launches; [`DeviceGate`] holds a gate's weights on the device
+//! (uploaded once); [`compute_mask`] validates device buffers and enqueues
+//! pool -> project -> select on the caller's stream. Nothing here allocates,
+//! copies between host and device, or synchronizes once the weights are up.
+//!
+//! Scope of this path: the released gate type (`Qavg_Kmaxminavg`, no Q
+//! projection, `gate_hidden == head_dim`), head_dim 64 or 128, bf16/f16
+//! inputs whose rows are 16-byte aligned, up to [`MAX_SEQS`] sequences.
+//! Anything else is `Unsupported` with the reason; the CPU reference covers it.
+
+use crate::batch::Batch;
+use crate::config::{EmptyRowPolicy, GateConfig, GateType, MaskParams, SparsityMethod, ThresholdCompare};
+use crate::cuda::{self, kernels, CUstream, Ctx, DeviceBuffer};
+use crate::error::{Error, Result};
+use crate::gate::Gate;
+use crate::mask::MaskLayout;
+use crate::tensor::{DType, Layout3};
+use std::ffi::c_void;
+
+/// Sequences one launch can carry in its parameter table.
+pub const MAX_SEQS: usize = 256;
+/// Table capacity of the small kernel variants (less parameter space per launch).
+const SMALL_SEQS: usize = 16;
+const BLOCK: usize = 64;
+const THREADS: u32 = 128;
+/// Rows of a tensor-core tile: the select kernel reads up to this many rows
+/// past a sequence's last block, so scratch keeps this much zeroed padding.
+const TILE: usize = 16;
+
+/// One sequence, as `seer::SeqEntry` in kernels/gate.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SeqEntry {
+    q_off: i64,
+    k_off: i64,
+    kblock_base: i64,
+    qblock_base: i64,
+    row_base: i64,
+    slot_base: i64,
+    q_len: i32,
+    k_len: i32,
+    q_start: i32,
+    k_blocks: i32,
+    first_q_block: i32,
+    q_blocks: i32,
+}
+
+/// `seer::SeqTable<S>`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SeqTable<const S: usize> {
+    total_q_blocks: i64,
+    num_seqs: i32,
+    reserved: i32,
+    seq: [SeqEntry; S],
+}
+
+/// `seer::GateArgs`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GateArgs {
+    q: u64,
+    k: u64,
+    q_row_stride: i64,
+    q_head_stride: i64,
+    k_row_stride: i64,
+    k_head_stride: i64,
+    q_gate: u64,
+    pooled_k: u64,
+    k_gate: u64,
+    weights: u64,
+    counts: u64,
+    indices: u64,
+    row_offsets: u64,
+    q_gate_rows: i64,
+    kblock_rows: i64,
+    kblock_rows_padded: i64,
+    total_rows: i64,
+    total_slots: i64,
+    topk_ratio: f64,
+    inv_freq: [f64; 128],
+    hq: i32,
+    hkv: i32,
+    group: i32,
+    method: i32,
+    threshold: f32,
+    scale: f32,
+    threshold_bf16: i32,
+    keep_diagonal: i32,
+    last_block_dense: i32,
+    reserved: i32,
+}
+
+fn align_up(x: usize, a: usize) -> usize {
+    x.div_ceil(a) * a
+}
+
+/// Check that a gate config is one the GPU path implements.
+pub fn check_supported(config: &GateConfig) -> Result<()> {
+    if config.gate_type != GateType::released() || config.has_q_proj() {
+        return Err(Error::unsupported(format!(
+            "the CUDA gate implements {} without a Q projection (gate_hidden == head_dim); this gate is {} \
+             with gate_hidden {} and head_dim {} (use host buffers for the CPU reference)",
+            GateType::released().name(),
+            config.gate_type.name(),
+            config.gate_hidden,
+            config.head_dim
+        )));
+    }
+    if !matches!(config.head_dim, 64 | 128) {
+        return Err(Error::unsupported(format!("the CUDA gate supports head_dim 64 and 128, not {}", config.head_dim)));
+    }
+    Ok(())
+}
+
+/// Everything about one batch that the gate launches need.
+#[derive(Clone, Debug)]
+pub struct GatePlan {
+    seqs: Vec<SeqEntry>,
+    total_q_blocks: usize,
+    kblock_rows: usize,
+    kblock_rows_padded: usize,
+    q_gate_rows: usize,
+    max_q_blocks: usize,
+    max_k_blocks: usize,
+    total_rows: usize,
+    total_slots: usize,
+    q_gate_offset: usize,
+    pooled_k_offset: usize,
+    k_gate_offset: usize,
+    workspace_bytes: usize,
+}
+
+impl GatePlan {
+    /// Plan the gate of `config` over `batch`.
+    pub fn new(config: &GateConfig, batch: &Batch) -> Result<Self> {
+        check_supported(config)?;
+        if batch.len() > MAX_SEQS {
+            return Err(Error::unsupported(format!(
+                "the CUDA gate takes at most {MAX_SEQS} sequences per call, this batch has {} (split it)",
+                batch.len()
+            )));
+        }
+        let (d, hq, hkv) = (config.head_dim, config.num_q_heads, config.num_kv_heads);
+        let layout = MaskLayout::new(batch, hq, BLOCK)?;
+        let offsets = layout.row_offsets();
+        let mut seqs = Vec::with_capacity(batch.len());
+        let (mut kblocks, mut qblocks) = (0usize, 0usize);
+        let (mut max_q_blocks, mut max_k_blocks) = (0usize, 0usize);
+        for (s, sq) in batch.seqs(BLOCK).enumerate() {
+            let first_row = layout.row(s, 0, 0);
+            seqs.push(SeqEntry {
+                q_off: sq.q_offset as i64,
+                k_off: sq.k_offset as i64,
+                kblock_base: kblocks as i64,
+                qblock_base: qblocks as i64,
+                row_base: first_row as i64,
+                slot_base: offsets[first_row],
+                q_len: sq.q_len as i32,
+                k_len: sq.k_len as i32,
+                q_start: sq.q_start as i32,
+                k_blocks: sq.k_blocks as i32,
+                first_q_block: sq.first_q_block as i32,
+                q_blocks: sq.q_blocks as i32,
+            });
+            kblocks += sq.k_blocks;
+            qblocks += sq.q_blocks;
+            max_q_blocks = max_q_blocks.max(sq.q_blocks);
+            max_k_blocks = max_k_blocks.max(sq.k_blocks);
+        }
+        let kblock_rows_padded = align_up(kblocks + TILE, 4 * TILE);
+        let q_gate_rows = qblocks + TILE;
+        let q_gate_offset = 0;
+        let pooled_k_offset = align_up(q_gate_offset + hq * q_gate_rows * d * 2, 256);
+        let k_gate_offset = align_up(pooled_k_offset + kblock_rows_padded * hkv * 3 * d * 2, 256);
+        let workspace_bytes = align_up(k_gate_offset + hq * kblock_rows_padded * d * 2, 256);
+        Ok(GatePlan {
+            seqs,
+            total_q_blocks: qblocks,
+            kblock_rows: kblocks,
+            kblock_rows_padded,
+            q_gate_rows,
+            max_q_blocks,
+            max_k_blocks,
+            total_rows: layout.rows(),
+            total_slots: layout.index_capacity(),
+            q_gate_offset,
+            pooled_k_offset,
+            k_gate_offset,
+            workspace_bytes,
+        })
+    }
+
+    /// Scratch bytes the caller's workspace must hold.
+    pub fn workspace_bytes(&self) -> usize {
+        self.workspace_bytes
+    }
+
+    /// Dynamic shared memory of the select kernel: 16 rows of f32 logits over
+    /// the widest sequence's key blocks.
+    fn select_smem(&self) -> usize {
+        TILE * align_up(self.max_k_blocks, TILE) * 4
+    }
+
+    fn table<const S: usize>(&self) -> SeqTable<S> {
+        let mut seq = [SeqEntry::default(); S];
+        seq[..self.seqs.len()].copy_from_slice(&self.seqs);
+        SeqTable { total_q_blocks: self.total_q_blocks as i64, num_seqs: self.seqs.len() as i32, reserved: 0, seq }
+    }
+}
+
+/// A gate's weights on one CUDA context: per layer `mask_linear_k` in bf16
+/// `[hq][3D][D]`, uploaded once (synchronously, outside any hot path).
+pub struct DeviceGate {
+    ctx: Ctx,
+    layers: Vec<Option<DeviceBuffer>>,
+}
+
+impl DeviceGate {
+    /// Upload every layer that has weights to `ctx`.
+    pub fn upload(gate: &Gate, ctx: &Ctx) -> Result<Self> {
+        check_supported(gate.config())?;
+        let mut layers = Vec::with_capacity(gate.config().num_layers);
+        for layer in 0..gate.config().num_layers {
+            if !gate.has_layer(layer) {
+                layers.push(None);
+                continue;
+            }
+            let w = &gate.layer(layer)?.k_proj;
+            let bytes: Vec<u8> = w.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
+            layers.push(Some(DeviceBuffer::upload(ctx, &bytes)?));
+        }
+        Ok(DeviceGate { ctx: *ctx, layers })
+    }
+
+    /// The context the weights live in.
+    pub fn ctx(&self) -> &Ctx {
+        &self.ctx
+    }
+
+    fn layer(&self, layer: usize) -> Result<u64> {
+        match self.layers.get(layer) {
+            Some(Some(b)) => Ok(b.ptr()),
+            Some(None) => Err(Error::invalid(format!(
+                "layer {layer} had no weights when the gate was uploaded to the device (upload again after setting them)"
+            ))),
+            None => Err(Error::invalid(format!("layer {layer} out of range (the gate has {} layers)", self.layers.len()))),
+        }
+    }
+}
+
+/// A tensor in device memory: address, element type and layout.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceTensor {
+    pub ptr: u64,
+    pub dtype: DType,
+    pub layout: Layout3,
+}
+
+impl DeviceTensor {
+    /// Bytes from `ptr` to one past the last addressed element.
+    pub fn span_bytes(&self, name: &str) -> Result<usize> {
+        Ok(self.layout.span(name)? * self.dtype.size())
+    }
+}
+
+/// The mask arrays in device memory.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceMask {
+    pub counts: u64,
+    pub counts_len: usize,
+    pub indices: u64,
+    pub indices_len: usize,
+    pub row_offsets: u64,
+    pub row_offsets_len: usize,
+}
+
+/// The pool kernel reads rows as 16-byte vectors.
+fn check_rows_aligned(name: &str, t: &DeviceTensor) -> Result<()> {
+    let [_, _, dim_stride] = t.layout.strides;
+    let ok = dim_stride == 1
+        && t.ptr % 16 == 0
+        && (t.layout.strides[0] * t.dtype.size()) % 16 == 0
+        && (t.layout.strides[1] * t.dtype.size()) % 16 == 0;
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::unsupported(format!(
+            "{name}: the CUDA gate reads 16-byte vectors: it needs dim stride 1, a 16-byte aligned pointer and \
+             token/head strides that are multiples of 16 bytes (strides {:?}, pointer {:#x})",
+            t.layout.strides, t.ptr
+        )))
+    }
+}
+
+/// Enqueue the gate of `layer` on `stream`: validate every device buffer
+/// (shapes, dtypes, sizes, that each pointer is device memory of the weights'
+/// context), then launch pool, project and select. Asynchronous.
+///
+/// # Safety
+/// The device buffers must stay valid until the work completes, and `stream`
+/// must belong to the weights' context (or be NULL).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn compute_mask(
+    gate: &Gate,
+    device: &DeviceGate,
+    layer: usize,
+    params: &MaskParams,
+    batch: &Batch,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    mask: &DeviceMask,
+    workspace: u64,
+    workspace_len: usize,
+    stream: CUstream,
+) -> Result<()> {
+    let config = gate.config();
+    params.validate()?;
+    let plan = GatePlan::new(config, batch)?;
+    let weights = device.layer(layer)?;
+    let (d, hq, hkv) = (config.head_dim, config.num_q_heads, config.num_kv_heads);
+
+    for (name, t, tokens, heads) in [("q_nope", q, batch.total_q(), hq), ("k_nope", k, batch.total_k(), hkv)] {
+        if !matches!(t.dtype, DType::BF16 | DType::F16) {
+            return Err(Error::unsupported(format!("{name}: dtype {} (the gate takes bf16 or f16)", t.dtype.name())));
+        }
+        if t.layout.shape != [tokens, heads, d] {
+            return Err(Error::invalid(format!(
+                "{name}: shape {:?}, expected {:?} ([tokens, heads, head_dim] for this batch and gate)",
+                t.layout.shape,
+                [tokens, heads, d]
+            )));
+        }
+        check_rows_aligned(name, t)?;
+        cuda::check_device_pointer(name, t.ptr, t.span_bytes(name)?)?;
+        let owner = cuda::context_of(t.ptr)?;
+        if owner.id() != device.ctx().id() {
+            return Err(Error::invalid(format!(
+                "{name} lives in another CUDA context than the one the gate's weights were uploaded to"
+            )));
+        }
+    }
+    if q.dtype != k.dtype {
+        return Err(Error::invalid(format!("q_nope is {} but k_nope is {}", q.dtype.name(), k.dtype.name())));
+    }
+    let need = [
+        ("mask->counts", mask.counts, mask.counts_len, plan.total_rows, 4),
+        ("mask->indices", mask.indices, mask.indices_len, plan.total_slots, 4),
+        ("mask->row_offsets", mask.row_offsets, mask.row_offsets_len, plan.total_rows + 1, 8),
+    ];
+    for (name, ptr, len, want, size) in need {
+        if len < want {
+            return Err(Error::BufferTooSmall(format!("{name} holds {len} entries, this batch needs {want}")));
+        }
+        if ptr % size as u64 != 0 {
+            return Err(Error::invalid(format!("{name} is not aligned to {size} bytes")));
+        }
+        cuda::check_device_pointer(name, ptr, want * size)?;
+    }
+    if workspace_len < plan.workspace_bytes {
+        return Err(Error::BufferTooSmall(format!(
+            "workspace holds {workspace_len} bytes, this batch needs {} (seer_gate_workspace_size)",
+            plan.workspace_bytes
+        )));
+    }
+    if workspace % 256 != 0 {
+        return Err(Error::invalid("workspace must be 256-byte aligned (cudaMalloc memory is)"));
+    }
+    cuda::check_device_pointer("workspace", workspace, plan.workspace_bytes)?;
+    let smem = plan.select_smem();
+    let smem_limit = match device.ctx().compute_capability() {
+        (9, _) => 227 * 1024,
+        (8, 0) => 163 * 1024,
+        _ => 99 * 1024,
+    };
+    if smem > smem_limit {
+        return Err(Error::unsupported(format!(
+            "a sequence of {} key blocks needs {smem} bytes of shared memory in the CUDA gate; this GPU offers {smem_limit}",
+            plan.max_k_blocks
+        )));
+    }
+
+    let mut inv_freq = [0f64; 128];
+    inv_freq[..d / 2].copy_from_slice(&config.rope.inv_freq(d));
+    let mut args = GateArgs {
+        q: q.ptr,
+        k: k.ptr,
+        q_row_stride: q.layout.strides[0] as i64,
+        q_head_stride: q.layout.strides[1] as i64,
+        k_row_stride: k.layout.strides[0] as i64,
+        k_head_stride: k.layout.strides[1] as i64,
+        q_gate: workspace + plan.q_gate_offset as u64,
+        pooled_k: workspace + plan.pooled_k_offset as u64,
+        k_gate: workspace + plan.k_gate_offset as u64,
+        weights,
+        counts: mask.counts,
+        indices: mask.indices,
+        row_offsets: mask.row_offsets,
+        q_gate_rows: plan.q_gate_rows as i64,
+        kblock_rows: plan.kblock_rows as i64,
+        kblock_rows_padded: plan.kblock_rows_padded as i64,
+        total_rows: plan.total_rows as i64,
+        total_slots: plan.total_slots as i64,
+        topk_ratio: 1.0 - (1.0 - params.nz_ratio as f64).sqrt(),
+        inv_freq,
+        hq: hq as i32,
+        hkv: hkv as i32,
+        group: (hq / hkv) as i32,
+        method: match params.method {
+            SparsityMethod::Threshold => 0,
+            SparsityMethod::NzRatio => 1,
+        },
+        threshold: params.threshold,
+        scale: 1.0 / (config.gate_hidden as f32).sqrt(),
+        threshold_bf16: (params.threshold_compare == ThresholdCompare::Bf16) as i32,
+        keep_diagonal: (params.empty_rows == EmptyRowPolicy::KeepDiagonal) as i32,
+        last_block_dense: params.last_block_dense as i32,
+        reserved: 0,
+    };
+    if plan.seqs.len() <= SMALL_SEQS {
+        launch_all::<SMALL_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, smem, stream)
+    } else {
+        launch_all::<MAX_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, smem, stream)
+    }
+}
+
+unsafe fn launch_all<const S: usize>(
+    ctx: &Ctx,
+    plan: &GatePlan,
+    args: &mut GateArgs,
+    d: usize,
+    dtype: DType,
+    select_smem: usize,
+    stream: CUstream,
+) -> Result<()> {
+    let mut table = plan.table::<S>();
+    let ty = if dtype == DType::F16 { "f16" } else { "bf16" };
+    let fatbin = kernels::fatbin("gate")?;
+    let pool = cuda::function(ctx, fatbin, &format!("seer_gate_pool_d{d}_{ty}_s{S}"))?;
+    let project = cuda::function(ctx, fatbin, &format!("seer_gate_project_d{d}_s{S}"))?;
+    let select = cuda::function(ctx, fatbin, &format!("seer_gate_select_d{d}_s{S}"))?;
+    let n = plan.seqs.len() as u32;
+    let heads = (args.hq + args.hkv) as u32;
+    let padding_rows = (plan.kblock_rows_padded - plan.kblock_rows).max(plan.q_gate_rows - plan.total_q_blocks);
+    let mut params: [*mut c_void; 2] = [(args as *mut GateArgs).cast(), (&mut table as *mut SeqTable<S>).cast()];
+    // Grid row `n` (one past the last sequence) zeroes the scratch padding.
+    let pool_x = plan.max_q_blocks.max(plan.max_k_blocks).max(padding_rows) as u32;
+    cuda::launch(pool, [pool_x, n + 1, heads], [THREADS, 1, 1], 0, stream, &mut params)?;
+    let project_x = (plan.kblock_rows_padded / (4 * TILE)) as u32;
+    cuda::launch(project, [project_x, args.hq as u32, 1], [THREADS, 1, 1], 0, stream, &mut params)?;
+    let select_x = plan.max_q_blocks.div_ceil(TILE) as u32;
+    cuda::launch(select, [select_x, n, args.hq as u32], [THREADS, 1, 1], select_smem as u32, stream, &mut params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RopeConfig, RopeScaling};
+
+    #[test]
+    fn structs_match_the_kernel_header() {
+        // kernels/gate.cuh static_asserts the same sizes.
+        assert_eq!(std::mem::size_of::<SeqEntry>(), 72);
+        assert_eq!(std::mem::size_of::<GateArgs>(), 1216);
+        assert_eq!(std::mem::size_of::<SeqTable<16>>(), 16 + 16 * 72);
+        // Large tables ride in the extended (32 KiB) kernel parameter space.
+        assert!(std::mem::size_of::<SeqTable<MAX_SEQS>>() + std::mem::size_of::<GateArgs>() < 32 * 1024);
+    }
+
+    fn config(head_dim: usize) -> GateConfig {
+        GateConfig {
+            num_layers: 1,
+            num_q_heads: 8,
+            num_kv_heads: 2,
+            head_dim,
+            gate_hidden: head_dim,
+            block_size: 64,
+            gate_type: GateType::released(),
+            force_double: false,
+            rope: RopeConfig { theta: 10000.0, scaling: RopeScaling::None },
+            sparsity_method: SparsityMethod::Threshold,
+            threshold: 0.0,
+            nz_ratio: 1.0,
+            last_block_dense: true,
+        }
+    }
+
+    #[test]
+    fn plan_tables_and_scratch() {
+        let batch = Batch::from_lens(&[(1000, 1000), (100, 300)]).unwrap();
+        let plan = GatePlan::new(&config(128), &batch).unwrap();
+        assert_eq!(plan.seqs[0].k_blocks, 16);
+        assert_eq!((plan.seqs[1].kblock_base, plan.seqs[1].qblock_base), (16, 16));
+        assert_eq!((plan.seqs[1].first_q_block, plan.seqs[1].q_blocks, plan.seqs[1].q_start), (3, 2, 200));
+        // Rows: 8 heads * 16 + 8 heads * 2; slots of seq 1 start after 8 * 136 of seq 0.
+        assert_eq!(plan.seqs[1].row_base, 128);
+        assert_eq!(plan.seqs[1].slot_base, 8 * 136);
+        assert_eq!(plan.kblock_rows, 21);
+        assert!(plan.kblock_rows_padded >= plan.kblock_rows + TILE && plan.kblock_rows_padded % 64 == 0);
+        assert_eq!(plan.workspace_bytes % 256, 0);
+        assert!(plan.k_gate_offset + 8 * plan.kblock_rows_padded * 128 * 2 <= plan.workspace_bytes);
+    }
+
+    #[test]
+    fn unsupported_gates_are_named() {
+        let batch = Batch::single(100).unwrap();
+        let mut c = config(128);
+        c.head_dim = 256;
+        c.gate_hidden = 256;
+        assert!(matches!(GatePlan::new(&c, &batch), Err(Error::Unsupported(_))));
+        let mut c = config(128);
+        c.gate_hidden = 64;
+        assert!(matches!(GatePlan::new(&c, &batch), Err(Error::Unsupported(_))));
+        let lens: Vec<(usize, usize)> = (0..MAX_SEQS + 1).map(|_| (3, 3)).collect();
+        assert!(matches!(GatePlan::new(&config(64), &Batch::from_lens(&lens).unwrap()), Err(Error::Unsupported(_))));
+    }
+}
