@@ -8,11 +8,14 @@
  *   threshold or top-k; the index-list block mask (counts, indices, row_offsets).
  *   Released gate type only (Qavg_Kmaxminavg, no Q projection, hidden == head_dim).
  *
- * Three launches on the caller's stream, no allocation, no synchronization:
+ * Four launches on the caller's stream, no allocation, no synchronization:
+ *   seer_gate_rope_*     cos/sin of every block-start position (double
+ *                        precision, once per block instead of once per head);
  *   seer_gate_pool_*     one pass over Q and K (the memory-bound part);
  *   seer_gate_project_*  K projection on bf16 tensor cores (WMMA), RoPE epilogue;
  *   seer_gate_select_*   a 16-row tile of logits on tensor cores into shared
- *                        memory, then softmax and selection, one warp per row.
+ *                        memory, then softmax and selection (radix select for
+ *                        top-k), one warp per row.
  * The per-sequence table travels by value in the kernel parameters (it is
  * computed on the host from the host cu_seqlens), so no host-to-device copy
  * is needed and a captured graph replays exactly the shapes it captured.
@@ -35,6 +38,10 @@ using namespace nvcuda;
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
+// The select kernel runs 8 warps: its shared memory (16 rows of logits) caps
+// the CTAs per SM, so each CTA brings more warps to hide latency.
+constexpr int kSelectThreads = 256;
+constexpr int kSelectWarps = kSelectThreads / 32;
 
 // ---------------------------------------------------------------- pooling --
 
@@ -47,11 +54,26 @@ __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
     for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
 }
 
-// One CTA pools one (sequence, block, head). blockIdx.z < hq: a query head
-// (average, then RoPE at the block start, written to q_gate); otherwise a KV
-// head (max, min, average written to pooled_k). Lanes of a row read 16 bytes
-// each; row groups stride over the block's tokens; shared memory reduces the
-// groups.
+// One CTA pools one (head, block, sequence). Heads vary fastest in the grid,
+// so CTAs running together read neighbouring 256-byte pieces of the same
+// token rows (DRAM-friendly). blockIdx.x < hq: a query head (average, then
+// RoPE at the block start, written to q_gate); otherwise a KV head (max, min,
+// average written to pooled_k). Lanes of a row read 16 bytes each; row
+// groups stride over the block's tokens; shared memory reduces the groups.
+// cos/sin of position 64 j times every inverse frequency, for every key
+// block j of the longest sequence: the rotations the pool (Q) and project
+// (K) epilogues apply. Angles in double: positions reach 2^17 and more,
+// where an f32 angle would be off by ~1e-2 rad (the CPU reference uses f64).
+template <int D>
+__device__ void rope_table(const GateArgs& a) {
+    const int j = blockIdx.x;
+    for (int c = threadIdx.x; c < D / 2; c += kThreads) {
+        double s, co;
+        sincos(static_cast<double>(j) * kBlock * a.inv_freq[c], &s, &co);
+        a.rope[static_cast<long long>(j) * (D / 2) + c] = make_float2(static_cast<float>(co), static_cast<float>(s));
+    }
+}
+
 template <int D, typename T, int MAXS>
 __device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
     constexpr int kLanes = D / 8;               // threads per row
@@ -60,10 +82,10 @@ __device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
     __shared__ float red[3][kGroups][D];
     __shared__ float pooled[D];
 
-    const int head = blockIdx.z;
+    const int head = blockIdx.x;
     const bool is_q = head < a.hq;
-    const int local = blockIdx.x;
-    if (blockIdx.y == tab.num_seqs) {
+    const int local = blockIdx.y;
+    if (blockIdx.z == tab.num_seqs) {
         // The extra grid row zeroes the scratch padding that the tensor-core
         // tiles of the later stages read past the last real block.
         if (is_q) {
@@ -81,7 +103,7 @@ __device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
         }
         return;
     }
-    const SeqEntry& e = tab.seq[blockIdx.y];
+    const SeqEntry& e = tab.seq[blockIdx.z];
     long long first_row;
     int count;
     int abs_block;
@@ -160,7 +182,7 @@ __device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
     __syncthreads();
     if (c < D / 2) {
         float x1 = pooled[c], x2 = pooled[c + D / 2];
-        rope_pair(x1, x2, static_cast<double>(abs_block) * kBlock, a.inv_freq[c]);
+        rope_pair(x1, x2, a.rope[static_cast<long long>(abs_block) * (D / 2) + c]);
         bf16* out = a.q_gate + (static_cast<long long>(head) * a.q_gate_rows + e.qblock_base + local) * D;
         out[c] = __float2bfloat16(x1);
         out[c + D / 2] = __float2bfloat16(x2);
@@ -180,54 +202,63 @@ __device__ int seq_of_kblock(const SeqTable<MAXS>& tab, long long row) {
     return lo;
 }
 
-// One CTA: 64 key-block rows of one query head. Each warp owns 16 rows and
-// all D output columns: acc[16 x D] = pooled_k[16 x 3D] · W[h][3D x D] on
-// bf16 tensor cores; the accumulator goes through shared memory so the
-// epilogue can rotate (c, c + D/2) pairs at each row's block-start position.
+// One CTA: 16 key-block rows of one query head; each warp owns D/4 output
+// columns: acc[16 x D/4] = pooled_k[16 x 3D] · W[h][3D x D/4] on bf16 tensor
+// cores (the A fragments are shared through L1). The accumulator goes
+// through shared memory so the epilogue can rotate (c, c + D/2) pairs at each
+// row's block-start position.
 template <int D, int MAXS>
 __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
-    constexpr int kRows = 16 * kWarps;
     constexpr int kIn = 3 * D;
-    __shared__ __align__(32) float tile[kRows][D];
+    constexpr int kCols = D / kWarps;        // columns per warp
+    constexpr int kFrags = kCols / 16;
+    static_assert(kFrags >= 1, "head_dim must be at least 64");
+    __shared__ __align__(32) float tile[16][D];
+    __shared__ int position_block[16];
 
     const int head = blockIdx.y;
     const int kv = head / a.group;
-    const long long row0 = static_cast<long long>(blockIdx.x) * kRows;
+    const long long row0 = static_cast<long long>(blockIdx.x) * 16;
     const int warp = threadIdx.x / 32;
     const long long ldA = static_cast<long long>(a.hkv) * kIn;
-    const bf16* A = a.pooled_k + (row0 + warp * 16) * ldA + kv * kIn;
-    const bf16* B = a.weights + static_cast<long long>(head) * kIn * D;
+    const bf16* A = a.pooled_k + row0 * ldA + kv * kIn;
+    const bf16* B = a.weights + static_cast<long long>(head) * kIn * D + warp * kCols;
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[D / 16];
+    if (threadIdx.x < 16) {
+        // Which block of its sequence each row is (rows past the last
+        // sequence are zero padding: any position rotates zero to zero).
+        const long long row = row0 + threadIdx.x;
+        const SeqEntry& e = tab.seq[seq_of_kblock(tab, row)];
+        const long long local = row - e.kblock_base;
+        position_block[threadIdx.x] = local < e.k_blocks ? static_cast<int>(local) : 0;
+    }
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFrags];
 #pragma unroll
-    for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+    for (int n = 0; n < kFrags; ++n) wmma::fill_fragment(acc[n], 0.f);
+#pragma unroll 4
     for (int kk = 0; kk < kIn; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
         wmma::load_matrix_sync(fa, A + kk, static_cast<unsigned>(ldA));
 #pragma unroll
-        for (int n = 0; n < D / 16; ++n) {
+        for (int n = 0; n < kFrags; ++n) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fb;
             wmma::load_matrix_sync(fb, B + kk * D + n * 16, D);
             wmma::mma_sync(acc[n], fa, fb, acc[n]);
         }
     }
 #pragma unroll
-    for (int n = 0; n < D / 16; ++n) {
-        wmma::store_matrix_sync(&tile[warp * 16][n * 16], acc[n], D, wmma::mem_row_major);
+    for (int n = 0; n < kFrags; ++n) {
+        wmma::store_matrix_sync(&tile[0][warp * kCols + n * 16], acc[n], D, wmma::mem_row_major);
     }
     __syncthreads();
 
-    for (int w = threadIdx.x; w < kRows * (D / 2); w += kThreads) {
+    for (int w = threadIdx.x; w < 16 * (D / 2); w += kThreads) {
         const int r = w / (D / 2);
         const int c = w % (D / 2);
-        const long long row = row0 + r;
-        const SeqEntry& e = tab.seq[seq_of_kblock(tab, row)];
-        const long long local = row - e.kblock_base;
-        // Rows past the last sequence's blocks are padding: zero in, zero out.
-        const double pos = local < e.k_blocks ? static_cast<double>(local) * kBlock : 0.0;
         float x1 = tile[r][c], x2 = tile[r][c + D / 2];
-        rope_pair(x1, x2, pos, a.inv_freq[c]);
-        bf16* out = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + row) * D;
+        rope_pair(x1, x2, a.rope[static_cast<long long>(position_block[r]) * (D / 2) + c]);
+        bf16* out = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + row0 + r) * D;
         out[c] = __float2bfloat16(x1);
         out[c + D / 2] = __float2bfloat16(x2);
     }
@@ -239,12 +270,6 @@ __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
 __device__ __forceinline__ unsigned order_key(float x) {
     const unsigned u = __float_as_uint(x);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-__device__ __forceinline__ int warp_sum(int v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -259,28 +284,64 @@ __device__ __forceinline__ float warp_fsum(float v) {
     return v;
 }
 
-// Number of logits in row[0..n) whose key is >= `key`.
-__device__ int count_at_least(const float* row, int n, unsigned key) {
-    int c = 0;
-    for (int j = threadIdx.x % 32; j < n; j += 32) c += order_key(row[j]) >= key;
-    return warp_sum(c);
-}
-
-// The k-th largest key of row[0..n), 1 <= k <= n: the largest key K with
-// count(>= K) >= k, built bit by bit from the top.
-__device__ unsigned kth_largest_key(const float* row, int n, int k) {
-    unsigned key = 0;
-    for (int bit = 31; bit >= 0; --bit) {
-        const unsigned candidate = key | (1u << bit);
-        if (count_at_least(row, n, candidate) >= k) key = candidate;
+// The k-th largest key of row[0..n) (1 <= k <= n) by radix select, 8 bits a
+// pass from the top, with a per-warp histogram in shared memory; also how
+// many elements equal to it belong to the top k (`*ties`). Four passes over
+// the row instead of a comparison sort or a 32-step bisection.
+__device__ unsigned kth_largest_key(const float* row, int n, int k, unsigned* hist, int* ties) {
+    const int lane = threadIdx.x % 32;
+    unsigned prefix = 0, prefix_mask = 0;
+    int need = k;  // how many still to find among keys matching the prefix
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = lane; b < 256; b += 32) hist[b] = 0;
+        __syncwarp();
+        for (int j = lane; j < n; j += 32) {
+            const unsigned key = order_key(row[j]);
+            if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncwarp();
+        // Lane L owns digits 255 - 8L down to 248 - 8L: lanes in order walk
+        // the digits from the top. An exclusive scan over lanes finds the
+        // lane, then the digit, where the running count reaches `need`.
+        int own = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) own += hist[255 - 8 * lane - i];
+        int before = own;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int up = __shfl_up_sync(0xffffffffu, before, o);
+            if (lane >= o) before += up;
+        }
+        before -= own;
+        int digit = -1, rest = 0;
+        if (before < need && before + own >= need) {
+            int acc = before;
+            for (int i = 0; i < 8; ++i) {
+                const int b = 255 - 8 * lane - i;
+                if (acc + static_cast<int>(hist[b]) >= need) {
+                    digit = b;
+                    rest = need - acc;
+                    break;
+                }
+                acc += hist[b];
+            }
+        }
+        const unsigned owner = __ballot_sync(0xffffffffu, digit >= 0);
+        const int src = __ffs(owner) - 1;
+        digit = __shfl_sync(0xffffffffu, digit, src);
+        need = __shfl_sync(0xffffffffu, rest, src);
+        prefix |= static_cast<unsigned>(digit) << shift;
+        prefix_mask |= 255u << shift;
+        __syncwarp();
     }
-    return key;
+    *ties = need;
+    return prefix;
 }
 
 // One warp decides one mask row from its logits in shared memory and writes
 // the selected blocks in ascending order (ballot compaction keeps the order).
 __device__ void select_row(const GateArgs& a, float* row, int n, int q_block, int k_blocks, long long mask_row,
-                           long long slot) {
+                           long long slot, unsigned* hist) {
     const int lane = threadIdx.x % 32;
     float m = -INFINITY;
     for (int j = lane; j < n; j += 32) {
@@ -298,8 +359,7 @@ __device__ void select_row(const GateArgs& a, float* row, int n, int q_block, in
     int ties_left = 0;           // top-k: elements equal to kth still to keep, lowest index first
     if (!dense && a.method == kMethodTopK) {
         keep_top = min(n, max(1, static_cast<int>(a.topk_ratio * static_cast<double>(k_blocks))));
-        kth = kth_largest_key(row, n, keep_top);
-        ties_left = keep_top - count_at_least(row, n, kth + 1u);
+        kth = kth_largest_key(row, n, keep_top, hist, &ties_left);
     }
     const float t_bf16 = __bfloat162float(__float2bfloat16(a.threshold));
 
@@ -344,6 +404,7 @@ __device__ void select_row(const GateArgs& a, float* row, int n, int q_block, in
 template <int D, int MAXS>
 __device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
     extern __shared__ __align__(32) float logits[];
+    __shared__ unsigned hist[kSelectWarps][256];
     const SeqEntry& e = tab.seq[blockIdx.y];
     const int head = blockIdx.z;
     const int i0 = blockIdx.x * 16;
@@ -361,7 +422,7 @@ __device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fq[D / 16];
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(fq[kk], Q + kk * 16, D);
-    for (int kt = warp; kt < ld / 16; kt += kWarps) {
+    for (int kt = warp; kt < ld / 16; kt += kSelectWarps) {
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
         wmma::fill_fragment(acc, 0.f);
 #pragma unroll
@@ -375,13 +436,13 @@ __device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
     __syncthreads();
 
     const long long per_head_slots = tri(e.k_blocks) - tri(e.first_q_block);
-    for (int r = warp; r < rows; r += kWarps) {
+    for (int r = warp; r < rows; r += kSelectWarps) {
         const int i = i0 + r;
         const int q_block = e.first_q_block + i;
         const long long mask_row = e.row_base + static_cast<long long>(head) * e.q_blocks + i;
         const long long slot =
             e.slot_base + head * per_head_slots + tri(q_block) - tri(e.first_q_block);
-        select_row(a, logits + r * ld, q_block + 1, q_block, e.k_blocks, mask_row, slot);
+        select_row(a, logits + r * ld, q_block + 1, q_block, e.k_blocks, mask_row, slot, hist[warp]);
     }
 }
 
@@ -404,8 +465,12 @@ __device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
                                       const __grid_constant__ seer::SeqTable<S> tab) {             \
         seer::project<D, S>(a, tab);                                                               \
     }
+#define SEER_ROPE(D)                                                                               \
+    extern "C" __global__ void __launch_bounds__(seer::kThreads) seer_gate_rope_d##D(const seer::GateArgs a) { \
+        seer::rope_table<D>(a);                                                                    \
+    }
 #define SEER_SELECT(D, S)                                                                          \
-    extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
+    extern "C" __global__ void __launch_bounds__(seer::kSelectThreads)                            \
         seer_gate_select_d##D##_s##S(const seer::GateArgs a,                                       \
                                      const __grid_constant__ seer::SeqTable<S> tab) {              \
         seer::select_tile<D, S>(a, tab);                                                           \
@@ -420,5 +485,7 @@ __device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
     SEER_SELECT(64, S)                                                                             \
     SEER_SELECT(128, S)
 
+SEER_ROPE(64)
+SEER_ROPE(128)
 SEER_GATE_KERNELS(16)
 SEER_GATE_KERNELS(256)

@@ -56,6 +56,7 @@ struct GateArgs {
     bf16* q_gate;                 // scratch [hq][q_gate_rows][D]: rotated pooled Q
     bf16* pooled_k;               // scratch [kblock_rows_padded][hkv][3D]: [max|min|avg]
     bf16* k_gate;                 // scratch [hq][kblock_rows_padded][D]: rotated projected K
+    float2* rope;                 // scratch [max k_blocks][D/2]: (cos, sin) at each block start
     const bf16* weights;          // this layer's mask_linear_k [hq][3D][D]
     int* counts;                  // mask outputs
     int* indices;
@@ -78,7 +79,7 @@ struct GateArgs {
     int last_block_dense;
     int reserved;
 };
-static_assert(sizeof(GateArgs) == 1216, "GateArgs layout is shared with Rust");
+static_assert(sizeof(GateArgs) == 1224, "GateArgs layout is shared with Rust");
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -86,16 +87,12 @@ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 // n(n+1)/2: index slots of causal rows 0..n-1.
 __device__ __forceinline__ long long tri(long long n) { return n * (n + 1) / 2; }
 
-// NeoX RoPE of the pair (x1, x2) = (x[c], x[c + D/2]) at `pos`. The angle is
-// formed and reduced in double: positions reach 2^17 and more, where an f32
-// angle would be off by ~1e-2 rad (the CPU reference uses f64 too).
-__device__ __forceinline__ void rope_pair(float& x1, float& x2, double pos, double inv_freq) {
-    double s, c;
-    sincos(pos * inv_freq, &s, &c);
-    const float sf = static_cast<float>(s), cf = static_cast<float>(c);
+// NeoX RoPE of the pair (x1, x2) = (x[c], x[c + D/2]) by the rotation
+// (cos, sin) of the rope table.
+__device__ __forceinline__ void rope_pair(float& x1, float& x2, float2 cs) {
     const float a = x1, b = x2;
-    x1 = a * cf - b * sf;
-    x2 = b * cf + a * sf;
+    x1 = a * cs.x - b * cs.y;
+    x2 = b * cs.x + a * cs.y;
 }
 
 }  // namespace seer

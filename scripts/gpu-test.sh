@@ -9,7 +9,6 @@
 #         bin/    test executables (Rust tests link the library statically)
 #         c/      the examples-c programs, linked against lib/ through an rpath
 #         lib/    libseerattn.so     include/  the header
-#         tests/data/   the conformance vectors the tests read
 #         MANIFEST      commit, nvcc, the binaries
 #   scripts/gpu-test.sh run     on the GPU machine, from the repo root with
 #       .devbuild/ present: runs every test binary with --include-ignored
@@ -37,7 +36,7 @@ build() {
     target_dir=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
 
     rm -rf "$stage"
-    mkdir -p "$stage/bin" "$stage/c" "$stage/lib" "$stage/tests"
+    mkdir -p "$stage/bin" "$stage/c" "$stage/lib"
     # One executable per test target: lib and bin unit tests, integration
     # tests. `header` is left out: it checks include/ against the Rust
     # sources, which is a property of the checkout, not of the device.
@@ -56,9 +55,16 @@ build() {
             objcopy --strip-debug "$exe" "$stage/bin/$dest"
         done
     rm -f "$json"
+    echo "== cargo build --release --examples (benchmarks)"
+    cargo build --release --examples --quiet
+    mkdir -p "$stage/bench"
+    for ex in examples/bench_*.rs; do
+        local name
+        name=$(basename "$ex" .rs)
+        objcopy --strip-debug "$target_dir/release/examples/$name" "$stage/bench/$name"
+    done
     objcopy --strip-debug "$target_dir/release/libseerattn.so" "$stage/lib/libseerattn.so"
     cp -r include "$stage/include"
-    cp -r tests/data "$stage/tests/data"
     local cc=${CC:-cc}
     for prog in api_errors prefill; do
         "$cc" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -Iinclude "examples-c/$prog.c" \
@@ -88,7 +94,8 @@ run() {
     mkdir -p "$logs"
     # The tests read their data from the staged copy, not from the path the
     # build machine compiled in.
-    export SEERATTN_TEST_ROOT="$PWD/$stage"
+    # The test data is tracked, so the working tree on the device has it.
+    export SEERATTN_TEST_ROOT="$PWD"
     export RUST_BACKTRACE=1
 
     local passed=0 failed=0 tests_passed=0 tests_failed=0 summary=""
@@ -119,7 +126,7 @@ run() {
         "$bin" --include-ignored >"$logs/$name.log" 2>&1 || status=$?
         record "$name" "$status" "$logs/$name.log"
     done
-    local gate="$stage/tests/data/upstream/gqa4_s1000_gates" scratch status
+    local gate="tests/data/upstream/gqa4_s1000_gates" scratch status
     scratch=$(mktemp -d)
     echo "== c/prefill"
     status=0
@@ -138,12 +145,30 @@ run() {
     [ "$failed" -eq 0 ]
 }
 
+# Run every staged benchmark; each appends JSON lines to the results file
+# ($OUT/bench.jsonl on the device machine, else .devbuild/bench.jsonl).
+bench() {
+    if [ ! -d "$stage/bench" ]; then
+        echo "no $stage/bench: run 'scripts/gpu-test.sh build' on the build machine first" >&2
+        exit 2
+    fi
+    cat "$stage/MANIFEST"
+    local results=${OUT:+$OUT/bench.jsonl}
+    results=${results:-$stage/bench.jsonl}
+    for b in "$stage"/bench/*; do
+        echo "== $(basename "$b")"
+        "$b" "$results"
+    done
+}
+
 case "${1:-}" in
 build) build ;;
 run) run ;;
+bench) bench ;;
 *)
     echo "usage: scripts/gpu-test.sh build   (here: stage release test binaries in .devbuild/)" >&2
     echo "       scripts/gpu-test.sh run     (on the GPU machine: run them all, GPU tests included)" >&2
+    echo "       scripts/gpu-test.sh bench   (on the GPU machine: run the benchmarks, JSON lines to \$OUT/bench.jsonl)" >&2
     exit 2
     ;;
 esac

@@ -286,3 +286,13 @@ pub(crate) fn primary_context(ordinal: i32) -> Result<Ctx> {
     drop(map);
     Ctx::from_raw(raw)
 }
+
+/// The device's name as the driver reports it (e.g. `NVIDIA H100 80GB HBM3`).
+pub fn device_name(ctx: &Ctx) -> Result<String> {
+    driver()?;
+    let mut buf = [0 as std::ffi::c_char; 256];
+    // SAFETY: the buffer holds 256 bytes; the driver NUL-terminates within it.
+    check("cuDeviceGetName", unsafe { sys::cuDeviceGetName(buf.as_mut_ptr(), buf.len() as i32, ctx.device()) })?;
+    // SAFETY: NUL-terminated by the driver (and the buffer was zeroed).
+    Ok(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}

@@ -28,7 +28,7 @@ mod memory;
 mod module;
 pub mod testing;
 
-pub use context::{check_device_pointer, context_of, current_context, Ctx, CurrentGuard};
+pub use context::{check_device_pointer, context_of, current_context, device_name, Ctx, CurrentGuard};
 pub use cudarc::driver::sys::{CUcontext, CUdevice, CUdeviceptr, CUfunction, CUstream};
 pub use memory::DeviceBuffer;
 pub use module::{function, launch};
@@ -82,6 +82,19 @@ const SYMBOLS: &[&str] = &[
     "cuStreamCreate",
     "cuStreamDestroy_v2",
     "cuStreamSynchronize",
+    "cuDeviceGetName",
+    "cuMemcpyDtoDAsync_v2",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuEventSynchronize",
+    "cuEventElapsedTime_v2",
+    "cuEventDestroy_v2",
+    "cuStreamBeginCapture_v2",
+    "cuStreamEndCapture",
+    "cuGraphInstantiateWithFlags",
+    "cuGraphLaunch",
+    "cuGraphExecDestroy",
+    "cuGraphDestroy",
 ];
 
 /// Load and initialise the CUDA driver, once per process. Errors:

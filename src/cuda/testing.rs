@@ -146,3 +146,48 @@ impl Drop for Graph {
         }
     }
 }
+
+/// Time `reps` runs of `enqueue` on `stream` with device events, after
+/// `warmup` untimed runs; returns each run's milliseconds.
+pub fn time_ms(
+    stream: &Stream,
+    warmup: usize,
+    reps: usize,
+    mut enqueue: impl FnMut() -> Result<()>,
+) -> Result<Vec<f32>> {
+    let _current = stream.ctx.make_current()?;
+    for _ in 0..warmup {
+        enqueue()?;
+    }
+    stream.synchronize()?;
+    let mut times = Vec::with_capacity(reps);
+    // SAFETY: events are created, recorded on a live stream, waited on and destroyed here.
+    unsafe {
+        let (mut start, mut stop): (sys::CUevent, sys::CUevent) = (std::ptr::null_mut(), std::ptr::null_mut());
+        check("cuEventCreate", sys::cuEventCreate(&mut start, 0))?;
+        check("cuEventCreate", sys::cuEventCreate(&mut stop, 0))?;
+        let result = (|| {
+            for _ in 0..reps {
+                check("cuEventRecord", sys::cuEventRecord(start, stream.raw))?;
+                enqueue()?;
+                check("cuEventRecord", sys::cuEventRecord(stop, stream.raw))?;
+                check("cuEventSynchronize", sys::cuEventSynchronize(stop))?;
+                let mut ms = 0f32;
+                check("cuEventElapsedTime", sys::cuEventElapsedTime_v2(&mut ms, start, stop))?;
+                times.push(ms);
+            }
+            Ok(())
+        })();
+        sys::cuEventDestroy_v2(start);
+        sys::cuEventDestroy_v2(stop);
+        result?;
+    }
+    Ok(times)
+}
+
+/// Enqueue a device-to-device copy of `len` bytes on `stream`.
+pub fn copy_async(stream: &Stream, dst: CUdeviceptr, src: CUdeviceptr, len: usize) -> Result<()> {
+    let _current = stream.ctx.make_current()?;
+    // SAFETY: the caller names two device ranges of `len` bytes.
+    check("cuMemcpyDtoDAsync", unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, len, stream.raw) })
+}

@@ -27,6 +27,8 @@ pub const MAX_SEQS: usize = 256;
 const SMALL_SEQS: usize = 16;
 const BLOCK: usize = 64;
 const THREADS: u32 = 128;
+/// Threads of the select kernel (`kSelectThreads` in kernels/gate.cu).
+const SELECT_THREADS: u32 = 256;
 /// Rows of a tensor-core tile: the select kernel reads up to this many rows
 /// past a sequence's last block, so scratch keeps this much zeroed padding.
 const TILE: usize = 16;
@@ -72,6 +74,7 @@ struct GateArgs {
     q_gate: u64,
     pooled_k: u64,
     k_gate: u64,
+    rope: u64,
     weights: u64,
     counts: u64,
     indices: u64,
@@ -132,6 +135,7 @@ pub struct GatePlan {
     q_gate_offset: usize,
     pooled_k_offset: usize,
     k_gate_offset: usize,
+    rope_offset: usize,
     workspace_bytes: usize,
 }
 
@@ -177,7 +181,8 @@ impl GatePlan {
         let q_gate_offset = 0;
         let pooled_k_offset = align_up(q_gate_offset + hq * q_gate_rows * d * 2, 256);
         let k_gate_offset = align_up(pooled_k_offset + kblock_rows_padded * hkv * 3 * d * 2, 256);
-        let workspace_bytes = align_up(k_gate_offset + hq * kblock_rows_padded * d * 2, 256);
+        let rope_offset = align_up(k_gate_offset + hq * kblock_rows_padded * d * 2, 256);
+        let workspace_bytes = align_up(rope_offset + max_k_blocks * (d / 2) * 8, 256);
         Ok(GatePlan {
             seqs,
             total_q_blocks: qblocks,
@@ -191,6 +196,7 @@ impl GatePlan {
             q_gate_offset,
             pooled_k_offset,
             k_gate_offset,
+            rope_offset,
             workspace_bytes,
         })
     }
@@ -377,7 +383,9 @@ pub unsafe fn compute_mask(
         (8, 0) => 163 * 1024,
         _ => 99 * 1024,
     };
-    if smem > smem_limit {
+    // The kernel's static shared memory: one 256-bin radix histogram per warp.
+    let static_smem = (SELECT_THREADS as usize / 32) * 256 * 4;
+    if smem + static_smem > smem_limit {
         return Err(Error::unsupported(format!(
             "a sequence of {} key blocks needs {smem} bytes of shared memory in the CUDA gate; this GPU offers {smem_limit}",
             plan.max_k_blocks
@@ -396,6 +404,7 @@ pub unsafe fn compute_mask(
         q_gate: workspace + plan.q_gate_offset as u64,
         pooled_k: workspace + plan.pooled_k_offset as u64,
         k_gate: workspace + plan.k_gate_offset as u64,
+        rope: workspace + plan.rope_offset as u64,
         weights,
         counts: mask.counts,
         indices: mask.indices,
@@ -440,20 +449,25 @@ unsafe fn launch_all<const S: usize>(
     let mut table = plan.table::<S>();
     let ty = if dtype == DType::F16 { "f16" } else { "bf16" };
     let fatbin = kernels::fatbin("gate")?;
+    let rope = cuda::function(ctx, fatbin, &format!("seer_gate_rope_d{d}"))?;
     let pool = cuda::function(ctx, fatbin, &format!("seer_gate_pool_d{d}_{ty}_s{S}"))?;
     let project = cuda::function(ctx, fatbin, &format!("seer_gate_project_d{d}_s{S}"))?;
     let select = cuda::function(ctx, fatbin, &format!("seer_gate_select_d{d}_s{S}"))?;
     let n = plan.seqs.len() as u32;
     let heads = (args.hq + args.hkv) as u32;
     let padding_rows = (plan.kblock_rows_padded - plan.kblock_rows).max(plan.q_gate_rows - plan.total_q_blocks);
+    let mut args_only: [*mut c_void; 1] = [(args as *mut GateArgs).cast()];
+    cuda::launch(rope, [plan.max_k_blocks as u32, 1, 1], [THREADS, 1, 1], 0, stream, &mut args_only)?;
     let mut params: [*mut c_void; 2] = [(args as *mut GateArgs).cast(), (&mut table as *mut SeqTable<S>).cast()];
-    // Grid row `n` (one past the last sequence) zeroes the scratch padding.
-    let pool_x = plan.max_q_blocks.max(plan.max_k_blocks).max(padding_rows) as u32;
-    cuda::launch(pool, [pool_x, n + 1, heads], [THREADS, 1, 1], 0, stream, &mut params)?;
-    let project_x = (plan.kblock_rows_padded / (4 * TILE)) as u32;
+    // Heads vary fastest (neighbouring CTAs read neighbouring bytes of a
+    // token row); grid row `n` (one past the last sequence) zeroes the
+    // scratch padding.
+    let pool_blocks = plan.max_q_blocks.max(plan.max_k_blocks).max(padding_rows) as u32;
+    cuda::launch(pool, [heads, pool_blocks, n + 1], [THREADS, 1, 1], 0, stream, &mut params)?;
+    let project_x = (plan.kblock_rows_padded / TILE) as u32;
     cuda::launch(project, [project_x, args.hq as u32, 1], [THREADS, 1, 1], 0, stream, &mut params)?;
     let select_x = plan.max_q_blocks.div_ceil(TILE) as u32;
-    cuda::launch(select, [select_x, n, args.hq as u32], [THREADS, 1, 1], select_smem as u32, stream, &mut params)
+    cuda::launch(select, [select_x, n, args.hq as u32], [SELECT_THREADS, 1, 1], select_smem as u32, stream, &mut params)
 }
 
 #[cfg(test)]
@@ -465,7 +479,7 @@ mod tests {
     fn structs_match_the_kernel_header() {
         // kernels/gate.cuh static_asserts the same sizes.
         assert_eq!(std::mem::size_of::<SeqEntry>(), 72);
-        assert_eq!(std::mem::size_of::<GateArgs>(), 1216);
+        assert_eq!(std::mem::size_of::<GateArgs>(), 1224);
         assert_eq!(std::mem::size_of::<SeqTable<16>>(), 16 + 16 * 72);
         // Large tables ride in the extended (32 KiB) kernel parameter space.
         assert!(std::mem::size_of::<SeqTable<MAX_SEQS>>() + std::mem::size_of::<GateArgs>() < 32 * 1024);
