@@ -37,7 +37,6 @@ namespace {
 using namespace nvcuda;
 
 constexpr int kThreads = 128;
-constexpr int kWarps = kThreads / 32;
 // The select kernel runs 8 warps: its shared memory (16 rows of logits) caps
 // the CTAs per SM, so each CTA brings more warps to hide latency.
 constexpr int kSelectThreads = 256;
@@ -45,21 +44,6 @@ constexpr int kSelectWarps = kSelectThreads / 32;
 
 // ---------------------------------------------------------------- pooling --
 
-// 8 consecutive elements of a row as floats (one 16-byte load).
-template <typename T>
-__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
-}
-
-// One CTA pools one (head, block, sequence). Heads vary fastest in the grid,
-// so CTAs running together read neighbouring 256-byte pieces of the same
-// token rows (DRAM-friendly). blockIdx.x < hq: a query head (average, then
-// RoPE at the block start, written to q_gate); otherwise a KV head (max, min,
-// average written to pooled_k). Lanes of a row read 16 bytes each; row
-// groups stride over the block's tokens; shared memory reduces the groups.
 // cos/sin of position 64 j times every inverse frequency, for every key
 // block j of the longest sequence: the rotations the pool (Q) and project
 // (K) epilogues apply. Angles in double: positions reach 2^17 and more,
@@ -74,6 +58,13 @@ __device__ void rope_table(const GateArgs& a) {
     }
 }
 
+// One CTA pools one (head, block, sequence). Heads vary fastest in the grid,
+// so CTAs running together read neighbouring 256-byte pieces of the same
+// token rows (DRAM-friendly). blockIdx.x < hq: a query head (average, then
+// RoPE at the block start, written to q_gate); otherwise a KV head (max, min,
+// average written to pooled_k). Lanes of a row read 16 bytes each; row
+// groups stride over the block's tokens (all of a thread's loads issued
+// before the first is used); shared memory reduces the groups.
 template <int D, typename T, int MAXS>
 __device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
     constexpr int kLanes = D / 8;               // threads per row
@@ -129,6 +120,15 @@ __device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
 
     const int lane = threadIdx.x % kLanes;
     const int group = threadIdx.x / kLanes;
+    // Issue every load first (they are independent), then reduce: the
+    // memory system sees all of the thread's requests at once.
+    uint4 raw[kSteps];
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+        const int t = group + s * kGroups;
+        raw[s] = t < count ? *reinterpret_cast<const uint4*>(base + (first_row + t) * row_stride + lane * 8)
+                           : make_uint4(0, 0, 0, 0);
+    }
     float mx[8], mn[8], sum[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -136,18 +136,18 @@ __device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
         mn[i] = INFINITY;
         sum[i] = 0.f;
     }
-    // All of a thread's loads are independent: unrolled, they are in flight together.
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
-        const int t = group + s * kGroups;
-        if (t < count) {
-            float v[8];
-            load8(base + (first_row + t) * row_stride + lane * 8, v);
+        if (group + s * kGroups < count) {
+            const T* e8 = reinterpret_cast<const T*>(&raw[s]);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
-                mx[i] = fmaxf(mx[i], v[i]);
-                mn[i] = fminf(mn[i], v[i]);
-                sum[i] += v[i];
+                const float v = to_float(e8[i]);
+                sum[i] += v;
+                if (!is_q) {
+                    mx[i] = fmaxf(mx[i], v);
+                    mn[i] = fminf(mn[i], v);
+                }
             }
         }
     }
@@ -202,29 +202,47 @@ __device__ int seq_of_kblock(const SeqTable<MAXS>& tab, long long row) {
     return lo;
 }
 
-// One CTA: 16 key-block rows of one query head; each warp owns D/4 output
-// columns: acc[16 x D/4] = pooled_k[16 x 3D] · W[h][3D x D/4] on bf16 tensor
-// cores (the A fragments are shared through L1). The accumulator goes
-// through shared memory so the epilogue can rotate (c, c + D/2) pairs at each
-// row's block-start position.
+// 16-byte global -> shared copies that bypass registers (cp.async, sm_80+),
+// so a CTA can fetch the next operand chunk while the tensor cores work.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// One CTA: 64 key-block rows of one query head, a [64 x 3D] · [3D x D] GEMM
+// on bf16 tensor cores. Operands go through shared memory in 32-wide chunks
+// of the reduction dimension, double-buffered with cp.async; each warp owns
+// 16 rows and all D columns. The accumulator then goes through shared memory
+// (reusing the staging space) so the epilogue can rotate (c, c + D/2) pairs
+// at each row's block-start position.
 template <int D, int MAXS>
 __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
+    constexpr int kRows = 64;
     constexpr int kIn = 3 * D;
-    constexpr int kCols = D / kWarps;        // columns per warp
-    constexpr int kFrags = kCols / 16;
-    static_assert(kFrags >= 1, "head_dim must be at least 64");
-    __shared__ __align__(32) float tile[16][D];
-    __shared__ int position_block[16];
+    constexpr int kChunk = 32;
+    constexpr int kChunks = kIn / kChunk;
+    constexpr int kALd = kChunk + 16;  // +16 elements: rows stay 32-byte aligned, banks rotate
+    constexpr int kBLd = D + 16;
+    constexpr int kStageBytes = 2 * (kRows * kALd + kChunk * kBLd) * 2;
+    constexpr int kTileBytes = kRows * D * 4;
+    __shared__ __align__(128) unsigned char raw[kStageBytes > kTileBytes ? kStageBytes : kTileBytes];
+    __shared__ int position_block[kRows];
+    bf16 (*sa)[kRows][kALd] = reinterpret_cast<bf16 (*)[kRows][kALd]>(raw);
+    bf16 (*sb)[kChunk][kBLd] = reinterpret_cast<bf16 (*)[kChunk][kBLd]>(raw + 2 * kRows * kALd * 2);
+    float (*tile)[D] = reinterpret_cast<float (*)[D]>(raw);
 
     const int head = blockIdx.y;
     const int kv = head / a.group;
-    const long long row0 = static_cast<long long>(blockIdx.x) * 16;
+    const long long row0 = static_cast<long long>(blockIdx.x) * kRows;
     const int warp = threadIdx.x / 32;
     const long long ldA = static_cast<long long>(a.hkv) * kIn;
     const bf16* A = a.pooled_k + row0 * ldA + kv * kIn;
-    const bf16* B = a.weights + static_cast<long long>(head) * kIn * D + warp * kCols;
+    const bf16* B = a.weights + static_cast<long long>(head) * kIn * D;
 
-    if (threadIdx.x < 16) {
+    if (threadIdx.x < kRows) {
         // Which block of its sequence each row is (rows past the last
         // sequence are zero padding: any position rotates zero to zero).
         const long long row = row0 + threadIdx.x;
@@ -232,28 +250,56 @@ __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
         const long long local = row - e.kblock_base;
         position_block[threadIdx.x] = local < e.k_blocks ? static_cast<int>(local) : 0;
     }
-
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFrags];
-#pragma unroll
-    for (int n = 0; n < kFrags; ++n) wmma::fill_fragment(acc[n], 0.f);
-#pragma unroll 4
-    for (int kk = 0; kk < kIn; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, A + kk, static_cast<unsigned>(ldA));
-#pragma unroll
-        for (int n = 0; n < kFrags; ++n) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fb;
-            wmma::load_matrix_sync(fb, B + kk * D + n * 16, D);
-            wmma::mma_sync(acc[n], fa, fb, acc[n]);
+    auto fetch = [&](int chunk, int buf) {
+        const int k0 = chunk * kChunk;
+        // A: 64 rows x 32 elements = 256 pieces of 16 bytes.
+        for (int p = threadIdx.x; p < kRows * kChunk / 8; p += kThreads) {
+            const int r = p / (kChunk / 8), c = (p % (kChunk / 8)) * 8;
+            cp_async16(&sa[buf][r][c], A + r * ldA + k0 + c);
         }
+        // B: 32 rows x D elements.
+        for (int p = threadIdx.x; p < kChunk * D / 8; p += kThreads) {
+            const int r = p / (D / 8), c = (p % (D / 8)) * 8;
+            cp_async16(&sb[buf][r][c], B + static_cast<long long>(k0 + r) * D + c);
+        }
+        cp_async_commit();
+    };
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[D / 16];
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+    fetch(0, 0);
+    for (int chunk = 0; chunk < kChunks; ++chunk) {
+        const int buf = chunk & 1;
+        if (chunk + 1 < kChunks) {
+            fetch(chunk + 1, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < kChunk; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, &sa[buf][warp * 16][kk], kALd);
+#pragma unroll
+            for (int n = 0; n < D / 16; ++n) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fb;
+                wmma::load_matrix_sync(fb, &sb[buf][kk][n * 16], kBLd);
+                wmma::mma_sync(acc[n], fa, fb, acc[n]);
+            }
+        }
+        // The next iteration's fetch overwrites the other buffer: wait until
+        // every warp is done reading this one.
+        __syncthreads();
     }
 #pragma unroll
-    for (int n = 0; n < kFrags; ++n) {
-        wmma::store_matrix_sync(&tile[0][warp * kCols + n * 16], acc[n], D, wmma::mem_row_major);
+    for (int n = 0; n < D / 16; ++n) {
+        wmma::store_matrix_sync(&tile[warp * 16][n * 16], acc[n], D, wmma::mem_row_major);
     }
     __syncthreads();
 
-    for (int w = threadIdx.x; w < 16 * (D / 2); w += kThreads) {
+    for (int w = threadIdx.x; w < kRows * (D / 2); w += kThreads) {
         const int r = w / (D / 2);
         const int c = w % (D / 2);
         float x1 = tile[r][c], x2 = tile[r][c + D / 2];
@@ -446,6 +492,195 @@ __device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
     }
 }
 
+// Threshold selection without holding rows of logits: two passes over tiles
+// of 64 key blocks. Pass 1 keeps each row's running max and sum of
+// exponentials (online softmax); pass 2 recomputes each tile's logits and
+// appends the blocks whose probability passes the threshold, in column
+// order. One CTA: 16 * RW query-block rows of one (sequence, head). Its 4
+// warps form RW row groups of 16 rows times 4 / RW column groups, each
+// taking 64 * RW / 4 columns of every key tile; the key tile is shared
+// through shared memory (cp.async). RW = 4 fetches each key block once per
+// 64 rows (long sequences, plenty of CTAs); RW = 1 makes 4x more CTAs, with
+// less work per lane, when there are few rows to spread over the GPU.
+template <int D, int MAXS, int RW>
+__device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
+    constexpr int kRows = 16 * RW;
+    constexpr int kCols = 64;
+    constexpr int kColGroups = 4 / RW;
+    constexpr int kWarpCols = kCols / kColGroups;  // columns of a tile per warp
+    constexpr int kLaneCols = kWarpCols / 2;       // per lane: two lanes share a row
+    constexpr int kKLd = D + 16;
+    constexpr int kSLd = kWarpCols + 4;
+    __shared__ __align__(128) bf16 keys[kCols][kKLd];
+    __shared__ __align__(128) float scratch[4][16][kSLd];
+    __shared__ float part_max[4][16], part_sum[4][16];
+    __shared__ int part_count[4][16];
+
+    const SeqEntry& e = tab.seq[blockIdx.y];
+    const int head = blockIdx.z;
+    const int i0 = blockIdx.x * kRows;
+    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0) {
+        a.row_offsets[a.total_rows] = a.total_slots;
+    }
+    if (i0 >= e.q_blocks) return;
+    const int rows = min(kRows, e.q_blocks - i0);
+    const int n_max = e.first_q_block + i0 + rows;  // causal columns of the tile's last row
+    const int tiles = (n_max + kCols - 1) / kCols;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int rg = warp / kColGroups, cg = warp % kColGroups;
+    const bool warp_active = rg * 16 < rows;
+    // Lane pair (2r, 2r+1) shares row r of the row group.
+    const int r = lane / 2, half = lane % 2;
+    const int i = i0 + rg * 16 + r;
+    const bool row_active = i < e.q_blocks;
+    const int q_block = e.first_q_block + i;
+    const int col0 = cg * kWarpCols + half * kLaneCols;  // this lane's first column within a tile
+
+    const bf16* Q = a.q_gate + (static_cast<long long>(head) * a.q_gate_rows + e.qblock_base + i0 + rg * 16) * D;
+    const bf16* K = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + e.kblock_base) * D;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fq[D / 16];
+    if (warp_active) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(fq[kk], Q + kk * 16, D);
+    }
+
+    // Logits of the warp's columns of key tile t for its 16 rows, into scratch[warp].
+    auto tile_logits = [&](int t) {
+        __syncthreads();  // everyone is done with the previous tile
+        for (int p = threadIdx.x; p < kCols * D / 8; p += kThreads) {
+            const int row = p / (D / 8), c = (p % (D / 8)) * 8;
+            cp_async16(&keys[row][c], K + (static_cast<long long>(t) * kCols + row) * D + c);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        if (!warp_active) return;
+#pragma unroll
+        for (int nt = 0; nt < kWarpCols / 16; ++nt) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fk;
+                wmma::load_matrix_sync(fk, &keys[cg * kWarpCols + nt * 16][kk * 16], kKLd);
+                wmma::mma_sync(acc, fq[kk], fk, acc);
+            }
+            wmma::store_matrix_sync(&scratch[warp][0][nt * 16], acc, kSLd, wmma::mem_row_major);
+        }
+        __syncwarp();
+    };
+    auto logit = [&](int c) { return scratch[warp][r][half * kLaneCols + c] * a.scale; };
+
+    // Pass 1: running max and sum of exponentials of this warp's columns,
+    // then merged over the column groups of the row.
+    float m = -INFINITY, sum = 0.f;
+    for (int t = 0; t < tiles; ++t) {
+        tile_logits(t);
+        if (!warp_active) continue;
+        float tile_max = -INFINITY;
+#pragma unroll 8
+        for (int c = 0; c < kLaneCols; ++c) {
+            if (row_active && t * kCols + col0 + c <= q_block) tile_max = fmaxf(tile_max, logit(c));
+        }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        const float m_new = fmaxf(m, tile_max);
+        float part = 0.f;
+        if (m_new != -INFINITY) {
+#pragma unroll 8
+            for (int c = 0; c < kLaneCols; ++c) {
+                if (row_active && t * kCols + col0 + c <= q_block) part += expf(logit(c) - m_new);
+            }
+        }
+        part += __shfl_xor_sync(0xffffffffu, part, 1);
+        sum = (m == -INFINITY ? 0.f : sum * expf(m - m_new)) + part;
+        m = m_new;
+    }
+    if (kColGroups > 1) {
+        if (warp_active && half == 0) {
+            part_max[warp][r] = m;
+            part_sum[warp][r] = sum;
+        }
+        __syncthreads();
+        if (warp_active) {
+            float mm = -INFINITY;
+            for (int g = 0; g < kColGroups; ++g) mm = fmaxf(mm, part_max[rg * kColGroups + g][r]);
+            float ss = 0.f;
+            for (int g = 0; g < kColGroups; ++g) {
+                const float pm = part_max[rg * kColGroups + g][r];
+                if (pm != -INFINITY) ss += part_sum[rg * kColGroups + g][r] * expf(pm - mm);
+            }
+            m = mm;
+            sum = ss;
+        }
+    }
+
+    // Pass 2: select in column order. Within a tile the row's kept blocks
+    // are laid down column group by column group, even lane before odd, so
+    // the row's indices stay ascending.
+    const bool dense = a.last_block_dense && q_block + 2 >= e.k_blocks;
+    const float t_bf16 = __bfloat162float(__float2bfloat16(a.threshold));
+    // exp(l - m) / sum > t  <=>  l > m + log(t sum): one compare per block
+    // instead of an exponential. The exponential stays where the two forms
+    // can disagree beyond rounding: upstream's bf16 comparison, and t = 0
+    // (where an underflowed probability must not count as positive).
+    const bool by_logit = !a.threshold_bf16 && a.threshold > 0.f;
+    const float logit_cut = m + logf(a.threshold * sum);
+    const long long per_head_slots = tri(e.k_blocks) - tri(e.first_q_block);
+    const long long slot = e.slot_base + head * per_head_slots + tri(q_block) - tri(e.first_q_block);
+    int* out = a.indices + slot;
+    int count = 0;  // kept so far in earlier tiles (same value in every warp of the row group)
+    for (int t = 0; t < tiles; ++t) {
+        tile_logits(t);
+        unsigned keep = 0;
+        if (warp_active) {
+            for (int c = 0; c < kLaneCols; ++c) {
+                const int j = t * kCols + col0 + c;
+                if (!row_active || j > q_block) continue;
+                bool k = dense;
+                if (!k && by_logit) {
+                    k = logit(c) > logit_cut;
+                } else if (!k) {
+                    const float p = expf(logit(c) - m) / sum;
+                    k = a.threshold_bf16 ? __bfloat162float(__float2bfloat16(p)) > t_bf16 : p > a.threshold;
+                }
+                keep |= static_cast<unsigned>(k) << c;
+            }
+        }
+        const int own = __popc(keep);
+        const int pair = own + __shfl_xor_sync(0xffffffffu, own, 1);
+        const int even = __shfl_sync(0xffffffffu, own, lane & ~1);
+        int before = 0;  // kept by earlier column groups of this row in this tile
+        int total = pair;
+        if (kColGroups > 1) {
+            if (warp_active && half == 0) part_count[warp][r] = pair;
+            __syncthreads();
+            total = 0;
+            if (warp_active) {
+                for (int g = 0; g < kColGroups; ++g) {
+                    const int n = part_count[rg * kColGroups + g][r];
+                    if (g < cg) before += n;
+                    total += n;
+                }
+            }
+        }
+        if (warp_active) {
+            int at = count + before + (half ? even : 0);
+            for (unsigned bits = keep; bits; bits &= bits - 1) out[at++] = t * kCols + col0 + (__ffs(bits) - 1);
+        }
+        count += total;
+    }
+    if (!warp_active || !row_active || cg != 0) return;
+    if (count == 0 && a.keep_diagonal) {
+        if (half == 0) out[0] = q_block;
+        count = 1;
+    }
+    if (half == 0) {
+        const long long mask_row = e.row_base + static_cast<long long>(head) * e.q_blocks + i;
+        a.counts[mask_row] = count;
+        a.row_offsets[mask_row] = slot;
+    }
+}
+
 }  // namespace
 }  // namespace seer
 
@@ -475,6 +710,12 @@ __device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
                                      const __grid_constant__ seer::SeqTable<S> tab) {              \
         seer::select_tile<D, S>(a, tab);                                                           \
     }
+#define SEER_SELECT_THRESHOLD(D, S, RW)                                                            \
+    extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
+        seer_gate_select_threshold_d##D##_s##S##_r##RW(const seer::GateArgs a,                     \
+                                                       const __grid_constant__ seer::SeqTable<S> tab) { \
+        seer::select_threshold<D, S, RW>(a, tab);                                                  \
+    }
 #define SEER_GATE_KERNELS(S)                                                                       \
     SEER_POOL(64, __nv_bfloat16, bf16, S)                                                          \
     SEER_POOL(64, __half, f16, S)                                                                  \
@@ -483,7 +724,11 @@ __device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
     SEER_PROJECT(64, S)                                                                            \
     SEER_PROJECT(128, S)                                                                           \
     SEER_SELECT(64, S)                                                                             \
-    SEER_SELECT(128, S)
+    SEER_SELECT(128, S)                                                                            \
+    SEER_SELECT_THRESHOLD(64, S, 1)                                                                \
+    SEER_SELECT_THRESHOLD(64, S, 4)                                                                \
+    SEER_SELECT_THRESHOLD(128, S, 1)                                                               \
+    SEER_SELECT_THRESHOLD(128, S, 4)
 
 SEER_ROPE(64)
 SEER_ROPE(128)

@@ -334,6 +334,15 @@ fn gpu_gate_matches_reference_on_random_shapes() {
             dtype: DType::BF16,
             fused: false,
         },
+        Shape {
+            name: "long enough for 64-row select tiles, gqa4, d128, bf16",
+            d: 128,
+            hq: 8,
+            hkv: 2,
+            lens: vec![(9000, 9000)],
+            dtype: DType::BF16,
+            fused: false,
+        },
     ];
     let mut rng = Rng(7);
     for shape in &shapes {

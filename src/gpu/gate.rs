@@ -29,9 +29,12 @@ const BLOCK: usize = 64;
 const THREADS: u32 = 128;
 /// Threads of the select kernel (`kSelectThreads` in kernels/gate.cu).
 const SELECT_THREADS: u32 = 256;
-/// Rows of a tensor-core tile: the select kernel reads up to this many rows
-/// past a sequence's last block, so scratch keeps this much zeroed padding.
+/// Rows of the smallest tensor-core tile (the top-k select kernel's row tile).
 const TILE: usize = 16;
+/// Rows of the projection and threshold-select tiles: those kernels read up
+/// to this many rows past a sequence's last block, so scratch keeps this much
+/// zeroed padding after the last sequence.
+const WIDE_TILE: usize = 64;
 
 /// One sequence, as `seer::SeqEntry` in kernels/gate.cuh.
 #[repr(C)]
@@ -176,8 +179,8 @@ impl GatePlan {
             max_q_blocks = max_q_blocks.max(sq.q_blocks);
             max_k_blocks = max_k_blocks.max(sq.k_blocks);
         }
-        let kblock_rows_padded = align_up(kblocks + TILE, 4 * TILE);
-        let q_gate_rows = qblocks + TILE;
+        let kblock_rows_padded = align_up(kblocks + WIDE_TILE, WIDE_TILE);
+        let q_gate_rows = qblocks + WIDE_TILE;
         let q_gate_offset = 0;
         let pooled_k_offset = align_up(q_gate_offset + hq * q_gate_rows * d * 2, 256);
         let k_gate_offset = align_up(pooled_k_offset + kblock_rows_padded * hkv * 3 * d * 2, 256);
@@ -385,9 +388,11 @@ pub unsafe fn compute_mask(
     };
     // The kernel's static shared memory: one 256-bin radix histogram per warp.
     let static_smem = (SELECT_THREADS as usize / 32) * 256 * 4;
-    if smem + static_smem > smem_limit {
+    // Only top-k holds rows of logits in shared memory; threshold streams them.
+    if params.method == SparsityMethod::NzRatio && smem + static_smem > smem_limit {
         return Err(Error::unsupported(format!(
-            "a sequence of {} key blocks needs {smem} bytes of shared memory in the CUDA gate; this GPU offers {smem_limit}",
+            "top-k over a sequence of {} key blocks needs {smem} bytes of shared memory in the CUDA gate; \
+             this GPU offers {smem_limit} (the threshold method has no such limit)",
             plan.max_k_blocks
         )));
     }
@@ -452,7 +457,19 @@ unsafe fn launch_all<const S: usize>(
     let rope = cuda::function(ctx, fatbin, &format!("seer_gate_rope_d{d}"))?;
     let pool = cuda::function(ctx, fatbin, &format!("seer_gate_pool_d{d}_{ty}_s{S}"))?;
     let project = cuda::function(ctx, fatbin, &format!("seer_gate_project_d{d}_s{S}"))?;
-    let select = cuda::function(ctx, fatbin, &format!("seer_gate_select_d{d}_s{S}"))?;
+    // Threshold rows stream their logits twice (no row kept in shared memory);
+    // top-k rows hold 16 rows of logits in shared memory for the radix select.
+    let threshold = args.method == 0;
+    // Threshold CTAs take 64 rows (each key tile fetched once per 64 rows)
+    // unless that leaves too few CTAs to fill the GPU; then 16.
+    let wide_ctas: usize =
+        plan.seqs.iter().map(|e| (e.q_blocks as usize).div_ceil(WIDE_TILE)).sum::<usize>() * args.hq as usize;
+    let row_warps = if wide_ctas < 4 * ctx.sm_count().max(1) as usize { 1 } else { 4 };
+    let select = if threshold {
+        cuda::function(ctx, fatbin, &format!("seer_gate_select_threshold_d{d}_s{S}_r{row_warps}"))?
+    } else {
+        cuda::function(ctx, fatbin, &format!("seer_gate_select_d{d}_s{S}"))?
+    };
     let n = plan.seqs.len() as u32;
     let heads = (args.hq + args.hkv) as u32;
     let padding_rows = (plan.kblock_rows_padded - plan.kblock_rows).max(plan.q_gate_rows - plan.total_q_blocks);
@@ -464,10 +481,16 @@ unsafe fn launch_all<const S: usize>(
     // scratch padding.
     let pool_blocks = plan.max_q_blocks.max(plan.max_k_blocks).max(padding_rows) as u32;
     cuda::launch(pool, [heads, pool_blocks, n + 1], [THREADS, 1, 1], 0, stream, &mut params)?;
-    let project_x = (plan.kblock_rows_padded / TILE) as u32;
+    let project_x = (plan.kblock_rows_padded / WIDE_TILE) as u32;
     cuda::launch(project, [project_x, args.hq as u32, 1], [THREADS, 1, 1], 0, stream, &mut params)?;
-    let select_x = plan.max_q_blocks.div_ceil(TILE) as u32;
-    cuda::launch(select, [select_x, n, args.hq as u32], [SELECT_THREADS, 1, 1], select_smem as u32, stream, &mut params)
+    if threshold {
+        let select_x = plan.max_q_blocks.div_ceil(TILE * row_warps) as u32;
+        cuda::launch(select, [select_x, n, args.hq as u32], [THREADS, 1, 1], 0, stream, &mut params)
+    } else {
+        let select_x = plan.max_q_blocks.div_ceil(TILE) as u32;
+        let grid = [select_x, n, args.hq as u32];
+        cuda::launch(select, grid, [SELECT_THREADS, 1, 1], select_smem as u32, stream, &mut params)
+    }
 }
 
 #[cfg(test)]
@@ -514,7 +537,7 @@ mod tests {
         assert_eq!(plan.seqs[1].row_base, 128);
         assert_eq!(plan.seqs[1].slot_base, 8 * 136);
         assert_eq!(plan.kblock_rows, 21);
-        assert!(plan.kblock_rows_padded >= plan.kblock_rows + TILE && plan.kblock_rows_padded % 64 == 0);
+        assert!(plan.kblock_rows_padded >= plan.kblock_rows + WIDE_TILE && plan.kblock_rows_padded % 64 == 0);
         assert_eq!(plan.workspace_bytes % 256, 0);
         assert!(plan.k_gate_offset + 8 * plan.kblock_rows_padded * 128 * 2 <= plan.workspace_bytes);
     }
