@@ -271,7 +271,11 @@ int main(int argc, char **argv) {
     expect("compute_mask: f32 input", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_UNSUPPORTED);
     bad = tqn;
     bad.device = SEER_DEVICE_CUDA;
-    expect("compute_mask: CUDA tensor", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_UNSUPPORTED);
+    expect("compute_mask: CUDA q_nope, CPU k_nope", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_INVALID_ARGUMENT);
+    bad = tkn;
+    bad.device = SEER_DEVICE_CUDA;
+    expect("compute_mask: CPU q_nope, CUDA k_nope", seer_gate_compute_mask(gate, &mp, &batch, &tqn, &bad, &mask), SEER_INVALID_ARGUMENT);
+    expect_true("compute_mask: the message names k_nope", strstr(seer_last_error_message(), "k_nope") != NULL);
     bad = tqn;
     bad.data = (char *)qn + 1;
     expect("compute_mask: misaligned data", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_INVALID_ARGUMENT);
