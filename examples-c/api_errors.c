@@ -271,7 +271,11 @@ int main(int argc, char **argv) {
     expect("compute_mask: f32 input", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_UNSUPPORTED);
     bad = tqn;
     bad.device = SEER_DEVICE_CUDA;
-    expect("compute_mask: CUDA tensor", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_UNSUPPORTED);
+    expect("compute_mask: CUDA q_nope, CPU k_nope", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_INVALID_ARGUMENT);
+    bad = tkn;
+    bad.device = SEER_DEVICE_CUDA;
+    expect("compute_mask: CPU q_nope, CUDA k_nope", seer_gate_compute_mask(gate, &mp, &batch, &tqn, &bad, &mask), SEER_INVALID_ARGUMENT);
+    expect_true("compute_mask: the message names k_nope", strstr(seer_last_error_message(), "k_nope") != NULL);
     bad = tqn;
     bad.data = (char *)qn + 1;
     expect("compute_mask: misaligned data", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_INVALID_ARGUMENT);
@@ -297,6 +301,62 @@ int main(int argc, char **argv) {
     counts[0] = -7;
     expect("compute_mask", seer_gate_compute_mask(gate, &mp, &batch, &tqn, &tkn, &mask), SEER_OK);
     expect_true("compute_mask wrote the counts", counts[0] == 1);
+
+    /* ---- the CUDA gate: sizes, upload, descriptors (no GPU needed) ---- */
+    {
+        int cc = 0, sms = 0;
+        /* SEER_OK on a GPU machine, SEER_NO_DEVICE without one, SEER_UNSUPPORTED without kernels. */
+        SeerStatus dev = seer_cuda_device_info(&cc, &sms);
+        size_t ws = 12345;
+        expect("gate_workspace_size: CPU", seer_gate_workspace_size(gate, &batch, SEER_DEVICE_CPU, &ws), SEER_OK);
+        expect_true("gate_workspace_size: the CPU needs none", ws == 0);
+        if (dev == SEER_UNSUPPORTED) {
+            expect("gate_workspace_size: CUDA without kernels", seer_gate_workspace_size(gate, &batch, SEER_DEVICE_CUDA, &ws), SEER_UNSUPPORTED);
+        } else {
+            expect("gate_workspace_size: CUDA", seer_gate_workspace_size(gate, &batch, SEER_DEVICE_CUDA, &ws), SEER_OK);
+            expect_true("gate_workspace_size: CUDA is positive, 256-aligned", ws > 0 && ws % 256 == 0);
+        }
+        size_t none = 7;
+        expect("gate_workspace_size: device 7", seer_gate_workspace_size(gate, &batch, 7, &none), SEER_INVALID_ARGUMENT);
+        expect_true("gate_workspace_size: out untouched on failure", none == 7);
+        expect("prefill_workspace_size: CPU", seer_prefill_workspace_size(&batch, (uint32_t)hq, (uint32_t)d, SEER_DEVICE_CPU, &none), SEER_OK);
+        expect("prefill_workspace_size: CUDA", seer_prefill_workspace_size(&batch, (uint32_t)hq, (uint32_t)d, SEER_DEVICE_CUDA, &none), SEER_UNSUPPORTED);
+
+        /* A gate the CUDA path does not take: gate_hidden != head_dim (it has a Q projection). */
+        c2.gate_hidden = 64;
+        SeerGate *odd = NULL;
+        expect("create: gate_hidden 64, head_dim 128", seer_gate_create(&c2, &odd), SEER_OK);
+        expect("gate_workspace_size: CUDA, unsupported gate", seer_gate_workspace_size(odd, &batch, SEER_DEVICE_CUDA, &none), SEER_UNSUPPORTED);
+        expect("upload: unsupported gate", seer_gate_upload(odd), SEER_UNSUPPORTED);
+        seer_gate_destroy(odd);
+        expect("upload: NULL gate", seer_gate_upload(NULL), SEER_NULL_POINTER);
+
+        /* CUDA descriptors at made-up device addresses: every check below
+           happens on the host, before anything could touch them. */
+        const uintptr_t base = (uintptr_t)0x7f0000000000ull, gap = (uintptr_t)64 << 20;
+        SeerTensor dq = tqn, dk = tkn;
+        dq.device = dk.device = SEER_DEVICE_CUDA;
+        dq.data = (void *)base;
+        dk.data = (void *)(base + gap);
+        SeerBlockMask dm = {(int32_t *)(base + 2 * gap), sizes.rows, (int32_t *)(base + 3 * gap), sizes.indices_len,
+                            (int64_t *)(base + 4 * gap), sizes.row_offsets_len, SEER_DEVICE_CUDA};
+        SeerMaskParams dp = mp;
+        dp.workspace = (void *)(base + 5 * gap);
+        dp.workspace_bytes = ws;
+        expect("compute_mask: CUDA inputs, CPU mask", seer_gate_compute_mask(gate, &dp, &batch, &dq, &dk, &mask), SEER_INVALID_ARGUMENT);
+        SeerMaskParams overlap = dp;
+        overlap.workspace = (void *)(base + 4096);
+        expect("compute_mask: workspace overlapping q_nope", seer_gate_compute_mask(gate, &overlap, &batch, &dq, &dk, &dm), SEER_INVALID_ARGUMENT);
+        SeerTensor neg = dq;
+        neg.strides[1] = -(int64_t)d;
+        expect("compute_mask: CUDA, negative stride", seer_gate_compute_mask(gate, &dp, &batch, &neg, &dk, &dm), SEER_INVALID_ARGUMENT);
+        if (dev != SEER_UNSUPPORTED) {
+            expect("compute_mask: CUDA before seer_gate_upload", seer_gate_compute_mask(gate, &dp, &batch, &dq, &dk, &dm), SEER_INVALID_ARGUMENT);
+            expect_true("compute_mask: the message says to upload", strstr(seer_last_error_message(), "seer_gate_upload") != NULL);
+        }
+        /* Uploads where there is a GPU, says why not where there is none. */
+        expect("upload", seer_gate_upload(gate), dev);
+    }
 
     /* ---- prefill ---- */
     SeerPrefillParams pp;

@@ -187,9 +187,9 @@ typedef uint32_t SeerThresholdCompare;
 // `seer_gate_create` or `seer_gate_load`, released by `seer_gate_destroy`.
 //
 // Thread safety: any number of threads may compute masks with one handle at
-// once; `seer_gate_set_layer_weights` may run concurrently with them (it
-// waits for running computations of the handle); `seer_gate_destroy` must
-// not race with any other use of the same handle.
+// once; `seer_gate_set_layer_weights` and `seer_gate_upload` may run
+// concurrently with them (they wait for running calls of the handle);
+// `seer_gate_destroy` must not race with any other use of the same handle.
 typedef struct SeerGate SeerGate;
 
 // Parameters of `seer_sparse_prefill`. Initialise with `seer_prefill_params_default`.
@@ -202,7 +202,7 @@ typedef struct SeerPrefillParams {
   uint32_t block_size;
   // CUDA stream (`cudaStream_t`) for device buffers; unused on the CPU.
   void *cuda_stream;
-  // Caller-owned scratch memory of at least `seer_workspace_size` bytes (NULL when that is 0).
+  // Caller-owned scratch memory of at least `seer_prefill_workspace_size` bytes (NULL when that is 0).
   void *workspace;
   size_t workspace_bytes;
 } SeerPrefillParams;
@@ -298,9 +298,15 @@ typedef struct SeerMaskParams {
   uint32_t empty_rows;
   // A `SeerThresholdCompare` value.
   uint32_t threshold_compare;
-  // CUDA stream (`cudaStream_t`) for device buffers; unused on the CPU.
+  // CUDA stream (`cudaStream_t`, NULL for the legacy default stream) the
+  // mask is computed on when the buffers are CUDA memory; unused on the CPU.
+  // It must belong to the context the gate was uploaded to.
   void *cuda_stream;
-  // Caller-owned scratch memory of at least `seer_workspace_size` bytes (NULL when that is 0).
+  // Caller-owned scratch memory of at least `seer_gate_workspace_size`
+  // bytes, in the memory of the call's buffers: device memory, 256-byte
+  // aligned, for CUDA buffers; unused (NULL, 0) on the CPU. It must not
+  // overlap any other buffer of the call, and not be used by anything else
+  // until the mask is ready.
   void *workspace;
   size_t workspace_bytes;
 } SeerMaskParams;
@@ -390,6 +396,11 @@ SeerStatus seer_gate_load(const char *dir, struct SeerGate **out);
 // for the released layout), `maybe_q_weight` is `mask_linear_q.weight` for
 // gate types that have one, else NULL. bf16, f16 or f32, any strides; the
 // data is copied.
+//
+// After `seer_gate_upload`, this changes the host weights only: the device
+// copy is marked stale (not updated, not freed), and calls with CUDA
+// buffers fail with `SEER_INVALID_ARGUMENT` ("call seer_gate_upload again")
+// until the next `seer_gate_upload`. Set every layer, then upload once.
 SeerStatus seer_gate_set_layer_weights(struct SeerGate *gate,
                                        uint32_t layer,
                                        const struct SeerTensor *k_weight,
@@ -401,9 +412,44 @@ SeerStatus seer_gate_get_config(const struct SeerGate *gate, struct SeerGateConf
 // 1 if layer `layer` of the gate has weights, 0 if not (or on a bad handle or layer).
 uint32_t seer_gate_has_layer(const struct SeerGate *gate, uint32_t layer);
 
-// Release a gate. NULL is accepted and ignored; so is a pointer that is not
-// a live handle (a double destroy), which is reported through
-// `seer_last_error_message` only.
+// Copy every layer's weights (as bf16) to the GPU, for
+// `seer_gate_compute_mask` with CUDA buffers. The weights go to the calling
+// thread's current CUDA context, or, when none is current, to device 0's
+// primary context (the one the CUDA runtime uses); the buffers of later
+// CUDA calls must live in that context. A previous upload is replaced (and
+// its device memory freed). Layers without weights at the time of the
+// upload are refused by later CUDA calls.
+//
+// Call it once after loading or setting the weights, outside any CUDA graph
+// capture: it allocates device memory and copies synchronously; it is not
+// for the hot path. It may run concurrently with other calls on the handle
+// (it waits for `seer_gate_set_layer_weights`), but replacing an upload
+// frees the old device weights: no mask computation that used them may
+// still be running on the GPU, and no CUDA graph that captured one may be
+// replayed afterwards.
+//
+// `SEER_UNSUPPORTED` (with the reason) for a gate the CUDA path does not
+// implement (see the README) or a build without CUDA kernels;
+// `SEER_NO_DEVICE` without a CUDA driver or GPU; `SEER_CUDA_ERROR` if the
+// allocation or copy fails. On failure the previous upload, if any, stays.
+SeerStatus seer_gate_upload(struct SeerGate *gate);
+
+// Scratch bytes `seer_gate_compute_mask` needs in `params->workspace` for
+// this batch with buffers on `device` (a `SeerDevice`): 0 for
+// `SEER_DEVICE_CPU`; for `SEER_DEVICE_CUDA`, the size of the CUDA gate's
+// intermediates (a multiple of 256). Needs no GPU and no upload.
+// `SEER_UNSUPPORTED` (with the reason) where the CUDA gate does not take
+// this gate or batch (gate type, gate_hidden, head_dim, more than 256
+// sequences) or the build has no CUDA kernels.
+SeerStatus seer_gate_workspace_size(const struct SeerGate *gate,
+                                    const struct SeerBatch *batch,
+                                    uint32_t device,
+                                    size_t *out_bytes);
+
+// Release a gate and its device copy, if any. NULL is accepted and
+// ignored; so is a pointer that is not a live handle (a double destroy),
+// which is reported through `seer_last_error_message` only. No mask
+// computation of the gate may still be running on the GPU.
 void seer_gate_destroy(struct SeerGate *gate);
 
 // Fill `*out` with the mask rule of the gate's config for layer 0
@@ -417,6 +463,22 @@ SeerStatus seer_mask_params_default(const struct SeerGate *gate, struct SeerMask
 // `[total_k, num_kv_heads, head_dim]` (bf16 or f16, any strides). Writes
 // `out_mask` (sizes from `seer_mask_sizes`); the mask arrays must not
 // overlap each other or the inputs.
+//
+// The device of `q_nope` picks the path; `k_nope` and `out_mask` must be on
+// the same device (else `SEER_INVALID_ARGUMENT` naming the argument).
+// - `SEER_DEVICE_CPU`: the reference path, synchronous; no workspace.
+// - `SEER_DEVICE_CUDA`: needs a prior `seer_gate_upload` (and none of
+//   `seer_gate_set_layer_weights` since), buffers in the uploaded context,
+//   the workspace in `params->workspace` / `params->workspace_bytes` (at
+//   least `seer_gate_workspace_size`, not overlapping any other buffer) and
+//   the stream in `params->cuda_stream`. The work is enqueued on that
+//   stream and nothing is synchronized: the mask is ready when the stream
+//   says so (an event, a stream synchronization, the next kernel on it).
+//   The call allocates no device memory, copies nothing between host and
+//   device, and may be captured into a CUDA graph once an eager call on the
+//   same context has loaded the kernels. The buffers must stay valid until
+//   the work completes. Rows of q_nope and k_nope must be 16-byte aligned with
+//   unit dim stride (see the README for what the CUDA gate supports).
 SeerStatus seer_gate_compute_mask(const struct SeerGate *gate,
                                   const struct SeerMaskParams *params,
                                   const struct SeerBatch *batch,
@@ -432,14 +494,15 @@ SeerStatus seer_mask_sizes(const struct SeerBatch *batch,
                            uint32_t block_size,
                            struct SeerMaskSizes *out);
 
-// Scratch bytes that `seer_gate_compute_mask` and `seer_sparse_prefill`
-// need for this batch on `device` (a `SeerDevice`). The CPU path needs none
-// and reports 0.
-SeerStatus seer_workspace_size(const struct SeerBatch *batch,
-                               uint32_t num_q_heads,
-                               uint32_t head_dim,
-                               uint32_t device,
-                               size_t *out_bytes);
+// Scratch bytes that `seer_sparse_prefill` needs in `params->workspace`
+// for this batch on `device` (a `SeerDevice`). The CPU path needs none and
+// reports 0; sparse prefill has no CUDA path yet (`SEER_UNSUPPORTED`). The
+// gate's workspace is `seer_gate_workspace_size`.
+SeerStatus seer_prefill_workspace_size(const struct SeerBatch *batch,
+                                       uint32_t num_q_heads,
+                                       uint32_t head_dim,
+                                       uint32_t device,
+                                       size_t *out_bytes);
 
 // Build an index-list mask from a dense `u8` block map (non-zero selects;
 // blocks above the causal diagonal are dropped). `dense_len` must equal

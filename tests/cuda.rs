@@ -12,7 +12,7 @@ use seerattn::cuda::{self, testing, testing::Stream, Ctx};
 use seerattn::ffi::args::{SeerBatch, SeerBlockMask, SeerTensor};
 use seerattn::ffi::attention::{seer_prefill_params_default, seer_sparse_prefill, SeerPrefillParams};
 use seerattn::ffi::cuda::seer_cuda_device_info;
-use seerattn::ffi::mask::{seer_mask_to_dense, seer_workspace_size};
+use seerattn::ffi::mask::{seer_mask_to_dense, seer_prefill_workspace_size};
 use seerattn::ffi::status::{seer_last_error_message, SeerStatus};
 use seerattn::Error;
 use std::ffi::{c_void, CStr};
@@ -129,7 +129,7 @@ fn c_api_refuses_cuda_descriptors_with_a_status() {
     assert!(matches!(status, SeerStatus::SEER_UNSUPPORTED | SeerStatus::SEER_NO_DEVICE), "{status:?}");
 
     let mut bytes = 0usize;
-    let status = unsafe { seer_workspace_size(&batch, 1, 64, 1, &mut bytes) };
+    let status = unsafe { seer_prefill_workspace_size(&batch, 1, 64, 1, &mut bytes) };
     assert!(matches!(status, SeerStatus::SEER_UNSUPPORTED | SeerStatus::SEER_NO_DEVICE), "{status:?}");
 }
 

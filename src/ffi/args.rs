@@ -5,6 +5,7 @@
 
 use super::status::{FfiError, FfiResult, SeerStatus};
 use crate::batch::Batch;
+use crate::gpu::gate::{DeviceMask, DeviceTensor};
 use crate::mask::BlockMaskRef;
 use crate::tensor::{DType, Layout3, Tensor3, Tensor3Mut};
 use std::ffi::c_void;
@@ -229,17 +230,46 @@ pub(crate) fn require_cpu(name: &str, device: u32) -> FfiResult {
     }
 }
 
-/// A checked tensor descriptor: its layout, dtype and memory region.
-pub(crate) struct CheckedTensor {
-    pub dtype: DType,
-    pub layout: Layout3,
-    pub bytes: RawSlice<u8>,
+/// The `SeerDevice` of a descriptor field, refusing values that are none.
+pub(crate) fn device_of(name: &str, code: u32) -> FfiResult<SeerDevice> {
+    match code {
+        0 => Ok(SeerDevice::SEER_DEVICE_CPU),
+        1 => Ok(SeerDevice::SEER_DEVICE_CUDA),
+        _ => Err(invalid(format!("{name}: device {code} is not a SeerDevice (0 = CPU, 1 = CUDA)"))),
+    }
 }
 
-pub(crate) unsafe fn tensor(name: &'static str, ptr: *const SeerTensor) -> FfiResult<CheckedTensor> {
-    let t = deref(name, ptr)?;
-    let dtype = dtype_of(name, t.dtype)?;
-    require_cpu(name, t.device)?;
+fn device_name(d: SeerDevice) -> &'static str {
+    match d {
+        SeerDevice::SEER_DEVICE_CPU => "SEER_DEVICE_CPU",
+        SeerDevice::SEER_DEVICE_CUDA => "SEER_DEVICE_CUDA",
+    }
+}
+
+/// Refuse a buffer on another device than the call's (named by `reference`,
+/// the argument that decided it): one call never mixes host and device memory.
+pub(crate) fn require_same_device(name: &str, code: u32, want: SeerDevice, reference: &str) -> FfiResult {
+    let got = device_of(name, code)?;
+    if got != want {
+        return Err(invalid(format!(
+            "{name} is {} but {reference} is {}: all buffers of one call must be on the same device",
+            device_name(got),
+            device_name(want)
+        )));
+    }
+    Ok(())
+}
+
+/// Refuse a descriptor that is not in CUDA memory where one is expected.
+fn require_cuda(name: &str, code: u32) -> FfiResult {
+    match device_of(name, code)? {
+        SeerDevice::SEER_DEVICE_CUDA => Ok(()),
+        other => Err(invalid(format!("{name} is {}, expected SEER_DEVICE_CUDA", device_name(other)))),
+    }
+}
+
+/// Shape and strides of a descriptor: positive extents, non-negative strides.
+fn layout_of(name: &str, t: &SeerTensor) -> FfiResult<Layout3> {
     let mut shape = [0usize; 3];
     let mut strides = [0usize; 3];
     for d in 0..3 {
@@ -252,7 +282,21 @@ pub(crate) unsafe fn tensor(name: &'static str, ptr: *const SeerTensor) -> FfiRe
         shape[d] = t.shape[d] as usize;
         strides[d] = t.strides[d] as usize;
     }
-    let layout = Layout3 { shape, strides };
+    Ok(Layout3 { shape, strides })
+}
+
+/// A checked tensor descriptor: its layout, dtype and memory region.
+pub(crate) struct CheckedTensor {
+    pub dtype: DType,
+    pub layout: Layout3,
+    pub bytes: RawSlice<u8>,
+}
+
+pub(crate) unsafe fn tensor(name: &'static str, ptr: *const SeerTensor) -> FfiResult<CheckedTensor> {
+    let t = deref(name, ptr)?;
+    let dtype = dtype_of(name, t.dtype)?;
+    require_cpu(name, t.device)?;
+    let layout = layout_of(name, t)?;
     let span = layout.span(name).map_err(FfiError::from)?;
     let len = span.checked_mul(dtype.size()).ok_or_else(|| invalid(format!("{name}: byte size overflows")))?;
     if t.data.is_null() {
@@ -272,6 +316,53 @@ impl CheckedTensor {
     pub unsafe fn view_mut<'a>(&self, name: &str) -> FfiResult<Tensor3Mut<'a>> {
         Ok(Tensor3Mut::new(name, self.bytes.get_mut(), self.dtype, self.layout)?)
     }
+}
+
+/// A checked descriptor of a tensor in CUDA device memory: the address,
+/// dtype and layout the GPU code takes, and its byte range for the overlap
+/// checks. Only host-side facts are checked here (NULL, element alignment,
+/// shape, strides, the span not wrapping the address space); that the
+/// address is device memory of that size, in the right context, is checked
+/// by the GPU code through the driver. No slice is ever formed from it.
+pub(crate) struct CheckedDeviceTensor {
+    pub tensor: DeviceTensor,
+    pub region: Region,
+}
+
+pub(crate) unsafe fn device_tensor(name: &'static str, ptr: *const SeerTensor) -> FfiResult<CheckedDeviceTensor> {
+    let t = deref(name, ptr)?;
+    let dtype = dtype_of(name, t.dtype)?;
+    require_cuda(name, t.device)?;
+    let layout = layout_of(name, t)?;
+    let span = layout.span(name).map_err(FfiError::from)?;
+    let len = span.checked_mul(dtype.size()).ok_or_else(|| invalid(format!("{name}: byte size overflows")))?;
+    if t.data.is_null() {
+        return Err(null(&format!("{name}->data")));
+    }
+    if (t.data as usize) % dtype.size() != 0 {
+        return Err(invalid(format!("{name}->data is not aligned to its {}-byte elements", dtype.size())));
+    }
+    let region = device_region(name, t.data as usize, len, 1)?;
+    Ok(CheckedDeviceTensor { tensor: DeviceTensor { ptr: t.data as u64, dtype, layout }, region })
+}
+
+/// The byte range of `len` elements of `elem` bytes at device address
+/// `addr`: NULL only with length 0, aligned to the element, not wrapping.
+pub(crate) fn device_region(name: &'static str, addr: usize, len: usize, elem: usize) -> FfiResult<Region> {
+    if addr == 0 {
+        if len == 0 {
+            return Ok(Region { name, start: 0, len: 0 });
+        }
+        return Err(null(name));
+    }
+    if addr % elem != 0 {
+        return Err(invalid(format!("{name} is not aligned to {elem} bytes")));
+    }
+    let bytes = len
+        .checked_mul(elem)
+        .filter(|&b| b <= isize::MAX as usize && addr.checked_add(b).is_some())
+        .ok_or_else(|| invalid(format!("{name}: length {len} exceeds the address space")))?;
+    Ok(Region { name, start: addr, len: bytes })
 }
 
 pub(crate) unsafe fn batch(ptr: *const SeerBatch) -> FfiResult<Batch> {
@@ -308,6 +399,32 @@ impl CheckedMask {
     pub unsafe fn view<'a>(&self) -> BlockMaskRef<'a> {
         BlockMaskRef { counts: self.counts.get(), indices: self.indices.get(), row_offsets: self.row_offsets.get() }
     }
+}
+
+/// A checked mask descriptor in CUDA device memory (see [`device_tensor`]
+/// for what is checked here and what the GPU code checks).
+pub(crate) struct CheckedDeviceMask {
+    pub mask: DeviceMask,
+    pub regions: [Region; 3],
+}
+
+pub(crate) unsafe fn device_mask(name: &'static str, ptr: *const SeerBlockMask) -> FfiResult<CheckedDeviceMask> {
+    let m = deref(name, ptr)?;
+    require_cuda(name, m.device)?;
+    let counts = device_region("mask->counts", m.counts as usize, m.counts_len, size_of::<i32>())?;
+    let indices = device_region("mask->indices", m.indices as usize, m.indices_len, size_of::<i32>())?;
+    let row_offsets = device_region("mask->row_offsets", m.row_offsets as usize, m.row_offsets_len, size_of::<i64>())?;
+    Ok(CheckedDeviceMask {
+        mask: DeviceMask {
+            counts: m.counts as u64,
+            counts_len: m.counts_len,
+            indices: m.indices as u64,
+            indices_len: m.indices_len,
+            row_offsets: m.row_offsets as u64,
+            row_offsets_len: m.row_offsets_len,
+        },
+        regions: [counts, indices, row_offsets],
+    })
 }
 
 /// `0` or `1` for a C boolean field; anything else is refused.

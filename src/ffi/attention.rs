@@ -17,7 +17,7 @@ pub struct SeerPrefillParams {
     pub block_size: u32,
     /// CUDA stream (`cudaStream_t`) for device buffers; unused on the CPU.
     pub cuda_stream: *mut c_void,
-    /// Caller-owned scratch memory of at least `seer_workspace_size` bytes (NULL when that is 0).
+    /// Caller-owned scratch memory of at least `seer_prefill_workspace_size` bytes (NULL when that is 0).
     pub workspace: *mut c_void,
     pub workspace_bytes: usize,
 }

@@ -1,25 +1,63 @@
-//! The gate handle: create, load, set weights, query, compute a block mask, destroy.
+//! The gate handle: create, load, set weights, upload to the GPU, query,
+//! compute a block mask (host or device buffers), destroy.
 
-use super::args::{self, invalid, SeerBatch, SeerBlockMask, SeerTensor};
+use super::args::{self, invalid, SeerBatch, SeerBlockMask, SeerDevice, SeerTensor};
 use super::status::{FfiError, FfiResult, SeerStatus};
+use crate::batch::Batch;
 use crate::config::{
     EmptyRowPolicy, GateConfig, GateType, MaskParams, Pool, RopeConfig, RopeScaling, SparsityMethod, ThresholdCompare,
 };
 use crate::gate::{Gate, WeightRef};
+use crate::gpu::gate::{self as gpu_gate, DeviceGate, GatePlan};
 use crate::mask::MaskLayout;
 use std::collections::HashSet;
 use std::ffi::{c_char, c_void, CStr};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A gate for every layer of one model (opaque). Created by
 /// `seer_gate_create` or `seer_gate_load`, released by `seer_gate_destroy`.
 ///
 /// Thread safety: any number of threads may compute masks with one handle at
-/// once; `seer_gate_set_layer_weights` may run concurrently with them (it
-/// waits for running computations of the handle); `seer_gate_destroy` must
-/// not race with any other use of the same handle.
+/// once; `seer_gate_set_layer_weights` and `seer_gate_upload` may run
+/// concurrently with them (they wait for running calls of the handle);
+/// `seer_gate_destroy` must not race with any other use of the same handle.
 pub struct SeerGate {
     gate: RwLock<Gate>,
+    /// The weights on the GPU (`seer_gate_upload`). Lock order: `gate`
+    /// first, then `device`; the state changes only under `gate`'s lock
+    /// (read for an upload, write for new weights), so a call holding the
+    /// read lock sees device weights that match the host weights.
+    device: Mutex<DeviceCopy>,
+}
+
+/// Where the gate's device copy stands.
+enum DeviceCopy {
+    /// `seer_gate_upload` was never called (or failed every time).
+    None,
+    /// Uploaded; the host weights have not changed since.
+    Current(Arc<DeviceGate>),
+    /// Uploaded, then `seer_gate_set_layer_weights` changed the host
+    /// weights. CUDA calls are refused until the next upload; the old device
+    /// memory is kept (not freed) until then or `seer_gate_destroy`, so that
+    /// work already enqueued with it stays valid.
+    Stale(#[allow(dead_code)] Arc<DeviceGate>), // held, never read: it keeps the old device memory alive
+}
+
+impl SeerGate {
+    /// The device copy for a CUDA call, or the reason there is none.
+    fn device_copy(&self) -> FfiResult<Arc<DeviceGate>> {
+        match &*self.device.lock().unwrap_or_else(|poison| poison.into_inner()) {
+            DeviceCopy::Current(d) => Ok(Arc::clone(d)),
+            DeviceCopy::None => Err(invalid(
+                "the gate's weights are not on the GPU: call seer_gate_upload(gate) once after loading or setting \
+                 the weights, before any call with CUDA buffers",
+            )),
+            DeviceCopy::Stale(_) => Err(invalid(
+                "seer_gate_set_layer_weights changed the gate's weights after seer_gate_upload: call seer_gate_upload \
+                 again before any call with CUDA buffers",
+            )),
+        }
+    }
 }
 
 /// Addresses of live handles: a call with a pointer that is not one (never
@@ -47,7 +85,7 @@ fn read_gate(h: &SeerGate) -> std::sync::RwLockReadGuard<'_, Gate> {
 }
 
 fn publish(gate: Gate) -> *mut SeerGate {
-    let ptr = Box::into_raw(Box::new(SeerGate { gate: RwLock::new(gate) }));
+    let ptr = Box::into_raw(Box::new(SeerGate { gate: RwLock::new(gate), device: Mutex::new(DeviceCopy::None) }));
     live_gates(|live| live.insert(ptr as usize));
     ptr
 }
@@ -156,9 +194,15 @@ pub struct SeerMaskParams {
     pub empty_rows: u32,
     /// A `SeerThresholdCompare` value.
     pub threshold_compare: u32,
-    /// CUDA stream (`cudaStream_t`) for device buffers; unused on the CPU.
+    /// CUDA stream (`cudaStream_t`, NULL for the legacy default stream) the
+    /// mask is computed on when the buffers are CUDA memory; unused on the CPU.
+    /// It must belong to the context the gate was uploaded to.
     pub cuda_stream: *mut c_void,
-    /// Caller-owned scratch memory of at least `seer_workspace_size` bytes (NULL when that is 0).
+    /// Caller-owned scratch memory of at least `seer_gate_workspace_size`
+    /// bytes, in the memory of the call's buffers: device memory, 256-byte
+    /// aligned, for CUDA buffers; unused (NULL, 0) on the CPU. It must not
+    /// overlap any other buffer of the call, and not be used by anything else
+    /// until the mask is ready.
     pub workspace: *mut c_void,
     pub workspace_bytes: usize,
 }
@@ -340,6 +384,11 @@ pub unsafe extern "C" fn seer_gate_load(dir: *const c_char, out: *mut *mut SeerG
 /// for the released layout), `maybe_q_weight` is `mask_linear_q.weight` for
 /// gate types that have one, else NULL. bf16, f16 or f32, any strides; the
 /// data is copied.
+///
+/// After `seer_gate_upload`, this changes the host weights only: the device
+/// copy is marked stale (not updated, not freed), and calls with CUDA
+/// buffers fail with `SEER_INVALID_ARGUMENT` ("call seer_gate_upload again")
+/// until the next `seer_gate_upload`. Set every layer, then upload once.
 #[no_mangle]
 pub unsafe extern "C" fn seer_gate_set_layer_weights(
     gate: *mut SeerGate,
@@ -353,6 +402,12 @@ pub unsafe extern "C" fn seer_gate_set_layer_weights(
         let q = if maybe_q_weight.is_null() { None } else { Some(dense_weight("maybe_q_weight", maybe_q_weight)?) };
         let mut g = handle.gate.write().unwrap_or_else(|poison| poison.into_inner());
         g.set_layer_weights(layer as usize, weight_ref(&k), q.as_ref().map(weight_ref))?;
+        // Under the write lock: no call is between reading the device copy
+        // and launching with it.
+        let mut device = handle.device.lock().unwrap_or_else(|poison| poison.into_inner());
+        if let DeviceCopy::Current(d) = &*device {
+            *device = DeviceCopy::Stale(Arc::clone(d));
+        }
         Ok(())
     })
 }
@@ -404,9 +459,92 @@ pub unsafe extern "C" fn seer_gate_has_layer(gate: *const SeerGate, layer: u32) 
     (status == SeerStatus::SEER_OK && has) as u32
 }
 
-/// Release a gate. NULL is accepted and ignored; so is a pointer that is not
-/// a live handle (a double destroy), which is reported through
-/// `seer_last_error_message` only.
+/// Copy every layer's weights (as bf16) to the GPU, for
+/// `seer_gate_compute_mask` with CUDA buffers. The weights go to the calling
+/// thread's current CUDA context, or, when none is current, to device 0's
+/// primary context (the one the CUDA runtime uses); the buffers of later
+/// CUDA calls must live in that context. A previous upload is replaced (and
+/// its device memory freed). Layers without weights at the time of the
+/// upload are refused by later CUDA calls.
+///
+/// Call it once after loading or setting the weights, outside any CUDA graph
+/// capture: it allocates device memory and copies synchronously; it is not
+/// for the hot path. It may run concurrently with other calls on the handle
+/// (it waits for `seer_gate_set_layer_weights`), but replacing an upload
+/// frees the old device weights: no mask computation that used them may
+/// still be running on the GPU, and no CUDA graph that captured one may be
+/// replayed afterwards.
+///
+/// `SEER_UNSUPPORTED` (with the reason) for a gate the CUDA path does not
+/// implement (see the README) or a build without CUDA kernels;
+/// `SEER_NO_DEVICE` without a CUDA driver or GPU; `SEER_CUDA_ERROR` if the
+/// allocation or copy fails. On failure the previous upload, if any, stays.
+#[no_mangle]
+pub unsafe extern "C" fn seer_gate_upload(gate: *mut SeerGate) -> SeerStatus {
+    ffi_call!("seer_gate_upload", {
+        let handle = gate_handle(gate)?;
+        // The read lock keeps the host weights fixed during the copy and
+        // until the new device copy is published.
+        let g = read_gate(handle);
+        gpu_gate::check_supported(g.config())?;
+        let ctx = crate::cuda::current_context()?;
+        let uploaded = Arc::new(DeviceGate::upload(&g, &ctx)?);
+        let old = std::mem::replace(
+            &mut *handle.device.lock().unwrap_or_else(|poison| poison.into_inner()),
+            DeviceCopy::Current(uploaded),
+        );
+        drop(g);
+        // Freed outside the locks (cuMemFree may wait for the device).
+        drop(old);
+        Ok(())
+    })
+}
+
+/// Scratch bytes `seer_gate_compute_mask` needs in `params->workspace` for
+/// this batch with buffers on `device` (a `SeerDevice`): 0 for
+/// `SEER_DEVICE_CPU`; for `SEER_DEVICE_CUDA`, the size of the CUDA gate's
+/// intermediates (a multiple of 256). Needs no GPU and no upload.
+/// `SEER_UNSUPPORTED` (with the reason) where the CUDA gate does not take
+/// this gate or batch (gate type, gate_hidden, head_dim, more than 256
+/// sequences) or the build has no CUDA kernels.
+#[no_mangle]
+pub unsafe extern "C" fn seer_gate_workspace_size(
+    gate: *const SeerGate,
+    batch: *const SeerBatch,
+    device: u32,
+    out_bytes: *mut usize,
+) -> SeerStatus {
+    ffi_call!("seer_gate_workspace_size", {
+        let handle = gate_handle(gate)?;
+        let out = args::out_ptr("out_bytes", out_bytes)?;
+        let batch = args::batch(batch)?;
+        let device = args::device_of("device", device)?;
+        let g = read_gate(handle);
+        let c = g.config();
+        let bytes = match device {
+            SeerDevice::SEER_DEVICE_CPU => {
+                MaskLayout::new(&batch, c.num_q_heads, c.block_size)?;
+                0
+            }
+            SeerDevice::SEER_DEVICE_CUDA => {
+                if !crate::cuda::cuda_enabled() {
+                    return Err(FfiError::new(
+                        SeerStatus::SEER_UNSUPPORTED,
+                        "this build of seerattn has no CUDA kernels (no nvcc at build time)",
+                    ));
+                }
+                GatePlan::new(c, &batch)?.workspace_bytes()
+            }
+        };
+        out.write(bytes);
+        Ok(())
+    })
+}
+
+/// Release a gate and its device copy, if any. NULL is accepted and
+/// ignored; so is a pointer that is not a live handle (a double destroy),
+/// which is reported through `seer_last_error_message` only. No mask
+/// computation of the gate may still be running on the GPU.
 #[no_mangle]
 pub unsafe extern "C" fn seer_gate_destroy(gate: *mut SeerGate) {
     let _ = ffi_call!("seer_gate_destroy", {
@@ -476,6 +614,22 @@ impl SeerMaskParams {
 /// `[total_k, num_kv_heads, head_dim]` (bf16 or f16, any strides). Writes
 /// `out_mask` (sizes from `seer_mask_sizes`); the mask arrays must not
 /// overlap each other or the inputs.
+///
+/// The device of `q_nope` picks the path; `k_nope` and `out_mask` must be on
+/// the same device (else `SEER_INVALID_ARGUMENT` naming the argument).
+/// - `SEER_DEVICE_CPU`: the reference path, synchronous; no workspace.
+/// - `SEER_DEVICE_CUDA`: needs a prior `seer_gate_upload` (and none of
+///   `seer_gate_set_layer_weights` since), buffers in the uploaded context,
+///   the workspace in `params->workspace` / `params->workspace_bytes` (at
+///   least `seer_gate_workspace_size`, not overlapping any other buffer) and
+///   the stream in `params->cuda_stream`. The work is enqueued on that
+///   stream and nothing is synchronized: the mask is ready when the stream
+///   says so (an event, a stream synchronization, the next kernel on it).
+///   The call allocates no device memory, copies nothing between host and
+///   device, and may be captured into a CUDA graph once an eager call on the
+///   same context has loaded the kernels. The buffers must stay valid until
+///   the work completes. Rows of q_nope and k_nope must be 16-byte aligned with
+///   unit dim stride (see the README for what the CUDA gate supports).
 #[no_mangle]
 pub unsafe extern "C" fn seer_gate_compute_mask(
     gate: *const SeerGate,
@@ -490,6 +644,12 @@ pub unsafe extern "C" fn seer_gate_compute_mask(
         let params = args::read_sized("params", params)?;
         let rule = params.to_params()?;
         let batch = args::batch(batch)?;
+        let device = args::device_of("q_nope", args::deref("q_nope", q_nope)?.device)?;
+        if device == SeerDevice::SEER_DEVICE_CUDA {
+            return compute_mask_cuda(handle, &params, &rule, &batch, q_nope, k_nope, out_mask);
+        }
+        args::require_same_device("k_nope", args::deref("k_nope", k_nope)?.device, device, "q_nope")?;
+        args::require_same_device("out_mask", args::deref("out_mask", out_mask)?.device, device, "q_nope")?;
         let q = args::tensor("q_nope", q_nope)?;
         let k = args::tensor("k_nope", k_nope)?;
         let out = args::mask("out_mask", out_mask)?;
@@ -504,6 +664,51 @@ pub unsafe extern "C" fn seer_gate_compute_mask(
         out.indices.get_mut()[..mask.indices.len()].copy_from_slice(&mask.indices);
         Ok(())
     })
+}
+
+/// The CUDA path of `seer_gate_compute_mask`: check the descriptors on the
+/// host (devices, shapes, strides, alignment, overlap, mask sizes), require
+/// the upload, then hand over to the GPU code, which checks the pointers
+/// against the driver and enqueues the kernels on the caller's stream.
+unsafe fn compute_mask_cuda(
+    handle: &SeerGate,
+    params: &SeerMaskParams,
+    rule: &MaskParams,
+    batch: &Batch,
+    q_nope: *const SeerTensor,
+    k_nope: *const SeerTensor,
+    out_mask: *const SeerBlockMask,
+) -> FfiResult {
+    let cuda = SeerDevice::SEER_DEVICE_CUDA;
+    args::require_same_device("k_nope", args::deref("k_nope", k_nope)?.device, cuda, "q_nope")?;
+    args::require_same_device("out_mask", args::deref("out_mask", out_mask)?.device, cuda, "q_nope")?;
+    let q = args::device_tensor("q_nope", q_nope)?;
+    let k = args::device_tensor("k_nope", k_nope)?;
+    let out = args::device_mask("out_mask", out_mask)?;
+    let workspace = args::device_region("params->workspace", params.workspace as usize, params.workspace_bytes, 1)?;
+    let mut written = out.regions.to_vec();
+    written.push(workspace);
+    args::check_disjoint(&written, &[q.region, k.region])?;
+
+    let g = read_gate(handle);
+    let layout = MaskLayout::new(batch, g.config().num_q_heads, g.config().block_size)?;
+    check_mask_capacity(&layout, out.mask.counts_len, out.mask.indices_len, out.mask.row_offsets_len)?;
+    gpu_gate::check_supported(g.config())?;
+    let device = handle.device_copy()?;
+    gpu_gate::compute_mask(
+        &g,
+        &device,
+        params.layer as usize,
+        rule,
+        batch,
+        &q.tensor,
+        &k.tensor,
+        &out.mask,
+        params.workspace as u64,
+        params.workspace_bytes,
+        crate::cuda::stream_from_raw(params.cuda_stream),
+    )?;
+    Ok(())
 }
 
 /// Refuse output mask arrays of the wrong size for a layout.

@@ -1,4 +1,4 @@
-//! Mask buffer sizes, workspace sizes, and conversion between the index-list
+//! Mask buffer sizes, the prefill workspace size, and conversion between the index-list
 //! mask and a caller's dense `u8` block map.
 
 use super::args::{self, invalid, SeerBatch, SeerBlockMask};
@@ -59,23 +59,30 @@ pub unsafe extern "C" fn seer_mask_sizes(
     })
 }
 
-/// Scratch bytes that `seer_gate_compute_mask` and `seer_sparse_prefill`
-/// need for this batch on `device` (a `SeerDevice`). The CPU path needs none
-/// and reports 0.
+/// Scratch bytes that `seer_sparse_prefill` needs in `params->workspace`
+/// for this batch on `device` (a `SeerDevice`). The CPU path needs none and
+/// reports 0; sparse prefill has no CUDA path yet (`SEER_UNSUPPORTED`). The
+/// gate's workspace is `seer_gate_workspace_size`.
 #[no_mangle]
-pub unsafe extern "C" fn seer_workspace_size(
+pub unsafe extern "C" fn seer_prefill_workspace_size(
     batch: *const SeerBatch,
     num_q_heads: u32,
     head_dim: u32,
     device: u32,
     out_bytes: *mut usize,
 ) -> SeerStatus {
-    ffi_call!("seer_workspace_size", {
+    ffi_call!("seer_prefill_workspace_size", {
         let _ = layout(batch, num_q_heads, crate::config::SUPPORTED_BLOCK_SIZE as u32)?;
         if head_dim == 0 {
             return Err(invalid("head_dim is 0"));
         }
-        args::require_cpu("device", device)?;
+        if args::device_of("device", device)? == args::SeerDevice::SEER_DEVICE_CUDA {
+            return Err(FfiError::new(
+                SeerStatus::SEER_UNSUPPORTED,
+                "sparse prefill has no CUDA path yet (its CPU reference path needs no workspace; the CUDA gate's \
+                 workspace is seer_gate_workspace_size)",
+            ));
+        }
         args::out_ptr("out_bytes", out_bytes)?.write(0);
         Ok(())
     })

@@ -1,0 +1,801 @@
+//! The CUDA path of the C API: `seer_gate_upload`, `seer_gate_workspace_size`
+//! and `seer_gate_compute_mask` with `SEER_DEVICE_CUDA` descriptors, called
+//! as a C caller would (the `extern "C"` functions of `seerattn::ffi`).
+//!
+//! - CPU-only tests run everywhere (`cargo test`, CI): workspace sizes,
+//!   unsupported gates, no driver, descriptor checks that need no device
+//!   (mixed devices, overlap, strides, sizes, the missing upload). Fake
+//!   device addresses are used there: every one of these checks happens on
+//!   the host, before anything could touch them.
+//! - GPU tests (`#[ignore]`d, run by `scripts/gpu-test.sh run`): the bundled
+//!   upstream gate through the C API on a caller stream, against the CPU
+//!   path of the same C API; bad device buffers; weights set after an
+//!   upload; graph capture.
+
+mod common;
+use common::*;
+use seerattn::cuda::{self, testing, testing::Stream, Ctx, DeviceBuffer};
+use seerattn::ffi::args::{SeerBatch, SeerBlockMask, SeerDevice, SeerTensor};
+use seerattn::ffi::gate::{
+    seer_gate_compute_mask, seer_gate_config_default, seer_gate_create, seer_gate_destroy, seer_gate_get_config,
+    seer_gate_load, seer_gate_set_layer_weights, seer_gate_upload, seer_gate_workspace_size, seer_mask_params_default,
+    SeerGate, SeerGateConfig, SeerMaskParams,
+};
+use seerattn::ffi::mask::{seer_mask_sizes, SeerMaskSizes};
+use seerattn::ffi::status::{seer_last_error_message, SeerStatus};
+use seerattn::gpu::gate::GatePlan;
+use seerattn::reference::scores::GateScores;
+use seerattn::*;
+use std::ffi::{c_void, CStr, CString};
+use std::mem::MaybeUninit;
+
+const CPU: u32 = SeerDevice::SEER_DEVICE_CPU as u32;
+const CUDA: u32 = SeerDevice::SEER_DEVICE_CUDA as u32;
+
+fn last_error() -> String {
+    unsafe { CStr::from_ptr(seer_last_error_message()) }.to_string_lossy().into_owned()
+}
+
+#[track_caller]
+fn assert_status(got: SeerStatus, want: SeerStatus, what: &str) -> String {
+    let msg = if got == SeerStatus::SEER_OK { String::new() } else { last_error() };
+    assert_eq!(got, want, "{what}: {msg}");
+    msg
+}
+
+/// A gate handle, destroyed on drop.
+struct Handle(*mut SeerGate);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        unsafe { seer_gate_destroy(self.0) };
+    }
+}
+
+fn load(dir: &std::path::Path) -> Handle {
+    let path = CString::new(dir.to_str().unwrap()).unwrap();
+    let mut gate = std::ptr::null_mut();
+    assert_status(unsafe { seer_gate_load(path.as_ptr(), &mut gate) }, SeerStatus::SEER_OK, "seer_gate_load");
+    Handle(gate)
+}
+
+fn bundled() -> Handle {
+    load(&upstream_dir().join("gqa4_s1000_gates"))
+}
+
+fn config_of(gate: &Handle) -> SeerGateConfig {
+    let mut c = MaybeUninit::<SeerGateConfig>::zeroed();
+    unsafe { (*c.as_mut_ptr()).struct_size = std::mem::size_of::<SeerGateConfig>() };
+    assert_status(unsafe { seer_gate_get_config(gate.0, c.as_mut_ptr()) }, SeerStatus::SEER_OK, "get_config");
+    unsafe { c.assume_init() }
+}
+
+/// A weightless gate of the released type with the given geometry.
+fn created(head_dim: u32, gate_hidden: u32) -> Handle {
+    let mut c = MaybeUninit::<SeerGateConfig>::uninit();
+    assert_status(unsafe { seer_gate_config_default(c.as_mut_ptr()) }, SeerStatus::SEER_OK, "config_default");
+    let mut c = unsafe { c.assume_init() };
+    c.num_layers = 1;
+    c.num_q_heads = 8;
+    c.num_kv_heads = 2;
+    c.head_dim = head_dim;
+    c.gate_hidden = gate_hidden;
+    let mut gate = std::ptr::null_mut();
+    assert_status(unsafe { seer_gate_create(&c, &mut gate) }, SeerStatus::SEER_OK, "seer_gate_create");
+    Handle(gate)
+}
+
+fn mask_params(gate: &Handle) -> SeerMaskParams {
+    let mut p = MaybeUninit::<SeerMaskParams>::uninit();
+    assert_status(unsafe { seer_mask_params_default(gate.0, p.as_mut_ptr()) }, SeerStatus::SEER_OK, "params_default");
+    unsafe { p.assume_init() }
+}
+
+/// `cu_seqlens` arrays kept alive with the `SeerBatch` that points at them.
+struct Lens {
+    q: Vec<i32>,
+    k: Vec<i32>,
+}
+
+impl Lens {
+    fn new(lens: &[(usize, usize)]) -> Lens {
+        let mut q = vec![0i32];
+        let mut k = vec![0i32];
+        for &(lq, lk) in lens {
+            q.push(q.last().unwrap() + lq as i32);
+            k.push(k.last().unwrap() + lk as i32);
+        }
+        Lens { q, k }
+    }
+    fn batch(&self) -> SeerBatch {
+        SeerBatch { num_seqs: (self.q.len() - 1) as u32, cu_seqlens_q: self.q.as_ptr(), cu_seqlens_k: self.k.as_ptr() }
+    }
+    fn rust(&self) -> Batch {
+        Batch::from_cu_seqlens(&self.q, &self.k).unwrap()
+    }
+}
+
+fn sizes(batch: &SeerBatch, hq: u32) -> SeerMaskSizes {
+    let mut s = MaybeUninit::<SeerMaskSizes>::zeroed();
+    unsafe { (*s.as_mut_ptr()).struct_size = std::mem::size_of::<SeerMaskSizes>() };
+    assert_status(unsafe { seer_mask_sizes(batch, hq, 64, s.as_mut_ptr()) }, SeerStatus::SEER_OK, "mask_sizes");
+    unsafe { s.assume_init() }
+}
+
+fn workspace_size(gate: &Handle, batch: &SeerBatch, device: u32) -> (SeerStatus, usize) {
+    let mut bytes = usize::MAX;
+    let status = unsafe { seer_gate_workspace_size(gate.0, batch, device, &mut bytes) };
+    (status, bytes)
+}
+
+/// A contiguous `[tokens, heads, dim]` descriptor.
+fn desc(data: u64, dtype: DType, device: u32, shape: [usize; 3]) -> SeerTensor {
+    let [t, h, d] = shape.map(|x| x as i64);
+    SeerTensor {
+        data: data as *mut c_void,
+        dtype: match dtype {
+            DType::BF16 => 0,
+            DType::F16 => 1,
+            DType::F32 => 2,
+        },
+        device,
+        shape: [t, h, d],
+        strides: [h * d, d, 1],
+    }
+}
+
+fn mask_desc(counts: u64, indices: u64, offsets: u64, s: &SeerMaskSizes, device: u32) -> SeerBlockMask {
+    SeerBlockMask {
+        counts: counts as *mut i32,
+        counts_len: s.rows,
+        indices: indices as *mut i32,
+        indices_len: s.indices_len,
+        row_offsets: offsets as *mut i64,
+        row_offsets_len: s.row_offsets_len,
+        device,
+    }
+}
+
+// ---------------------------------------------------------------- CPU-only
+
+#[test]
+fn workspace_size_cpu_is_zero_and_cuda_is_the_plan() {
+    let gate = bundled();
+    let c = config_of(&gate);
+    for lens in [vec![(1000, 1000)], vec![(600, 600), (100, 400), (5, 5)]] {
+        let l = Lens::new(&lens);
+        let b = l.batch();
+        let (status, bytes) = workspace_size(&gate, &b, CPU);
+        assert_status(status, SeerStatus::SEER_OK, "CPU workspace");
+        assert_eq!(bytes, 0);
+        let (status, bytes) = workspace_size(&gate, &b, CUDA);
+        if !cuda::cuda_enabled() {
+            assert_status(status, SeerStatus::SEER_UNSUPPORTED, "CUDA workspace in a build without kernels");
+            continue;
+        }
+        assert_status(status, SeerStatus::SEER_OK, "CUDA workspace");
+        assert!(bytes > 0 && bytes % 256 == 0, "{bytes}");
+        let rust_gate = Gate::load_dir(&upstream_dir().join("gqa4_s1000_gates")).unwrap();
+        assert_eq!(rust_gate.config().head_dim, c.head_dim as usize);
+        assert_eq!(bytes, GatePlan::new(rust_gate.config(), &l.rust()).unwrap().workspace_bytes());
+    }
+    // Bad arguments.
+    let l = Lens::new(&[(100, 100)]);
+    let b = l.batch();
+    let (status, bytes) = workspace_size(&gate, &b, 7);
+    assert_status(status, SeerStatus::SEER_INVALID_ARGUMENT, "device 7");
+    assert_eq!(bytes, usize::MAX, "out-parameter written on failure");
+    let status = unsafe { seer_gate_workspace_size(gate.0, &b, CUDA, std::ptr::null_mut()) };
+    assert_status(status, SeerStatus::SEER_NULL_POINTER, "NULL out_bytes");
+    let mut bytes = 0;
+    let status = unsafe { seer_gate_workspace_size(std::ptr::null(), &b, CPU, &mut bytes) };
+    assert_status(status, SeerStatus::SEER_NULL_POINTER, "NULL gate");
+    let status = unsafe { seer_gate_workspace_size(gate.0, std::ptr::null(), CPU, &mut bytes) };
+    assert_status(status, SeerStatus::SEER_NULL_POINTER, "NULL batch");
+    if cuda::cuda_enabled() {
+        let many = Lens::new(&vec![(3, 3); 257]);
+        let (status, _) = workspace_size(&gate, &many.batch(), CUDA);
+        let msg = assert_status(status, SeerStatus::SEER_UNSUPPORTED, "257 sequences");
+        assert!(msg.starts_with("seer_gate_workspace_size: ") && msg.contains("256"), "{msg}");
+        let (status, _) = workspace_size(&gate, &many.batch(), CPU);
+        assert_status(status, SeerStatus::SEER_OK, "257 sequences on the CPU");
+    }
+}
+
+#[test]
+fn unsupported_gates_are_refused_without_a_device() {
+    let l = Lens::new(&[(200, 200)]);
+    let b = l.batch();
+    for (head_dim, gate_hidden, why) in [(128, 64, "gate_hidden"), (256, 256, "head_dim")] {
+        let gate = created(head_dim, gate_hidden);
+        let (status, bytes) = workspace_size(&gate, &b, CPU);
+        assert_status(status, SeerStatus::SEER_OK, "CPU workspace");
+        assert_eq!(bytes, 0);
+        let (status, _) = workspace_size(&gate, &b, CUDA);
+        let msg = assert_status(status, SeerStatus::SEER_UNSUPPORTED, "CUDA workspace of an unsupported gate");
+        if cuda::cuda_enabled() {
+            assert!(msg.contains(why), "{msg}");
+        }
+        let msg = assert_status(unsafe { seer_gate_upload(gate.0) }, SeerStatus::SEER_UNSUPPORTED, "upload");
+        assert!(msg.starts_with("seer_gate_upload: ") && msg.contains(why), "{msg}");
+    }
+}
+
+#[test]
+fn upload_without_a_driver_is_a_status() {
+    if cuda::driver().is_ok() {
+        return; // a GPU machine: the GPU tests cover the upload
+    }
+    let gate = bundled();
+    let want = if cuda::cuda_enabled() { SeerStatus::SEER_NO_DEVICE } else { SeerStatus::SEER_UNSUPPORTED };
+    let msg = assert_status(unsafe { seer_gate_upload(gate.0) }, want, "upload without a driver");
+    assert!(msg.starts_with("seer_gate_upload: "), "{msg}");
+    // Twice: the driver's absence is remembered, still no crash.
+    assert_status(unsafe { seer_gate_upload(gate.0) }, want, "second upload without a driver");
+    assert_status(unsafe { seer_gate_upload(std::ptr::null_mut()) }, SeerStatus::SEER_NULL_POINTER, "NULL gate");
+}
+
+/// Fake, disjoint device addresses for the bundled gate over `lens`: q, k,
+/// the three mask arrays and a workspace, 64 MiB apart.
+struct Fake {
+    lens: Lens,
+    sizes: SeerMaskSizes,
+    q: SeerTensor,
+    k: SeerTensor,
+    mask: SeerBlockMask,
+    params: SeerMaskParams,
+}
+
+const BASE: u64 = 0x7f00_0000_0000;
+const GAP: u64 = 64 << 20;
+
+fn fake(gate: &Handle, lens: &[(usize, usize)]) -> Fake {
+    let c = config_of(gate);
+    let lens = Lens::new(lens);
+    let b = lens.batch();
+    let sizes = sizes(&b, c.num_q_heads);
+    let (tq, tk) = (*lens.q.last().unwrap() as usize, *lens.k.last().unwrap() as usize);
+    let (hq, hkv, d) = (c.num_q_heads as usize, c.num_kv_heads as usize, c.head_dim as usize);
+    let q = desc(BASE, DType::BF16, CUDA, [tq, hq, d]);
+    let k = desc(BASE + GAP, DType::BF16, CUDA, [tk, hkv, d]);
+    let mask = mask_desc(BASE + 2 * GAP, BASE + 3 * GAP, BASE + 4 * GAP, &sizes, CUDA);
+    let mut params = mask_params(gate);
+    params.layer = 1;
+    params.workspace = (BASE + 5 * GAP) as *mut c_void;
+    params.workspace_bytes = 4 << 20;
+    Fake { lens, sizes, q, k, mask, params }
+}
+
+impl Fake {
+    fn run(&self, gate: &Handle) -> SeerStatus {
+        let b = self.lens.batch();
+        unsafe { seer_gate_compute_mask(gate.0, &self.params, &b, &self.q, &self.k, &self.mask) }
+    }
+}
+
+#[test]
+fn cuda_descriptors_without_an_upload_are_refused_clearly() {
+    let gate = bundled();
+    let f = fake(&gate, &[(1000, 1000)]);
+    let msg = assert_status(f.run(&gate), SeerStatus::SEER_INVALID_ARGUMENT, "CUDA call before any upload");
+    assert!(msg.starts_with("seer_gate_compute_mask: ") && msg.contains("call seer_gate_upload"), "{msg}");
+    // A failed upload (no driver here) leaves the gate without a device copy.
+    if cuda::driver().is_err() {
+        assert_ne!(unsafe { seer_gate_upload(gate.0) }, SeerStatus::SEER_OK);
+        let msg = assert_status(f.run(&gate), SeerStatus::SEER_INVALID_ARGUMENT, "CUDA call after a failed upload");
+        assert!(msg.contains("call seer_gate_upload"), "{msg}");
+    }
+}
+
+#[test]
+fn mixed_devices_are_invalid_arguments_naming_the_argument() {
+    let gate = bundled();
+    let c = config_of(&gate);
+    let f = fake(&gate, &[(1000, 1000)]);
+    let b = f.lens.batch();
+    let (hq, hkv, d) = (c.num_q_heads as usize, c.num_kv_heads as usize, c.head_dim as usize);
+    let host_q = vec![0u16; 1000 * hq * d];
+    let host_k = vec![0u16; 1000 * hkv * d];
+    let (mut counts, mut indices, mut offsets) =
+        (vec![0i32; f.sizes.rows], vec![0i32; f.sizes.indices_len], vec![0i64; f.sizes.row_offsets_len]);
+    let cpu_q = desc(host_q.as_ptr() as u64, DType::BF16, CPU, [1000, hq, d]);
+    let cpu_k = desc(host_k.as_ptr() as u64, DType::BF16, CPU, [1000, hkv, d]);
+    let cpu_mask =
+        mask_desc(counts.as_mut_ptr() as u64, indices.as_mut_ptr() as u64, offsets.as_mut_ptr() as u64, &f.sizes, CPU);
+    let mut cpu_params = f.params;
+    cpu_params.workspace = std::ptr::null_mut();
+    cpu_params.workspace_bytes = 0;
+    let run = |p: &SeerMaskParams, q: &SeerTensor, k: &SeerTensor, m: &SeerBlockMask| unsafe {
+        seer_gate_compute_mask(gate.0, p, &b, q, k, m)
+    };
+    let cases: [(&str, &SeerMaskParams, &SeerTensor, &SeerTensor, &SeerBlockMask, &str); 5] = [
+        ("CPU q_nope, CUDA k_nope", &cpu_params, &cpu_q, &f.k, &cpu_mask, "k_nope"),
+        ("CUDA q_nope, CPU k_nope", &f.params, &f.q, &cpu_k, &f.mask, "k_nope"),
+        ("CUDA inputs, CPU mask", &f.params, &f.q, &f.k, &cpu_mask, "out_mask"),
+        ("CPU inputs, CUDA mask", &cpu_params, &cpu_q, &cpu_k, &f.mask, "out_mask"),
+        ("CUDA q_nope, unknown device k_nope", &f.params, &f.q, &SeerTensor { device: 9, ..f.k }, &f.mask, "k_nope"),
+    ];
+    for (what, p, q, k, m, name) in cases {
+        let msg = assert_status(run(p, q, k, m), SeerStatus::SEER_INVALID_ARGUMENT, what);
+        assert!(msg.starts_with(&format!("seer_gate_compute_mask: {name}")), "{what}: {msg}");
+    }
+    let msg = assert_status(
+        run(&f.params, &SeerTensor { device: 5, ..f.q }, &f.k, &f.mask),
+        SeerStatus::SEER_INVALID_ARGUMENT,
+        "unknown device",
+    );
+    assert!(msg.contains("not a SeerDevice"), "{msg}");
+    // The CPU path still works with host buffers.
+    assert_status(run(&cpu_params, &cpu_q, &cpu_k, &cpu_mask), SeerStatus::SEER_OK, "CPU path");
+}
+
+#[test]
+fn cuda_descriptors_are_checked_on_the_host_first() {
+    let gate = bundled();
+    let f = fake(&gate, &[(1000, 1000)]);
+    let expect = |g: &Fake, want: SeerStatus, needle: &str, what: &str| {
+        let msg = assert_status(g.run(&gate), want, what);
+        assert!(msg.contains(needle), "{what}: {msg}");
+    };
+    let with = |edit: &dyn Fn(&mut Fake)| {
+        let mut g = fake(&gate, &[(1000, 1000)]);
+        edit(&mut g);
+        g
+    };
+    use SeerStatus::*;
+    expect(&with(&|g| g.q.strides[0] = -1), SEER_INVALID_ARGUMENT, "non-negative", "negative stride");
+    expect(&with(&|g| g.q.shape[1] = 0), SEER_INVALID_ARGUMENT, "positive", "zero extent");
+    expect(&with(&|g| g.q.data = std::ptr::null_mut()), SEER_NULL_POINTER, "q_nope->data", "NULL data");
+    expect(&with(&|g| g.k.data = (BASE + GAP + 1) as *mut c_void), SEER_INVALID_ARGUMENT, "aligned", "odd address");
+    expect(&with(&|g| g.q.dtype = 9), SEER_INVALID_ARGUMENT, "SeerDType", "unknown dtype");
+    expect(&with(&|g| g.q.strides[0] = i64::MAX / 2), SEER_INVALID_ARGUMENT, "q_nope", "overflowing stride");
+    expect(&with(&|g| g.mask.counts = std::ptr::null_mut()), SEER_NULL_POINTER, "mask->counts", "NULL counts");
+    expect(
+        &with(&|g| g.mask.row_offsets = (BASE + 4 * GAP + 4) as *mut i64),
+        SEER_INVALID_ARGUMENT,
+        "aligned",
+        "offsets",
+    );
+    expect(
+        &with(&|g| g.params.workspace = (BASE + (1 << 20)) as *mut c_void),
+        SEER_INVALID_ARGUMENT,
+        "params->workspace overlaps q_nope",
+        "workspace overlapping q",
+    );
+    expect(
+        &with(&|g| g.mask.indices = g.mask.counts),
+        SEER_INVALID_ARGUMENT,
+        "overlaps",
+        "mask arrays overlapping each other",
+    );
+    expect(
+        &with(&|g| g.mask.counts = (BASE + 5 * GAP + 256) as *mut i32),
+        SEER_INVALID_ARGUMENT,
+        "mask->counts overlaps params->workspace",
+        "mask inside the workspace",
+    );
+    expect(
+        &with(&|g| g.params.workspace = std::ptr::null_mut()),
+        SEER_NULL_POINTER,
+        "params->workspace",
+        "NULL workspace with a size",
+    );
+    expect(&with(&|g| g.mask.indices_len = 3), SEER_BUFFER_TOO_SMALL, "seer_mask_sizes", "indices too small");
+    // Reads may overlap each other (q and k views of one fused buffer):
+    // such a call gets as far as the upload check.
+    expect(&with(&|g| g.k.data = g.q.data), SEER_INVALID_ARGUMENT, "call seer_gate_upload", "q and k overlapping");
+    // An unsupported gate says so (not "upload first": the upload would fail too).
+    let unsupported = created(128, 64);
+    let mut g = fake(&unsupported, &[(200, 200)]);
+    g.params.layer = 0;
+    let msg = assert_status(g.run(&unsupported), SEER_UNSUPPORTED, "unsupported gate");
+    assert!(msg.contains("gate_hidden"), "{msg}");
+    drop(f);
+}
+
+// ---------------------------------------------------------------- GPU
+
+fn ctx() -> Ctx {
+    cuda::current_context().expect("a CUDA device")
+}
+
+fn to_device(ctx: &Ctx, bytes: &[u8]) -> DeviceBuffer {
+    let b = testing::alloc_zeroed(ctx, bytes.len()).unwrap();
+    testing::copy_to_device(ctx, b.ptr(), bytes).unwrap();
+    b
+}
+
+fn read_back(ctx: &Ctx, b: &DeviceBuffer) -> Vec<u8> {
+    let mut v = vec![0u8; b.len()];
+    testing::copy_to_host(ctx, &mut v, b.ptr()).unwrap();
+    v
+}
+
+/// Device mask arrays and workspace for one batch, poisoned (0xff) so that
+/// an unwritten entry shows.
+struct DeviceOut {
+    sizes: SeerMaskSizes,
+    counts: DeviceBuffer,
+    indices: DeviceBuffer,
+    offsets: DeviceBuffer,
+    workspace: DeviceBuffer,
+}
+
+impl DeviceOut {
+    fn new(ctx: &Ctx, gate: &Handle, batch: &SeerBatch) -> DeviceOut {
+        let sizes = sizes(batch, config_of(gate).num_q_heads);
+        let (status, ws) = workspace_size(gate, batch, CUDA);
+        assert_status(status, SeerStatus::SEER_OK, "CUDA workspace size");
+        let poisoned = |len: usize| to_device(ctx, &vec![0xffu8; len]);
+        DeviceOut {
+            sizes,
+            counts: poisoned(sizes.rows * 4),
+            indices: poisoned(sizes.indices_len * 4),
+            offsets: poisoned(sizes.row_offsets_len * 8),
+            workspace: poisoned(ws),
+        }
+    }
+    fn desc(&self) -> SeerBlockMask {
+        mask_desc(self.counts.ptr(), self.indices.ptr(), self.offsets.ptr(), &self.sizes, CUDA)
+    }
+    fn params(&self, base: SeerMaskParams, stream: &Stream) -> SeerMaskParams {
+        SeerMaskParams {
+            cuda_stream: stream.raw() as *mut c_void,
+            workspace: self.workspace.ptr() as *mut c_void,
+            workspace_bytes: self.workspace.len(),
+            ..base
+        }
+    }
+    fn read(&self, ctx: &Ctx) -> BlockMask {
+        let i32s = |v: Vec<u8>| v.chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>();
+        BlockMask {
+            counts: i32s(read_back(ctx, &self.counts)),
+            indices: i32s(read_back(ctx, &self.indices)),
+            row_offsets: read_back(ctx, &self.offsets)
+                .chunks(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        }
+    }
+}
+
+/// The first `tokens` rows of a stored `[tokens, heads, dim]` bf16 tensor.
+fn rows(s: &Stored, tokens: usize) -> (&[u8], [usize; 3]) {
+    let shape = [tokens, s.shape[1], s.shape[2]];
+    (&s.bytes[..shape.iter().product::<usize>() * 2], shape)
+}
+
+fn host_view(s: &Stored, tokens: usize) -> Tensor3<'_> {
+    let (bytes, [t, h, d]) = rows(s, tokens);
+    Tensor3::new("stored", bytes, DType::BF16, Layout3::contiguous(t, h, d)).unwrap()
+}
+
+/// The CPU path of the same C API: host descriptors, host mask; the first
+/// `tq` / `tk` rows of the stored q and k.
+fn cpu_mask(
+    gate: &Handle,
+    params: &SeerMaskParams,
+    batch: &SeerBatch,
+    q: &Stored,
+    k: &Stored,
+    tq: usize,
+    tk: usize,
+) -> BlockMask {
+    let s = sizes(batch, config_of(gate).num_q_heads);
+    let mut m =
+        BlockMask { counts: vec![0; s.rows], indices: vec![0; s.indices_len], row_offsets: vec![0; s.row_offsets_len] };
+    let md = mask_desc(
+        m.counts.as_mut_ptr() as u64,
+        m.indices.as_mut_ptr() as u64,
+        m.row_offsets.as_mut_ptr() as u64,
+        &s,
+        CPU,
+    );
+    let ((qb, qs), (kb, ks)) = (rows(q, tq), rows(k, tk));
+    let qd = desc(qb.as_ptr() as u64, DType::BF16, CPU, qs);
+    let kd = desc(kb.as_ptr() as u64, DType::BF16, CPU, ks);
+    let p = SeerMaskParams {
+        cuda_stream: std::ptr::null_mut(),
+        workspace: std::ptr::null_mut(),
+        workspace_bytes: 0,
+        ..*params
+    };
+    assert_status(unsafe { seer_gate_compute_mask(gate.0, &p, batch, &qd, &kd, &md) }, SeerStatus::SEER_OK, "CPU mask");
+    m
+}
+
+/// The Rust view of a C mask rule (for the tolerance of the comparison).
+fn rule(p: &SeerMaskParams) -> MaskParams {
+    MaskParams {
+        method: if p.sparsity_method == 0 { SparsityMethod::Threshold } else { SparsityMethod::NzRatio },
+        threshold: p.threshold,
+        nz_ratio: p.nz_ratio,
+        last_block_dense: p.last_block_dense != 0,
+        empty_rows: if p.empty_rows == 0 { EmptyRowPolicy::KeepDiagonal } else { EmptyRowPolicy::Empty },
+        threshold_compare: if p.threshold_compare == 0 { ThresholdCompare::F32 } else { ThresholdCompare::Bf16 },
+    }
+}
+
+/// Compare the GPU mask with the CPU one as `tests/gpu_gate.rs` does: same
+/// layout, a valid GPU mask, and differences only where the reference
+/// probability is within 5% of the threshold (or a top-k logit within the
+/// bf16 error of the k-th), or at an empty row's diagonal fallback.
+fn compare(what: &str, params: &MaskParams, scores: &GateScores, gpu: &BlockMask, cpu: &BlockMask) -> usize {
+    let layout = &scores.layout;
+    assert_eq!(gpu.row_offsets, cpu.row_offsets, "{what}: row offsets");
+    gpu.as_ref().validate(layout).unwrap_or_else(|e| panic!("{what}: GPU mask invalid: {e}"));
+    let mut near = 0;
+    for r in 0..layout.rows() {
+        let (g, c) = (gpu.as_ref().row(r), cpu.as_ref().row(r));
+        if g == c {
+            continue;
+        }
+        let id = layout.row_id(r);
+        let (probs, logits) = (scores.row_probs(r), scores.row_logits(r));
+        assert!(
+            !(params.last_block_dense && id.q_block + 2 >= id.k_blocks),
+            "{what}: dense row {r} differs: {g:?} vs {c:?}"
+        );
+        let mut sorted = logits.to_vec();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let kth = sorted[params.top_k(id.k_blocks).min(id.q_block + 1) - 1];
+        for j in 0..=id.q_block {
+            let (in_g, in_c) = (g.contains(&(j as i32)), c.contains(&(j as i32)));
+            if in_g == in_c {
+                continue;
+            }
+            match params.method {
+                SparsityMethod::Threshold => {
+                    let (p, t) = (probs[j], params.threshold);
+                    let diagonal = [id.q_block as i32];
+                    let fallback = j == id.q_block
+                        && params.empty_rows == EmptyRowPolicy::KeepDiagonal
+                        && (g == diagonal || c == diagonal);
+                    assert!(
+                        (p - t).abs() <= 0.05 * t || fallback,
+                        "{what}: row {r} block {j}: GPU {in_g}, CPU {in_c}, p = {p} not near threshold {t}"
+                    );
+                }
+                SparsityMethod::NzRatio => {
+                    let l = logits[j];
+                    assert!(
+                        (l - kth).abs() <= 0.05 + 0.02 * kth.abs(),
+                        "{what}: row {r} block {j}: GPU {in_g}, CPU {in_c}, logit {l} is no tie with the k-th {kth}"
+                    );
+                }
+            }
+            near += 1;
+        }
+    }
+    let entries: usize = (0..layout.rows()).map(|r| layout.row_id(r).q_block + 1).sum();
+    assert!(near * 100 <= entries.max(100), "{what}: {near} near-tie differences of {entries} entries");
+    near
+}
+
+/// The upstream gqa4_s1000 case on the device.
+struct Inputs {
+    case: Case,
+    q: DeviceBuffer,
+    k: DeviceBuffer,
+}
+
+impl Inputs {
+    fn new(ctx: &Ctx) -> Inputs {
+        let case = Case::load("gqa4_s1000");
+        let q = to_device(ctx, &case.get("q_nope").bytes);
+        let k = to_device(ctx, &case.get("k_nope").bytes);
+        Inputs { case, q, k }
+    }
+    /// CUDA descriptors of the first `tq` / `tk` rows of q and k.
+    fn descs(&self, tq: usize, tk: usize) -> (SeerTensor, SeerTensor) {
+        (
+            desc(self.q.ptr(), DType::BF16, CUDA, rows(self.case.get("q_nope"), tq).1),
+            desc(self.k.ptr(), DType::BF16, CUDA, rows(self.case.get("k_nope"), tk).1),
+        )
+    }
+}
+
+/// The rules every GPU comparison runs: the gate's default, upstream's
+/// thresholds with bf16 comparison and empty rows, and top-k.
+fn rules(base: SeerMaskParams) -> Vec<SeerMaskParams> {
+    let mut out = vec![base];
+    for t in [0.002f32, 0.01, 0.05] {
+        out.push(SeerMaskParams {
+            sparsity_method: 0,
+            threshold: t,
+            last_block_dense: 1,
+            empty_rows: 1,
+            threshold_compare: 1,
+            ..base
+        });
+    }
+    out.push(SeerMaskParams { sparsity_method: 1, nz_ratio: 0.3, last_block_dense: 0, ..base });
+    out
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_c_api_mask_matches_the_cpu_path_on_the_upstream_case() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let inputs = Inputs::new(&ctx);
+    let case = &inputs.case;
+    let gate = load(&case.gate_dir());
+    let rust_gate = Gate::load_dir(&case.gate_dir()).unwrap();
+    let layer = case.gate_layer();
+    let n = case.usize("seq_len");
+    // One sequence as upstream ran it, and the same tokens as a varlen batch
+    // of two (the second a chunk of 200 queries over 400 keys).
+    for lens in [vec![(n, n)], vec![(600, 600), (200, 400)]] {
+        let l = Lens::new(&lens);
+        let b = l.batch();
+        let (tq, tk) = (l.rust().total_q(), l.rust().total_k());
+        let (q, k) = inputs.descs(tq, tk);
+        let out = DeviceOut::new(&ctx, &gate, &b);
+        let mut base = mask_params(&gate);
+        base.layer = layer as u32;
+        if lens.len() == 1 {
+            let msg = assert_status(
+                unsafe { seer_gate_compute_mask(gate.0, &out.params(base, &stream), &b, &q, &k, &out.desc()) },
+                SeerStatus::SEER_INVALID_ARGUMENT,
+                "CUDA call before the upload",
+            );
+            assert!(msg.contains("call seer_gate_upload"), "{msg}");
+            assert_status(unsafe { seer_gate_upload(gate.0) }, SeerStatus::SEER_OK, "upload");
+        }
+        let (qv, kv) = (host_view(case.get("q_nope"), tq), host_view(case.get("k_nope"), tk));
+        let scores = rust_gate.scores(layer, &qv, &kv, &l.rust()).unwrap();
+        for p in rules(base) {
+            let params = out.params(p, &stream);
+            let status = unsafe { seer_gate_compute_mask(gate.0, &params, &b, &q, &k, &out.desc()) };
+            assert_status(status, SeerStatus::SEER_OK, "CUDA compute_mask");
+            stream.synchronize().unwrap();
+            let gpu = out.read(&ctx);
+            let cpu = cpu_mask(&gate, &params, &b, case.get("q_nope"), case.get("k_nope"), tq, tk);
+            let what = format!("{lens:?} method {} t={} nz={}", p.sparsity_method, p.threshold, p.nz_ratio);
+            let near = compare(&what, &rule(&p), &scores, &gpu, &cpu);
+            println!("{what}: {near} near-tie differences");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_c_api_refuses_bad_device_buffers() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let inputs = Inputs::new(&ctx);
+    let gate = load(&inputs.case.gate_dir());
+    assert_status(unsafe { seer_gate_upload(gate.0) }, SeerStatus::SEER_OK, "upload");
+    let n = inputs.case.usize("seq_len");
+    let l = Lens::new(&[(n, n)]);
+    let b = l.batch();
+    let out = DeviceOut::new(&ctx, &gate, &b);
+    let mut base = mask_params(&gate);
+    base.layer = inputs.case.gate_layer() as u32;
+    let params = out.params(base, &stream);
+    let (q, k) = inputs.descs(n, n);
+    let run = |p: &SeerMaskParams, q: &SeerTensor, m: &SeerBlockMask| unsafe {
+        seer_gate_compute_mask(gate.0, p, &b, q, &k, m)
+    };
+
+    // Host memory described as CUDA memory (16-byte aligned, so that only
+    // the pointer check can object).
+    let host = vec![0u128; inputs.case.get("q_nope").bytes.len() / 16];
+    let host_q = SeerTensor { data: host.as_ptr() as *mut c_void, ..q };
+    let msg = assert_status(run(&params, &host_q, &out.desc()), SeerStatus::SEER_INVALID_ARGUMENT, "host q_nope");
+    assert!(msg.contains("q_nope is not device memory"), "{msg}");
+    // A workspace one step short of the size the query gave.
+    let short = SeerMaskParams { workspace_bytes: out.workspace.len() - 256, ..params };
+    let msg = assert_status(run(&short, &q, &out.desc()), SeerStatus::SEER_BUFFER_TOO_SMALL, "small workspace");
+    assert!(msg.contains("workspace"), "{msg}");
+    // Rows not 16-byte aligned: unsupported by the CUDA gate, with the reason.
+    let skewed =
+        SeerTensor { data: (q.data as u64 + 2) as *mut c_void, shape: [n as i64 - 1, q.shape[1], q.shape[2]], ..q };
+    let l2 = Lens::new(&[(n - 1, n)]);
+    let b2 = l2.batch();
+    let out2 = DeviceOut::new(&ctx, &gate, &b2);
+    let status = unsafe { seer_gate_compute_mask(gate.0, &out2.params(base, &stream), &b2, &skewed, &k, &out2.desc()) };
+    let msg = assert_status(status, SeerStatus::SEER_UNSUPPORTED, "misaligned rows");
+    assert!(msg.contains("16-byte"), "{msg}");
+    // A layer out of range.
+    let far = SeerMaskParams { layer: 7, ..params };
+    assert_status(run(&far, &q, &out.desc()), SeerStatus::SEER_INVALID_ARGUMENT, "layer out of range");
+    // Nothing above was enqueued; the stream is clean, and a good call works.
+    stream.synchronize().unwrap();
+    assert_status(run(&params, &q, &out.desc()), SeerStatus::SEER_OK, "good call");
+    stream.synchronize().unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_c_api_set_layer_weights_after_upload_needs_a_new_upload() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let inputs = Inputs::new(&ctx);
+    let case = &inputs.case;
+    let gate = load(&case.gate_dir());
+    let layer = case.gate_layer();
+    let n = case.usize("seq_len");
+    let l = Lens::new(&[(n, n)]);
+    let b = l.batch();
+    let out = DeviceOut::new(&ctx, &gate, &b);
+    let mut base = mask_params(&gate);
+    base.layer = layer as u32;
+    // Between 1/11 and 1/10: with zero weights every causal block of a row
+    // has probability 1/(q_block + 1), so rows up to q_block 9 are dense and
+    // no probability sits near the threshold.
+    base.threshold = 0.095;
+    let params = out.params(base, &stream);
+    let (q, k) = inputs.descs(n, n);
+    let run = || unsafe { seer_gate_compute_mask(gate.0, &params, &b, &q, &k, &out.desc()) };
+    assert_status(unsafe { seer_gate_upload(gate.0) }, SeerStatus::SEER_OK, "upload");
+    assert_status(run(), SeerStatus::SEER_OK, "first upload");
+    stream.synchronize().unwrap();
+
+    // New weights for the layer: zeros.
+    let mut rust_gate = Gate::load_dir(&case.gate_dir()).unwrap();
+    let shape = rust_gate.config().k_weight_shape();
+    let zeros = vec![0u16; shape.iter().product()];
+    let w = desc(zeros.as_ptr() as u64, DType::BF16, CPU, shape);
+    let status = unsafe { seer_gate_set_layer_weights(gate.0, layer as u32, &w, std::ptr::null()) };
+    assert_status(status, SeerStatus::SEER_OK, "set_layer_weights");
+    let zero_bytes = vec![0u8; zeros.len() * 2];
+    rust_gate.set_layer_weights(layer, WeightRef { dtype: DType::BF16, shape, bytes: &zero_bytes }, None).unwrap();
+
+    let msg = assert_status(run(), SeerStatus::SEER_INVALID_ARGUMENT, "CUDA call with stale device weights");
+    assert!(msg.contains("call seer_gate_upload again"), "{msg}");
+    // The CPU path uses the new weights at once.
+    let cpu = cpu_mask(&gate, &params, &b, case.get("q_nope"), case.get("k_nope"), n, n);
+    assert_status(unsafe { seer_gate_upload(gate.0) }, SeerStatus::SEER_OK, "second upload");
+    assert_status(run(), SeerStatus::SEER_OK, "after the second upload");
+    stream.synchronize().unwrap();
+    let gpu = out.read(&ctx);
+    let scores = rust_gate
+        .scores(layer, &host_view(case.get("q_nope"), n), &host_view(case.get("k_nope"), n), &l.rust())
+        .unwrap();
+    let near = compare("zero weights", &rule(&params), &scores, &gpu, &cpu);
+    assert_eq!(near, 0, "zero weights put no probability near the threshold");
+    assert_eq!(gpu, cpu, "zero weights: the GPU mask is the CPU mask");
+    // Uniform probabilities 1/(q_block + 1): dense up to q_block 9, then the
+    // diagonal alone (kept by the default policy), the last two rows dense.
+    let layout = &scores.layout;
+    assert_eq!(gpu.as_ref().row(layout.row(0, 0, 5)), [0, 1, 2, 3, 4, 5]);
+    assert_eq!(gpu.as_ref().row(layout.row(0, 3, 12)), [12]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_c_api_call_is_graph_capturable_after_one_eager_call() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let inputs = Inputs::new(&ctx);
+    let gate = load(&inputs.case.gate_dir());
+    assert_status(unsafe { seer_gate_upload(gate.0) }, SeerStatus::SEER_OK, "upload");
+    let n = inputs.case.usize("seq_len");
+    let l = Lens::new(&[(n, n)]);
+    let b = l.batch();
+    let out = DeviceOut::new(&ctx, &gate, &b);
+    let mut base = mask_params(&gate);
+    base.layer = inputs.case.gate_layer() as u32;
+    base.sparsity_method = 1;
+    base.nz_ratio = 0.3;
+    let params = out.params(base, &stream);
+    let (q, k) = inputs.descs(n, n);
+    let run = || unsafe { seer_gate_compute_mask(gate.0, &params, &b, &q, &k, &out.desc()) };
+    assert_status(run(), SeerStatus::SEER_OK, "eager call");
+    stream.synchronize().unwrap();
+    let eager = out.read(&ctx);
+    // Poison the outputs, then replay the captured call.
+    testing::copy_to_device(&ctx, out.counts.ptr(), &vec![0xffu8; out.counts.len()]).unwrap();
+    let graph = unsafe {
+        testing::capture(&stream, || match run() {
+            SeerStatus::SEER_OK => Ok(()),
+            s => Err(Error::Cuda(format!("{s:?} during capture: {}", last_error()))),
+        })
+    }
+    .unwrap();
+    graph.launch(&stream).unwrap();
+    stream.synchronize().unwrap();
+    assert_eq!(out.read(&ctx), eager, "graph replay differs from the eager call");
+}
