@@ -58,132 +58,175 @@ __device__ void rope_table(const GateArgs& a) {
     }
 }
 
-// One CTA pools one (head, block, sequence). Heads vary fastest in the grid,
-// so CTAs running together read neighbouring 256-byte pieces of the same
-// token rows (DRAM-friendly). blockIdx.x < hq: a query head (average, then
-// RoPE at the block start, written to q_gate); otherwise a KV head (max, min,
-// average written to pooled_k). Lanes of a row read 16 bytes each; row
-// groups stride over the block's tokens (all of a thread's loads issued
-// before the first is used); shared memory reduces the groups.
-template <int D, typename T, int MAXS>
-__device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
-    constexpr int kLanes = D / 8;               // threads per row
-    constexpr int kGroups = kThreads / kLanes;  // rows in flight per step
-    constexpr int kSteps = kBlock / kGroups;
-    __shared__ float red[3][kGroups][D];
-    __shared__ float pooled[D];
+constexpr int kPoolThreads = 256;
 
-    const int head = blockIdx.x;
-    const bool is_q = head < a.hq;
+// One CTA pools one block of one sequence for a slice of the heads (all of
+// them unless the host splits heads to make enough CTAs): query block
+// `blockIdx.y` (average, then RoPE at the block start, into q_gate) and key
+// block `blockIdx.y` (max, min, average into pooled_k), slice `blockIdx.x`.
+// Each token row of the slice is read whole and contiguously (a row of Q is
+// hq * D elements): thread t owns the 16-byte pieces t, t + 256, ... of the
+// row and accumulates them over the block's tokens in registers, so no
+// cross-thread reduction is needed. Rows are fetched R at a time, every load
+// of a batch issued before the first is used. QP and KP bound the Q and K
+// pieces a thread owns.
+template <int D, typename T, int MAXS, int QP, int KP>
+__device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
+    constexpr int kPieceElems = 8;                 // elements per 16-byte piece
+    constexpr int kHeadPieces = D / kPieceElems;
+    constexpr int R = (QP + KP) <= 3 ? 2 : 1;  // rows per batch (two batches in flight)
+    extern __shared__ __align__(16) float pooled_q[];  // [slice q heads][D]
+
+    const int slices = gridDim.x;
+    const int slice = blockIdx.x;
+    const int q_heads = a.hq / slices, k_heads = a.hkv / slices;
+    const int q_head0 = slice * q_heads, k_head0 = slice * k_heads;
+    const int q_pieces = q_heads * kHeadPieces, k_pieces = k_heads * kHeadPieces;
     const int local = blockIdx.y;
+    const int tid = threadIdx.x;
+
     if (blockIdx.z == tab.num_seqs) {
         // The extra grid row zeroes the scratch padding that the tensor-core
         // tiles of the later stages read past the last real block.
-        if (is_q) {
-            const long long row = tab.total_q_blocks + local;
-            if (row < a.q_gate_rows) {
-                bf16* out = a.q_gate + (static_cast<long long>(head) * a.q_gate_rows + row) * D;
-                for (int c = threadIdx.x; c < D; c += kThreads) out[c] = __float2bfloat16(0.f);
+        const long long qrow = tab.total_q_blocks + local;
+        if (qrow < a.q_gate_rows) {
+            for (int x = tid; x < q_heads * D; x += kPoolThreads) {
+                a.q_gate[(static_cast<long long>(q_head0 + x / D) * a.q_gate_rows + qrow) * D + x % D] =
+                    __float2bfloat16(0.f);
             }
-        } else {
-            const long long row = a.kblock_rows + local;
-            if (row < a.kblock_rows_padded) {
-                bf16* out = a.pooled_k + (row * a.hkv + (head - a.hq)) * (3 * D);
-                for (int c = threadIdx.x; c < 3 * D; c += kThreads) out[c] = __float2bfloat16(0.f);
+        }
+        const long long krow = a.kblock_rows + local;
+        if (krow < a.kblock_rows_padded) {
+            for (int x = tid; x < k_heads * 3 * D; x += kPoolThreads) {
+                a.pooled_k[(krow * a.hkv + k_head0) * (3 * D) + x] = __float2bfloat16(0.f);
             }
         }
         return;
     }
     const SeqEntry& e = tab.seq[blockIdx.z];
-    long long first_row;
-    int count;
-    int abs_block;
-    const T* base;
-    long long row_stride;
-    if (is_q) {
-        if (local >= e.q_blocks) return;
-        abs_block = e.first_q_block + local;
-        const int lo = max(abs_block * kBlock, e.q_start);
-        const int hi = min(abs_block * kBlock + kBlock, e.k_len);
-        first_row = e.q_off + (lo - e.q_start);
-        count = hi - lo;
-        base = static_cast<const T*>(a.q) + head * a.q_head_stride;
-        row_stride = a.q_row_stride;
-    } else {
-        if (local >= e.k_blocks) return;
-        abs_block = local;
-        first_row = e.k_off + static_cast<long long>(local) * kBlock;
-        count = min(kBlock, e.k_len - local * kBlock);
-        base = static_cast<const T*>(a.k) + (head - a.hq) * a.k_head_stride;
-        row_stride = a.k_row_stride;
-    }
 
-    const int lane = threadIdx.x % kLanes;
-    const int group = threadIdx.x / kLanes;
-    // Issue every load first (they are independent), then reduce: the
-    // memory system sees all of the thread's requests at once.
-    uint4 raw[kSteps];
+    // Query block `local`: tokens [lo, hi) of the chunk.
+    const bool has_q = local < e.q_blocks;
+    const int q_abs = e.first_q_block + local;
+    const int q_lo = has_q ? max(q_abs * kBlock, e.q_start) : 0;
+    const int q_count = has_q ? min(q_abs * kBlock + kBlock, e.k_len) - q_lo : 0;
+    const T* qbase = static_cast<const T*>(a.q) + (e.q_off + (q_lo - e.q_start)) * a.q_row_stride +
+                     static_cast<long long>(q_head0) * a.q_head_stride;
+    // Key block `local`.
+    const bool has_k = local < e.k_blocks;
+    const int k_count = has_k ? min(kBlock, e.k_len - local * kBlock) : 0;
+    const T* kbase = static_cast<const T*>(a.k) + (e.k_off + static_cast<long long>(local) * kBlock) * a.k_row_stride +
+                     static_cast<long long>(k_head0) * a.k_head_stride;
+
+    // Element offset of piece p within a row of the slice (heads may be strided).
+    auto q_offset = [&](int p) { return (p / kHeadPieces) * a.q_head_stride + (p % kHeadPieces) * kPieceElems; };
+    auto k_offset = [&](int p) { return (p / kHeadPieces) * a.k_head_stride + (p % kHeadPieces) * kPieceElems; };
+
+    float qsum[QP][8];
+    float kmax[KP][8], kmin[KP][8], ksum[KP][8];
 #pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-        const int t = group + s * kGroups;
-        raw[s] = t < count ? *reinterpret_cast<const uint4*>(base + (first_row + t) * row_stride + lane * 8)
-                           : make_uint4(0, 0, 0, 0);
-    }
-    float mx[8], mn[8], sum[8];
+    for (int i = 0; i < QP; ++i)
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        mx[i] = -INFINITY;
-        mn[i] = INFINITY;
-        sum[i] = 0.f;
-    }
+        for (int x = 0; x < 8; ++x) qsum[i][x] = 0.f;
 #pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-        if (group + s * kGroups < count) {
-            const T* e8 = reinterpret_cast<const T*>(&raw[s]);
+    for (int i = 0; i < KP; ++i)
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const float v = to_float(e8[i]);
-                sum[i] += v;
-                if (!is_q) {
-                    mx[i] = fmaxf(mx[i], v);
-                    mn[i] = fminf(mn[i], v);
+        for (int x = 0; x < 8; ++x) {
+            kmax[i][x] = -INFINITY;
+            kmin[i][x] = INFINITY;
+            ksum[i][x] = 0.f;
+        }
+
+    // Batches of R rows, double-buffered: the loads of batch b + 1 are in
+    // flight while batch b is accumulated, so a thread never waits on memory
+    // with nothing requested.
+    const int rows = max(q_count, k_count);
+    uint4 qraw[2][R][QP], kraw[2][R][KP];
+    auto issue = [&](int t0, uint4 (&qr)[R][QP], uint4 (&kr)[R][KP]) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int i = 0; i < QP; ++i) {
+                const int p = tid + i * kPoolThreads;
+                qr[r][i] = (t0 + r < q_count && p < q_pieces)
+                               ? *reinterpret_cast<const uint4*>(qbase + (t0 + r) * a.q_row_stride + q_offset(p))
+                               : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int i = 0; i < KP; ++i) {
+                const int p = tid + i * kPoolThreads;
+                kr[r][i] = (t0 + r < k_count && p < k_pieces)
+                               ? *reinterpret_cast<const uint4*>(kbase + (t0 + r) * a.k_row_stride + k_offset(p))
+                               : make_uint4(0, 0, 0, 0);
+            }
+        }
+    };
+    auto consume = [&](int t0, const uint4 (&qr)[R][QP], const uint4 (&kr)[R][KP]) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int i = 0; i < QP; ++i) {
+                const T* v = reinterpret_cast<const T*>(&qr[r][i]);
+#pragma unroll
+                for (int x = 0; x < 8; ++x) qsum[i][x] += to_float(v[x]);  // zero past the block
+            }
+            if (t0 + r < k_count) {
+#pragma unroll
+                for (int i = 0; i < KP; ++i) {
+                    const T* v = reinterpret_cast<const T*>(&kr[r][i]);
+#pragma unroll
+                    for (int x = 0; x < 8; ++x) {
+                        const float f = to_float(v[x]);
+                        kmax[i][x] = fmaxf(kmax[i][x], f);
+                        kmin[i][x] = fminf(kmin[i][x], f);
+                        ksum[i][x] += f;
+                    }
                 }
             }
         }
+    };
+    if (rows > 0) issue(0, qraw[0], kraw[0]);
+    for (int t0 = 0; t0 < rows; t0 += 2 * R) {
+        if (t0 + R < rows) issue(t0 + R, qraw[1], kraw[1]);
+        consume(t0, qraw[0], kraw[0]);
+        if (t0 + R >= rows) break;
+        if (t0 + 2 * R < rows) issue(t0 + 2 * R, qraw[0], kraw[0]);
+        consume(t0 + R, qraw[1], kraw[1]);
     }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        red[0][group][lane * 8 + i] = mx[i];
-        red[1][group][lane * 8 + i] = mn[i];
-        red[2][group][lane * 8 + i] = sum[i];
-    }
-    __syncthreads();
 
-    const int c = threadIdx.x;
-    if (c < D) {
-        float m = -INFINITY, n = INFINITY, s = 0.f;
+    if (has_k) {
 #pragma unroll
-        for (int g = 0; g < kGroups; ++g) {
-            m = fmaxf(m, red[0][g][c]);
-            n = fminf(n, red[1][g][c]);
-            s += red[2][g][c];
-        }
-        const float avg = s / static_cast<float>(count);
-        if (is_q) {
-            pooled[c] = avg;
-        } else {
-            bf16* out = a.pooled_k + ((e.kblock_base + local) * a.hkv + (head - a.hq)) * (3 * D);
-            out[c] = __float2bfloat16(m);
-            out[D + c] = __float2bfloat16(n);
-            out[2 * D + c] = __float2bfloat16(avg);
+        for (int i = 0; i < KP; ++i) {
+            const int p = tid + i * kPoolThreads;
+            if (p >= k_pieces) continue;
+            const int h = p / kHeadPieces, d0 = (p % kHeadPieces) * kPieceElems;
+            bf16* out = a.pooled_k + ((e.kblock_base + local) * a.hkv + k_head0 + h) * (3 * D) + d0;
+            __align__(16) bf16 mx[8], mn[8], av[8];
+#pragma unroll
+            for (int x = 0; x < 8; ++x) {
+                mx[x] = __float2bfloat16(kmax[i][x]);
+                mn[x] = __float2bfloat16(kmin[i][x]);
+                av[x] = __float2bfloat16(ksum[i][x] / static_cast<float>(k_count));
+            }
+            *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(mx);
+            *reinterpret_cast<uint4*>(out + D) = *reinterpret_cast<const uint4*>(mn);
+            *reinterpret_cast<uint4*>(out + 2 * D) = *reinterpret_cast<const uint4*>(av);
         }
     }
-    if (!is_q) return;
+    if (!has_q) return;  // uniform over the CTA: no barrier is skipped by part of it
+#pragma unroll
+    for (int i = 0; i < QP; ++i) {
+        const int p = tid + i * kPoolThreads;
+        if (p >= q_pieces) continue;
+#pragma unroll
+        for (int x = 0; x < 8; ++x) pooled_q[p * kPieceElems + x] = qsum[i][x] / static_cast<float>(q_count);
+    }
     __syncthreads();
-    if (c < D / 2) {
-        float x1 = pooled[c], x2 = pooled[c + D / 2];
-        rope_pair(x1, x2, a.rope[static_cast<long long>(abs_block) * (D / 2) + c]);
-        bf16* out = a.q_gate + (static_cast<long long>(head) * a.q_gate_rows + e.qblock_base + local) * D;
+    for (int w = tid; w < q_heads * (D / 2); w += kPoolThreads) {
+        const int h = w / (D / 2), c = w % (D / 2);
+        float x1 = pooled_q[h * D + c], x2 = pooled_q[h * D + c + D / 2];
+        rope_pair(x1, x2, a.rope[static_cast<long long>(q_abs) * (D / 2) + c]);
+        bf16* out = a.q_gate + (static_cast<long long>(q_head0 + h) * a.q_gate_rows + e.qblock_base + local) * D;
         out[c] = __float2bfloat16(x1);
         out[c + D / 2] = __float2bfloat16(x2);
     }
@@ -688,12 +731,19 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
 // One extern "C" symbol per (head_dim, input dtype, table capacity), so the
 // host picks a kernel by name (see src/gpu/gate.rs).
 
-#define SEER_POOL(D, T, TN, S)                                                                     \
-    extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
-        seer_gate_pool_d##D##_##TN##_s##S(const seer::GateArgs a,                                  \
-                                          const __grid_constant__ seer::SeqTable<S> tab) {         \
-        seer::pool<D, T, S>(a, tab);                                                               \
+#define SEER_POOL(D, T, TN, S, QP, KP)                                                             \
+    extern "C" __global__ void __launch_bounds__(seer::kPoolThreads)                              \
+        seer_gate_pool_d##D##_##TN##_s##S##_q##QP##_k##KP(const seer::GateArgs a,                  \
+                                                          const __grid_constant__ seer::SeqTable<S> tab) { \
+        seer::pool<D, T, S, QP, KP>(a, tab);                                                       \
     }
+#define SEER_POOL_PIECES(D, T, TN, S)                                                              \
+    SEER_POOL(D, T, TN, S, 1, 1)                                                                   \
+    SEER_POOL(D, T, TN, S, 2, 1)                                                                   \
+    SEER_POOL(D, T, TN, S, 4, 1)                                                                   \
+    SEER_POOL(D, T, TN, S, 8, 1)                                                                   \
+    SEER_POOL(D, T, TN, S, 4, 2)                                                                   \
+    SEER_POOL(D, T, TN, S, 8, 2)
 #define SEER_PROJECT(D, S)                                                                         \
     extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
         seer_gate_project_d##D##_s##S(const seer::GateArgs a,                                      \
@@ -717,10 +767,10 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
         seer::select_threshold<D, S, RW>(a, tab);                                                  \
     }
 #define SEER_GATE_KERNELS(S)                                                                       \
-    SEER_POOL(64, __nv_bfloat16, bf16, S)                                                          \
-    SEER_POOL(64, __half, f16, S)                                                                  \
-    SEER_POOL(128, __nv_bfloat16, bf16, S)                                                         \
-    SEER_POOL(128, __half, f16, S)                                                                 \
+    SEER_POOL_PIECES(64, __nv_bfloat16, bf16, S)                                                   \
+    SEER_POOL_PIECES(64, __half, f16, S)                                                           \
+    SEER_POOL_PIECES(128, __nv_bfloat16, bf16, S)                                                  \
+    SEER_POOL_PIECES(128, __half, f16, S)                                                          \
     SEER_PROJECT(64, S)                                                                            \
     SEER_PROJECT(128, S)                                                                           \
     SEER_SELECT(64, S)                                                                             \

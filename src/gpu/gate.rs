@@ -27,6 +27,8 @@ pub const MAX_SEQS: usize = 256;
 const SMALL_SEQS: usize = 16;
 const BLOCK: usize = 64;
 const THREADS: u32 = 128;
+/// Threads of the pool kernel (`kPoolThreads` in kernels/gate.cu).
+const POOL_THREADS: u32 = 256;
 /// Threads of the select kernel (`kSelectThreads` in kernels/gate.cu).
 const SELECT_THREADS: u32 = 256;
 /// Rows of the smallest tensor-core tile (the top-k select kernel's row tile).
@@ -442,6 +444,51 @@ pub unsafe fn compute_mask(
     }
 }
 
+/// How the pool kernel splits a token row: `slices` CTAs per block, each
+/// reading `hq / slices` query heads and `hkv / slices` KV heads; `qp` and
+/// `kp` bound the 16-byte pieces of a row slice each of its 256 threads owns
+/// (the compiled variants: (1,1), (2,1), (4,1), (8,1), (4,2), (8,2)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PoolShape {
+    slices: usize,
+    qp: usize,
+    kp: usize,
+}
+
+impl PoolShape {
+    fn choose(hq: usize, hkv: usize, d: usize, plan: &GatePlan, sm_count: usize) -> Result<Self> {
+        let pieces = |heads: usize| (heads * d / 8).div_ceil(POOL_THREADS as usize);
+        let blocks: usize = plan.seqs.iter().map(|e| e.q_blocks.max(e.k_blocks) as usize).sum();
+        let mut chosen = None;
+        for slices in [1usize, 2, 4, 8, 16] {
+            if hq % slices != 0 || hkv % slices != 0 {
+                continue;
+            }
+            let (q, k) = (pieces(hq / slices), pieces(hkv / slices));
+            let kp = if k <= 1 {
+                1
+            } else if k <= 2 {
+                2
+            } else {
+                continue;
+            };
+            let qp = [1usize, 2, 4, 8].into_iter().find(|&v| v >= q && (kp == 1 || v >= 4));
+            let Some(qp) = qp else { continue };
+            let shape = PoolShape { slices, qp, kp };
+            // Prefer whole rows (one contiguous read per token); split only
+            // while the grid would leave SMs without a CTA.
+            let fills = blocks * slices >= sm_count;
+            chosen = Some(shape);
+            if fills {
+                break;
+            }
+        }
+        chosen.ok_or_else(|| {
+            Error::unsupported(format!("the CUDA gate's pool kernel has no variant for {hq} q heads / {hkv} kv heads"))
+        })
+    }
+}
+
 unsafe fn launch_all<const S: usize>(
     ctx: &Ctx,
     plan: &GatePlan,
@@ -455,7 +502,8 @@ unsafe fn launch_all<const S: usize>(
     let ty = if dtype == DType::F16 { "f16" } else { "bf16" };
     let fatbin = kernels::fatbin("gate")?;
     let rope = cuda::function(ctx, fatbin, &format!("seer_gate_rope_d{d}"))?;
-    let pool = cuda::function(ctx, fatbin, &format!("seer_gate_pool_d{d}_{ty}_s{S}"))?;
+    let shape = PoolShape::choose(args.hq as usize, args.hkv as usize, d, plan, ctx.sm_count().max(1) as usize)?;
+    let pool = cuda::function(ctx, fatbin, &format!("seer_gate_pool_d{d}_{ty}_s{S}_q{}_k{}", shape.qp, shape.kp))?;
     let project = cuda::function(ctx, fatbin, &format!("seer_gate_project_d{d}_s{S}"))?;
     // Threshold rows stream their logits twice (no row kept in shared memory);
     // top-k rows hold 16 rows of logits in shared memory for the radix select.
@@ -471,16 +519,16 @@ unsafe fn launch_all<const S: usize>(
         cuda::function(ctx, fatbin, &format!("seer_gate_select_d{d}_s{S}"))?
     };
     let n = plan.seqs.len() as u32;
-    let heads = (args.hq + args.hkv) as u32;
     let padding_rows = (plan.kblock_rows_padded - plan.kblock_rows).max(plan.q_gate_rows - plan.total_q_blocks);
     let mut args_only: [*mut c_void; 1] = [(args as *mut GateArgs).cast()];
     cuda::launch(rope, [plan.max_k_blocks as u32, 1, 1], [THREADS, 1, 1], 0, stream, &mut args_only)?;
     let mut params: [*mut c_void; 2] = [(args as *mut GateArgs).cast(), (&mut table as *mut SeqTable<S>).cast()];
-    // Heads vary fastest (neighbouring CTAs read neighbouring bytes of a
-    // token row); grid row `n` (one past the last sequence) zeroes the
-    // scratch padding.
+    // One CTA per (head slice, block, sequence); grid row `n` (one past the
+    // last sequence) zeroes the scratch padding.
     let pool_blocks = plan.max_q_blocks.max(plan.max_k_blocks).max(padding_rows) as u32;
-    cuda::launch(pool, [heads, pool_blocks, n + 1], [THREADS, 1, 1], 0, stream, &mut params)?;
+    let pool_smem = (args.hq as usize / shape.slices * d * 4) as u32;
+    let grid = [shape.slices as u32, pool_blocks, n + 1];
+    cuda::launch(pool, grid, [POOL_THREADS, 1, 1], pool_smem, stream, &mut params)?;
     let project_x = (plan.kblock_rows_padded / WIDE_TILE) as u32;
     cuda::launch(project, [project_x, args.hq as u32, 1], [THREADS, 1, 1], 0, stream, &mut params)?;
     if threshold {
