@@ -255,35 +255,43 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// One CTA: 64 key-block rows of one query head, a [64 x 3D] · [3D x D] GEMM
-// on bf16 tensor cores. Operands go through shared memory in 32-wide chunks
-// of the reduction dimension, double-buffered with cp.async; each warp owns
-// 16 rows and all D columns. The accumulator then goes through shared memory
-// (reusing the staging space) so the epilogue can rotate (c, c + D/2) pairs
-// at each row's block-start position.
-template <int D, int MAXS>
+// One CTA: 64 key-block rows of one query head and 1 / SPLIT of the output
+// columns, a [64 x 3D] · [3D x D/SPLIT] GEMM on bf16 tensor cores. With
+// SPLIT = 2 (chosen by the host when 64-row tiles alone leave the GPU
+// underfilled) a CTA takes columns [c0, c0 + D/4) and their RoPE partners
+// [c0 + D/2, c0 + 3D/4), so its epilogue has both halves of every pair. Operands go
+// through shared memory in 32-wide chunks of the reduction dimension,
+// double-buffered with cp.async; each warp owns 16 rows. The accumulator
+// then goes through shared memory (reusing the staging space) so the
+// epilogue can rotate (c, c + D/2) pairs at each row's block-start position.
+template <int D, int MAXS, int SPLIT>
 __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
     constexpr int kRows = 64;
     constexpr int kIn = 3 * D;
+    constexpr int kCols = D / SPLIT;             // output columns of this CTA
+    constexpr int kQuarter = kCols / 2;          // each of its two column ranges
     constexpr int kChunk = 32;
     constexpr int kChunks = kIn / kChunk;
     constexpr int kALd = kChunk + 16;  // +16 elements: rows stay 32-byte aligned, banks rotate
-    constexpr int kBLd = D + 16;
+    constexpr int kBLd = kCols + 16;
     constexpr int kStageBytes = 2 * (kRows * kALd + kChunk * kBLd) * 2;
-    constexpr int kTileBytes = kRows * D * 4;
+    constexpr int kTileBytes = kRows * kCols * 4;
     __shared__ __align__(128) unsigned char raw[kStageBytes > kTileBytes ? kStageBytes : kTileBytes];
     __shared__ int position_block[kRows];
     bf16 (*sa)[kRows][kALd] = reinterpret_cast<bf16 (*)[kRows][kALd]>(raw);
     bf16 (*sb)[kChunk][kBLd] = reinterpret_cast<bf16 (*)[kChunk][kBLd]>(raw + 2 * kRows * kALd * 2);
-    float (*tile)[D] = reinterpret_cast<float (*)[D]>(raw);
+    float (*tile)[kCols] = reinterpret_cast<float (*)[kCols]>(raw);
 
     const int head = blockIdx.y;
+    const int c0 = blockIdx.z * kQuarter;
     const int kv = head / a.group;
     const long long row0 = static_cast<long long>(blockIdx.x) * kRows;
     const int warp = threadIdx.x / 32;
     const long long ldA = static_cast<long long>(a.hkv) * kIn;
     const bf16* A = a.pooled_k + row0 * ldA + kv * kIn;
     const bf16* B = a.weights + static_cast<long long>(head) * kIn * D;
+    // Local column x of the CTA (0 .. kCols) is output column `col(x)`.
+    auto col = [&](int x) { return x < kQuarter ? c0 + x : D / 2 + c0 + (x - kQuarter); };
 
     if (threadIdx.x < kRows) {
         // Which block of its sequence each row is (rows past the last
@@ -300,17 +308,17 @@ __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
             const int r = p / (kChunk / 8), c = (p % (kChunk / 8)) * 8;
             cp_async16(&sa[buf][r][c], A + r * ldA + k0 + c);
         }
-        // B: 32 rows x D elements.
-        for (int p = threadIdx.x; p < kChunk * D / 8; p += kThreads) {
-            const int r = p / (D / 8), c = (p % (D / 8)) * 8;
-            cp_async16(&sb[buf][r][c], B + static_cast<long long>(k0 + r) * D + c);
+        // B: 32 rows x this CTA's columns (two ranges of D/4).
+        for (int p = threadIdx.x; p < kChunk * kCols / 8; p += kThreads) {
+            const int r = p / (kCols / 8), x = (p % (kCols / 8)) * 8;
+            cp_async16(&sb[buf][r][x], B + static_cast<long long>(k0 + r) * D + col(x));
         }
         cp_async_commit();
     };
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[D / 16];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kCols / 16];
 #pragma unroll
-    for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+    for (int n = 0; n < kCols / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
     fetch(0, 0);
     for (int chunk = 0; chunk < kChunks; ++chunk) {
         const int buf = chunk & 1;
@@ -326,7 +334,7 @@ __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
             wmma::load_matrix_sync(fa, &sa[buf][warp * 16][kk], kALd);
 #pragma unroll
-            for (int n = 0; n < D / 16; ++n) {
+            for (int n = 0; n < kCols / 16; ++n) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fb;
                 wmma::load_matrix_sync(fb, &sb[buf][kk][n * 16], kBLd);
                 wmma::mma_sync(acc[n], fa, fb, acc[n]);
@@ -337,15 +345,16 @@ __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
         __syncthreads();
     }
 #pragma unroll
-    for (int n = 0; n < D / 16; ++n) {
-        wmma::store_matrix_sync(&tile[warp * 16][n * 16], acc[n], D, wmma::mem_row_major);
+    for (int n = 0; n < kCols / 16; ++n) {
+        wmma::store_matrix_sync(&tile[warp * 16][n * 16], acc[n], kCols, wmma::mem_row_major);
     }
     __syncthreads();
 
-    for (int w = threadIdx.x; w < kRows * (D / 2); w += kThreads) {
-        const int r = w / (D / 2);
-        const int c = w % (D / 2);
-        float x1 = tile[r][c], x2 = tile[r][c + D / 2];
+    for (int w = threadIdx.x; w < kRows * kQuarter; w += kThreads) {
+        const int r = w / kQuarter;
+        const int x = w % kQuarter;
+        const int c = c0 + x;
+        float x1 = tile[r][x], x2 = tile[r][kQuarter + x];
         rope_pair(x1, x2, a.rope[static_cast<long long>(position_block[r]) * (D / 2) + c]);
         bf16* out = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + row0 + r) * D;
         out[c] = __float2bfloat16(x1);
@@ -744,11 +753,11 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
     SEER_POOL(D, T, TN, S, 8, 1)                                                                   \
     SEER_POOL(D, T, TN, S, 4, 2)                                                                   \
     SEER_POOL(D, T, TN, S, 8, 2)
-#define SEER_PROJECT(D, S)                                                                         \
+#define SEER_PROJECT(D, S, SPLIT)                                                                  \
     extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
-        seer_gate_project_d##D##_s##S(const seer::GateArgs a,                                      \
-                                      const __grid_constant__ seer::SeqTable<S> tab) {             \
-        seer::project<D, S>(a, tab);                                                               \
+        seer_gate_project_d##D##_s##S##_n##SPLIT(const seer::GateArgs a,                           \
+                                                 const __grid_constant__ seer::SeqTable<S> tab) {  \
+        seer::project<D, S, SPLIT>(a, tab);                                                        \
     }
 #define SEER_ROPE(D)                                                                               \
     extern "C" __global__ void __launch_bounds__(seer::kThreads) seer_gate_rope_d##D(const seer::GateArgs a) { \
@@ -771,8 +780,10 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
     SEER_POOL_PIECES(64, __half, f16, S)                                                           \
     SEER_POOL_PIECES(128, __nv_bfloat16, bf16, S)                                                  \
     SEER_POOL_PIECES(128, __half, f16, S)                                                          \
-    SEER_PROJECT(64, S)                                                                            \
-    SEER_PROJECT(128, S)                                                                           \
+    SEER_PROJECT(64, S, 1)                                                                         \
+    SEER_PROJECT(64, S, 2)                                                                         \
+    SEER_PROJECT(128, S, 1)                                                                        \
+    SEER_PROJECT(128, S, 2)                                                                        \
     SEER_SELECT(64, S)                                                                             \
     SEER_SELECT(128, S)                                                                            \
     SEER_SELECT_THRESHOLD(64, S, 1)                                                                \

@@ -21,8 +21,10 @@ struct Module {
 struct FunctionInfo {
     name: String,
     context: Handle<CUcontext>,
-    /// The dynamic shared memory limit set on the function so far (the
-    /// driver's default is 48 KiB).
+    /// The dynamic shared memory limit set on the function so far. Starts at
+    /// 0, not the driver's 48 KiB default: that default also counts the
+    /// kernel's static shared memory, so static + dynamic above 48 KiB needs
+    /// the attribute even when the dynamic part alone is below it.
     max_dynamic_smem: u32,
 }
 
@@ -69,10 +71,9 @@ pub fn function(ctx: &Ctx, fatbin: &'static [u8], name: &str) -> Result<CUfuncti
         sys::cuModuleGetFunction(&mut f, module.raw.0, c_name.as_ptr())
     })?;
     module.functions.insert(name.to_string(), Handle(f));
-    cache.functions.insert(
-        Handle(f),
-        FunctionInfo { name: name.to_string(), context: Handle(ctx.raw()), max_dynamic_smem: 48 * 1024 },
-    );
+    cache
+        .functions
+        .insert(Handle(f), FunctionInfo { name: name.to_string(), context: Handle(ctx.raw()), max_dynamic_smem: 0 });
     Ok(f)
 }
 

@@ -504,7 +504,12 @@ unsafe fn launch_all<const S: usize>(
     let rope = cuda::function(ctx, fatbin, &format!("seer_gate_rope_d{d}"))?;
     let shape = PoolShape::choose(args.hq as usize, args.hkv as usize, d, plan, ctx.sm_count().max(1) as usize)?;
     let pool = cuda::function(ctx, fatbin, &format!("seer_gate_pool_d{d}_{ty}_s{S}_q{}_k{}", shape.qp, shape.kp))?;
-    let project = cuda::function(ctx, fatbin, &format!("seer_gate_project_d{d}_s{S}"))?;
+    // Split the projection's columns in two when 64-row tiles alone would
+    // leave SMs idle (short batches); long ones keep whole rows per CTA.
+    let project_x = (plan.kblock_rows_padded / WIDE_TILE) as u32;
+    let project_split =
+        if (project_x as usize) * (args.hq as usize) < 4 * ctx.sm_count().max(1) as usize { 2 } else { 1 };
+    let project = cuda::function(ctx, fatbin, &format!("seer_gate_project_d{d}_s{S}_n{project_split}"))?;
     // Threshold rows stream their logits twice (no row kept in shared memory);
     // top-k rows hold 16 rows of logits in shared memory for the radix select.
     let threshold = args.method == 0;
@@ -529,8 +534,8 @@ unsafe fn launch_all<const S: usize>(
     let pool_smem = (args.hq as usize / shape.slices * d * 4) as u32;
     let grid = [shape.slices as u32, pool_blocks, n + 1];
     cuda::launch(pool, grid, [POOL_THREADS, 1, 1], pool_smem, stream, &mut params)?;
-    let project_x = (plan.kblock_rows_padded / WIDE_TILE) as u32;
-    cuda::launch(project, [project_x, args.hq as u32, 1], [THREADS, 1, 1], 0, stream, &mut params)?;
+    let project_grid = [project_x, args.hq as u32, project_split];
+    cuda::launch(project, project_grid, [THREADS, 1, 1], 0, stream, &mut params)?;
     if threshold {
         let select_x = plan.max_q_blocks.div_ceil(TILE * row_warps) as u32;
         cuda::launch(select, [select_x, n, args.hq as u32], [THREADS, 1, 1], 0, stream, &mut params)
