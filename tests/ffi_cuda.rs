@@ -24,7 +24,6 @@ use seerattn::ffi::gate::{
 use seerattn::ffi::mask::{seer_mask_sizes, SeerMaskSizes};
 use seerattn::ffi::status::{seer_last_error_message, SeerStatus};
 use seerattn::gpu::gate::GatePlan;
-use seerattn::reference::scores::GateScores;
 use seerattn::*;
 use std::ffi::{c_void, CStr, CString};
 use std::mem::MaybeUninit;
@@ -516,62 +515,6 @@ fn rule(p: &SeerMaskParams) -> MaskParams {
     }
 }
 
-/// Compare the GPU mask with the CPU one as `tests/gpu_gate.rs` does: same
-/// layout, a valid GPU mask, and differences only where the reference
-/// probability is within 5% of the threshold (or a top-k logit within the
-/// bf16 error of the k-th), or at an empty row's diagonal fallback.
-fn compare(what: &str, params: &MaskParams, scores: &GateScores, gpu: &BlockMask, cpu: &BlockMask) -> usize {
-    let layout = &scores.layout;
-    assert_eq!(gpu.row_offsets, cpu.row_offsets, "{what}: row offsets");
-    gpu.as_ref().validate(layout).unwrap_or_else(|e| panic!("{what}: GPU mask invalid: {e}"));
-    let mut near = 0;
-    for r in 0..layout.rows() {
-        let (g, c) = (gpu.as_ref().row(r), cpu.as_ref().row(r));
-        if g == c {
-            continue;
-        }
-        let id = layout.row_id(r);
-        let (probs, logits) = (scores.row_probs(r), scores.row_logits(r));
-        assert!(
-            !(params.last_block_dense && id.q_block + 2 >= id.k_blocks),
-            "{what}: dense row {r} differs: {g:?} vs {c:?}"
-        );
-        let mut sorted = logits.to_vec();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        let kth = sorted[params.top_k(id.k_blocks).min(id.q_block + 1) - 1];
-        for j in 0..=id.q_block {
-            let (in_g, in_c) = (g.contains(&(j as i32)), c.contains(&(j as i32)));
-            if in_g == in_c {
-                continue;
-            }
-            match params.method {
-                SparsityMethod::Threshold => {
-                    let (p, t) = (probs[j], params.threshold);
-                    let diagonal = [id.q_block as i32];
-                    let fallback = j == id.q_block
-                        && params.empty_rows == EmptyRowPolicy::KeepDiagonal
-                        && (g == diagonal || c == diagonal);
-                    assert!(
-                        (p - t).abs() <= 0.05 * t || fallback,
-                        "{what}: row {r} block {j}: GPU {in_g}, CPU {in_c}, p = {p} not near threshold {t}"
-                    );
-                }
-                SparsityMethod::NzRatio => {
-                    let l = logits[j];
-                    assert!(
-                        (l - kth).abs() <= 0.05 + 0.02 * kth.abs(),
-                        "{what}: row {r} block {j}: GPU {in_g}, CPU {in_c}, logit {l} is no tie with the k-th {kth}"
-                    );
-                }
-            }
-            near += 1;
-        }
-    }
-    let entries: usize = (0..layout.rows()).map(|r| layout.row_id(r).q_block + 1).sum();
-    assert!(near * 100 <= entries.max(100), "{what}: {near} near-tie differences of {entries} entries");
-    near
-}
-
 /// The upstream gqa4_s1000 case on the device.
 struct Inputs {
     case: Case,
@@ -653,7 +596,7 @@ fn gpu_c_api_mask_matches_the_cpu_path_on_the_upstream_case() {
             let gpu = out.read(&ctx);
             let cpu = cpu_mask(&gate, &params, &b, case.get("q_nope"), case.get("k_nope"), tq, tk);
             let what = format!("{lens:?} method {} t={} nz={}", p.sparsity_method, p.threshold, p.nz_ratio);
-            let near = compare(&what, &rule(&p), &scores, &gpu, &cpu);
+            let near = compare_masks(&what, &rule(&p), &scores, &gpu, &cpu);
             println!("{what}: {near} near-tie differences");
         }
     }
@@ -754,7 +697,7 @@ fn gpu_c_api_set_layer_weights_after_upload_needs_a_new_upload() {
     let scores = rust_gate
         .scores(layer, &host_view(case.get("q_nope"), n), &host_view(case.get("k_nope"), n), &l.rust())
         .unwrap();
-    let near = compare("zero weights", &rule(&params), &scores, &gpu, &cpu);
+    let near = compare_masks("zero weights", &rule(&params), &scores, &gpu, &cpu);
     assert_eq!(near, 0, "zero weights put no probability near the threshold");
     assert_eq!(gpu, cpu, "zero weights: the GPU mask is the CPU mask");
     // Uniform probabilities 1/(q_block + 1): dense up to q_block 9, then the

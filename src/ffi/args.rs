@@ -292,10 +292,11 @@ pub(crate) struct CheckedTensor {
     pub bytes: RawSlice<u8>,
 }
 
-pub(crate) unsafe fn tensor(name: &'static str, ptr: *const SeerTensor) -> FfiResult<CheckedTensor> {
-    let t = deref(name, ptr)?;
+/// The host-side facts of a tensor descriptor, whatever its device: a known
+/// dtype, a valid layout, the byte length its strides address (without
+/// overflow), and a non-NULL pointer aligned to the element size.
+fn described_bytes(name: &str, t: &SeerTensor) -> FfiResult<(DType, Layout3, usize)> {
     let dtype = dtype_of(name, t.dtype)?;
-    require_cpu(name, t.device)?;
     let layout = layout_of(name, t)?;
     let span = layout.span(name).map_err(FfiError::from)?;
     let len = span.checked_mul(dtype.size()).ok_or_else(|| invalid(format!("{name}: byte size overflows")))?;
@@ -305,6 +306,13 @@ pub(crate) unsafe fn tensor(name: &'static str, ptr: *const SeerTensor) -> FfiRe
     if (t.data as usize) % dtype.size() != 0 {
         return Err(invalid(format!("{name}->data is not aligned to its {}-byte elements", dtype.size())));
     }
+    Ok((dtype, layout, len))
+}
+
+pub(crate) unsafe fn tensor(name: &'static str, ptr: *const SeerTensor) -> FfiResult<CheckedTensor> {
+    let t = deref(name, ptr)?;
+    require_cpu(name, t.device)?;
+    let (dtype, layout, len) = described_bytes(name, t)?;
     let bytes = raw_slice(name, t.data.cast::<u8>(), len)?;
     Ok(CheckedTensor { dtype, layout, bytes })
 }
@@ -331,17 +339,8 @@ pub(crate) struct CheckedDeviceTensor {
 
 pub(crate) unsafe fn device_tensor(name: &'static str, ptr: *const SeerTensor) -> FfiResult<CheckedDeviceTensor> {
     let t = deref(name, ptr)?;
-    let dtype = dtype_of(name, t.dtype)?;
     require_cuda(name, t.device)?;
-    let layout = layout_of(name, t)?;
-    let span = layout.span(name).map_err(FfiError::from)?;
-    let len = span.checked_mul(dtype.size()).ok_or_else(|| invalid(format!("{name}: byte size overflows")))?;
-    if t.data.is_null() {
-        return Err(null(&format!("{name}->data")));
-    }
-    if (t.data as usize) % dtype.size() != 0 {
-        return Err(invalid(format!("{name}->data is not aligned to its {}-byte elements", dtype.size())));
-    }
+    let (dtype, layout, len) = described_bytes(name, t)?;
     let region = device_region(name, t.data as usize, len, 1)?;
     Ok(CheckedDeviceTensor { tensor: DeviceTensor { ptr: t.data as u64, dtype, layout }, region })
 }
