@@ -101,9 +101,10 @@ pub struct Graph {
     exec: sys::CUgraphExec,
 }
 
-/// Capture the work `enqueue` puts on `stream` into a graph (global capture
-/// mode: any call that is illegal during capture, such as a synchronous
-/// copy, an allocation or a synchronization, fails the capture).
+/// Capture the work `enqueue` puts on `stream` into a graph, in thread-local
+/// capture mode: a call on this thread that is illegal during capture (a
+/// synchronous copy, an allocation, a synchronization) fails the capture,
+/// while other threads (other tests running in parallel) stay unaffected.
 ///
 /// # Safety
 /// `enqueue` must only enqueue work on `stream`.
@@ -111,7 +112,7 @@ pub unsafe fn capture(stream: &Stream, enqueue: impl FnOnce() -> Result<()>) -> 
     let _current = stream.ctx.make_current()?;
     check(
         "cuStreamBeginCapture",
-        sys::cuStreamBeginCapture_v2(stream.raw, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL),
+        sys::cuStreamBeginCapture_v2(stream.raw, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
     )?;
     let enqueued = enqueue();
     let mut graph: sys::CUgraph = std::ptr::null_mut();
