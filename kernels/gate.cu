@@ -58,19 +58,84 @@ __device__ void rope_table(const GateArgs& a) {
     }
 }
 
-// One CTA pools one (head, block, sequence). Heads vary fastest in the grid,
-// so CTAs running together read neighbouring 256-byte pieces of the same
-// token rows (DRAM-friendly). blockIdx.x < hq: a query head (average, then
-// RoPE at the block start, written to q_gate); otherwise a KV head (max, min,
-// average written to pooled_k). Lanes of a row read 16 bytes each; row
-// groups stride over the block's tokens (all of a thread's loads issued
-// before the first is used); shared memory reduces the groups.
-template <int D, typename T, int MAXS>
-__device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
+// Max, min and sum of `count` (<= 64) token rows of one head, starting at
+// packed row `first_row`: the result for column c = threadIdx.x lands in
+// (m, n, s) of thread c < D. Lanes of a row read 16 bytes each; row groups
+// stride over the tokens (all of a thread's loads issued before the first is
+// used); shared memory reduces the groups. Token t of the range is always
+// reduced by the same thread at the same step, so a block pooled from its
+// first token gives the same bits whoever calls this.
+template <int D, typename T>
+__device__ void reduce_rows(const T* base, long long first_row, long long row_stride, int count, bool minmax,
+                            float& m, float& n, float& s) {
     constexpr int kLanes = D / 8;               // threads per row
     constexpr int kGroups = kThreads / kLanes;  // rows in flight per step
     constexpr int kSteps = kBlock / kGroups;
     __shared__ float red[3][kGroups][D];
+
+    const int lane = threadIdx.x % kLanes;
+    const int group = threadIdx.x / kLanes;
+    // Issue every load first (they are independent), then reduce: the
+    // memory system sees all of the thread's requests at once.
+    uint4 raw[kSteps];
+#pragma unroll
+    for (int st = 0; st < kSteps; ++st) {
+        const int t = group + st * kGroups;
+        raw[st] = t < count ? *reinterpret_cast<const uint4*>(base + (first_row + t) * row_stride + lane * 8)
+                            : make_uint4(0, 0, 0, 0);
+    }
+    float mx[8], mn[8], sum[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        mx[i] = -INFINITY;
+        mn[i] = INFINITY;
+        sum[i] = 0.f;
+    }
+#pragma unroll
+    for (int st = 0; st < kSteps; ++st) {
+        if (group + st * kGroups < count) {
+            const T* e8 = reinterpret_cast<const T*>(&raw[st]);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const float v = to_float(e8[i]);
+                sum[i] += v;
+                if (minmax) {
+                    mx[i] = fmaxf(mx[i], v);
+                    mn[i] = fminf(mn[i], v);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        red[0][group][lane * 8 + i] = mx[i];
+        red[1][group][lane * 8 + i] = mn[i];
+        red[2][group][lane * 8 + i] = sum[i];
+    }
+    __syncthreads();
+
+    const int c = threadIdx.x;
+    m = -INFINITY;
+    n = INFINITY;
+    s = 0.f;
+    if (c < D) {
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) {
+            m = fmaxf(m, red[0][g][c]);
+            n = fminf(n, red[1][g][c]);
+            s += red[2][g][c];
+        }
+    }
+}
+
+// One CTA pools one (head, block, sequence). Heads vary fastest in the grid,
+// so CTAs running together read neighbouring 256-byte pieces of the same
+// token rows (DRAM-friendly). blockIdx.x < hq: a query head (average, then
+// RoPE at the block start, written to q_gate); otherwise a KV head (max, min,
+// average written to pooled_k). With K-block caches the grid holds only the
+// hq query heads: K is not read at all.
+template <int D, typename T, int MAXS>
+__device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
     __shared__ float pooled[D];
 
     const int head = blockIdx.x;
@@ -118,56 +183,10 @@ __device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
         row_stride = a.k_row_stride;
     }
 
-    const int lane = threadIdx.x % kLanes;
-    const int group = threadIdx.x / kLanes;
-    // Issue every load first (they are independent), then reduce: the
-    // memory system sees all of the thread's requests at once.
-    uint4 raw[kSteps];
-#pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-        const int t = group + s * kGroups;
-        raw[s] = t < count ? *reinterpret_cast<const uint4*>(base + (first_row + t) * row_stride + lane * 8)
-                           : make_uint4(0, 0, 0, 0);
-    }
-    float mx[8], mn[8], sum[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        mx[i] = -INFINITY;
-        mn[i] = INFINITY;
-        sum[i] = 0.f;
-    }
-#pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-        if (group + s * kGroups < count) {
-            const T* e8 = reinterpret_cast<const T*>(&raw[s]);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const float v = to_float(e8[i]);
-                sum[i] += v;
-                if (!is_q) {
-                    mx[i] = fmaxf(mx[i], v);
-                    mn[i] = fminf(mn[i], v);
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        red[0][group][lane * 8 + i] = mx[i];
-        red[1][group][lane * 8 + i] = mn[i];
-        red[2][group][lane * 8 + i] = sum[i];
-    }
-    __syncthreads();
-
+    float m, n, s;
+    reduce_rows<D, T>(base, first_row, row_stride, count, !is_q, m, n, s);
     const int c = threadIdx.x;
     if (c < D) {
-        float m = -INFINITY, n = INFINITY, s = 0.f;
-#pragma unroll
-        for (int g = 0; g < kGroups; ++g) {
-            m = fmaxf(m, red[0][g][c]);
-            n = fminf(n, red[1][g][c]);
-            s += red[2][g][c];
-        }
         const float avg = s / static_cast<float>(count);
         if (is_q) {
             pooled[c] = avg;
@@ -189,6 +208,49 @@ __device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
     }
 }
 
+// K-block cache update: one CTA pools the new keys of one (KV head, touched
+// block, sequence). The new keys of a sequence are packed like Q (a.k with
+// the q_off rows of the table; k_new[i] sits at position q_start + i), so
+// the touched blocks are exactly its query blocks. A block that started in
+// an earlier chunk merges the cached partial state (max/min merge, sum add);
+// a block the chunk leaves unfinished writes its state back. The pooled
+// [max|min|avg] row (average over every token of the block so far) goes to
+// pooled_k row qblock_base + local, for the projection to write into the
+// cache's k_gate.
+template <int D, typename T, int MAXS>
+__device__ void kcache_pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
+    const int kv = blockIdx.x;
+    const int local = blockIdx.y;
+    const SeqEntry& e = tab.seq[blockIdx.z];
+    if (local >= e.q_blocks) return;
+    const int start = (e.first_q_block + local) * kBlock;
+    const int lo = max(start, e.q_start);
+    const int hi = min(start + kBlock, e.k_len);
+    const T* base = static_cast<const T*>(a.k) + kv * a.k_head_stride;
+    float m, n, s;
+    reduce_rows<D, T>(base, e.q_off + (lo - e.q_start), a.k_row_stride, hi - lo, true, m, n, s);
+    const int c = threadIdx.x;
+    if (c >= D) return;
+    // Thread c reads and writes only column c of the state: no hazard when
+    // the chunk starts and ends inside the same block.
+    float* state = e.kv_state + static_cast<long long>(kv) * 3 * D;
+    if (lo > start) {
+        m = fmaxf(state[c], m);
+        n = fminf(state[D + c], n);
+        s = state[2 * D + c] + s;
+    }
+    if (hi < start + kBlock) {
+        state[c] = m;
+        state[D + c] = n;
+        state[2 * D + c] = s;
+    }
+    const float avg = s / static_cast<float>(hi - start);
+    bf16* out = a.pooled_k + ((e.qblock_base + local) * a.hkv + kv) * (3 * D);
+    out[c] = __float2bfloat16(m);
+    out[D + c] = __float2bfloat16(n);
+    out[2 * D + c] = __float2bfloat16(avg);
+}
+
 // ------------------------------------------------------------- projection --
 
 // Which sequence a global key-block row belongs to (binary search of kblock_base).
@@ -198,6 +260,17 @@ __device__ int seq_of_kblock(const SeqTable<MAXS>& tab, long long row) {
     while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
         if (tab.seq[mid].kblock_base <= row) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Which sequence a global query-block row belongs to (binary search of qblock_base).
+template <int MAXS>
+__device__ int seq_of_qblock(const SeqTable<MAXS>& tab, long long row) {
+    int lo = 0, hi = tab.num_seqs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (tab.seq[mid].qblock_base <= row) lo = mid; else hi = mid - 1;
     }
     return lo;
 }
@@ -218,7 +291,12 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // 16 rows and all D columns. The accumulator then goes through shared memory
 // (reusing the staging space) so the epilogue can rotate (c, c + D/2) pairs
 // at each row's block-start position.
-template <int D, int MAXS>
+//
+// CACHED (K-block cache update): the rows are the batch's touched blocks
+// (pooled_k rows numbered like q_gate rows, see kcache_pool) and each goes
+// to its sequence's cache, k_gate row [block][head]; rows past the last
+// touched block are computed from scratch padding and dropped.
+template <int D, int MAXS, bool CACHED>
 __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
     constexpr int kRows = 64;
     constexpr int kIn = 3 * D;
@@ -230,6 +308,7 @@ __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
     constexpr int kTileBytes = kRows * D * 4;
     __shared__ __align__(128) unsigned char raw[kStageBytes > kTileBytes ? kStageBytes : kTileBytes];
     __shared__ int position_block[kRows];
+    __shared__ bf16* row_out[kRows];  // where each row's k_gate goes (null: nowhere)
     bf16 (*sa)[kRows][kALd] = reinterpret_cast<bf16 (*)[kRows][kALd]>(raw);
     bf16 (*sb)[kChunk][kBLd] = reinterpret_cast<bf16 (*)[kChunk][kBLd]>(raw + 2 * kRows * kALd * 2);
     float (*tile)[D] = reinterpret_cast<float (*)[D]>(raw);
@@ -246,9 +325,19 @@ __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
         // Which block of its sequence each row is (rows past the last
         // sequence are zero padding: any position rotates zero to zero).
         const long long row = row0 + threadIdx.x;
-        const SeqEntry& e = tab.seq[seq_of_kblock(tab, row)];
-        const long long local = row - e.kblock_base;
-        position_block[threadIdx.x] = local < e.k_blocks ? static_cast<int>(local) : 0;
+        if (CACHED) {
+            const SeqEntry& e = tab.seq[seq_of_qblock(tab, row)];
+            const long long local = row - e.qblock_base;
+            const bool real = row < tab.total_q_blocks && local < e.q_blocks;
+            const int block = real ? e.first_q_block + static_cast<int>(local) : 0;
+            position_block[threadIdx.x] = block;
+            row_out[threadIdx.x] = real ? e.k_gate + (static_cast<long long>(block) * a.hq + head) * D : nullptr;
+        } else {
+            const SeqEntry& e = tab.seq[seq_of_kblock(tab, row)];
+            const long long local = row - e.kblock_base;
+            position_block[threadIdx.x] = local < e.k_blocks ? static_cast<int>(local) : 0;
+            row_out[threadIdx.x] = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + row) * D;
+        }
     }
     auto fetch = [&](int chunk, int buf) {
         const int k0 = chunk * kChunk;
@@ -302,9 +391,10 @@ __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
     for (int w = threadIdx.x; w < kRows * (D / 2); w += kThreads) {
         const int r = w / (D / 2);
         const int c = w % (D / 2);
+        bf16* out = row_out[r];
+        if (out == nullptr) continue;
         float x1 = tile[r][c], x2 = tile[r][c + D / 2];
         rope_pair(x1, x2, a.rope[static_cast<long long>(position_block[r]) * (D / 2) + c]);
-        bf16* out = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + row0 + r) * D;
         out[c] = __float2bfloat16(x1);
         out[c + D / 2] = __float2bfloat16(x2);
     }
@@ -464,7 +554,8 @@ __device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
     const int warp = threadIdx.x / 32;
 
     const bf16* Q = a.q_gate + (static_cast<long long>(head) * a.q_gate_rows + e.qblock_base + i0) * D;
-    const bf16* K = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + e.kblock_base) * D;
+    const bf16* K = e.k_gate + head * a.k_gate_head_stride;
+    const unsigned ldk = static_cast<unsigned>(a.k_gate_row_stride);
     wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fq[D / 16];
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(fq[kk], Q + kk * 16, D);
@@ -474,7 +565,7 @@ __device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fk;
-            wmma::load_matrix_sync(fk, K + static_cast<long long>(kt) * 16 * D + kk * 16, D);
+            wmma::load_matrix_sync(fk, K + static_cast<long long>(kt) * 16 * ldk + kk * 16, ldk);
             wmma::mma_sync(acc, fq[kk], fk, acc);
         }
         wmma::store_matrix_sync(logits + kt * 16, acc, ld, wmma::mem_row_major);
@@ -537,7 +628,7 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
     const int col0 = cg * kWarpCols + half * kLaneCols;  // this lane's first column within a tile
 
     const bf16* Q = a.q_gate + (static_cast<long long>(head) * a.q_gate_rows + e.qblock_base + i0 + rg * 16) * D;
-    const bf16* K = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + e.kblock_base) * D;
+    const bf16* K = e.k_gate + head * a.k_gate_head_stride;
     wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fq[D / 16];
     if (warp_active) {
 #pragma unroll
@@ -549,7 +640,7 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
         __syncthreads();  // everyone is done with the previous tile
         for (int p = threadIdx.x; p < kCols * D / 8; p += kThreads) {
             const int row = p / (D / 8), c = (p % (D / 8)) * 8;
-            cp_async16(&keys[row][c], K + (static_cast<long long>(t) * kCols + row) * D + c);
+            cp_async16(&keys[row][c], K + (static_cast<long long>(t) * kCols + row) * a.k_gate_row_stride + c);
         }
         cp_async_commit();
         cp_async_wait<0>();
@@ -693,12 +784,22 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
         seer_gate_pool_d##D##_##TN##_s##S(const seer::GateArgs a,                                  \
                                           const __grid_constant__ seer::SeqTable<S> tab) {         \
         seer::pool<D, T, S>(a, tab);                                                               \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
+        seer_gate_kcache_pool_d##D##_##TN##_s##S(const seer::GateArgs a,                           \
+                                                 const __grid_constant__ seer::SeqTable<S> tab) {  \
+        seer::kcache_pool<D, T, S>(a, tab);                                                        \
     }
 #define SEER_PROJECT(D, S)                                                                         \
     extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
         seer_gate_project_d##D##_s##S(const seer::GateArgs a,                                      \
                                       const __grid_constant__ seer::SeqTable<S> tab) {             \
-        seer::project<D, S>(a, tab);                                                               \
+        seer::project<D, S, false>(a, tab);                                                        \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
+        seer_gate_kcache_project_d##D##_s##S(const seer::GateArgs a,                               \
+                                             const __grid_constant__ seer::SeqTable<S> tab) {      \
+        seer::project<D, S, true>(a, tab);                                                         \
     }
 #define SEER_ROPE(D)                                                                               \
     extern "C" __global__ void __launch_bounds__(seer::kThreads) seer_gate_rope_d##D(const seer::GateArgs a) { \
