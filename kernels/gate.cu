@@ -8,24 +8,42 @@
  *   threshold or top-k; the index-list block mask (counts, indices, row_offsets).
  *   Released gate type only (Qavg_Kmaxminavg, no Q projection, hidden == head_dim).
  *
- * Four launches on the caller's stream, no allocation, no synchronization:
+ * One-shot gate (compute_mask): four launches on the caller's stream, no
+ * allocation, no synchronization:
  *   seer_gate_rope_*     cos/sin of every block-start position (double
  *                        precision, once per block instead of once per head);
  *   seer_gate_pool_*     one pass over Q and K (the memory-bound part);
  *   seer_gate_project_*  K projection on bf16 tensor cores (WMMA), RoPE epilogue;
  *   seer_gate_select_*   a 16-row tile of logits on tensor cores into shared
  *                        memory, then softmax and selection (radix select for
- *                        top-k), one warp per row.
+ *                        top-k), one warp per row; seer_gate_select_threshold_*
+ *                        streams 64-column key tiles twice (online softmax).
+ * The select kernels find each sequence's k_gate rows through SeqEntry::k_gate
+ * and GateArgs::k_gate_{head,row}_stride: the workspace here, a cache below.
+ *
+ * Chunked prefill with K-block caches (see "The K-block cache" in gate.cuh):
+ *   update_kblock_cache: seer_gate_rope_*, then
+ *     seer_gate_kcache_pool_*     pools only the chunk's new keys (packed like
+ *                                 Q) per touched block, merging with / saving
+ *                                 the partial block's f32 state in the cache;
+ *     seer_gate_kcache_project_*  the projection kernel over the touched
+ *                                 blocks, each row written to its sequence's
+ *                                 cache at its absolute block index;
+ *   compute_mask_cached: seer_gate_rope_*, seer_gate_pool_* over the query
+ *     heads only (K is not read), seer_gate_select_* reading the caches.
+ *
  * The per-sequence table travels by value in the kernel parameters (it is
- * computed on the host from the host cu_seqlens), so no host-to-device copy
- * is needed and a captured graph replays exactly the shapes it captured.
+ * computed on the host from the host cu_seqlens and cache pointers), so no
+ * host-to-device copy is needed and a captured graph replays exactly the
+ * shapes it captured.
  *
  * Budget at 32k tokens, 32 q heads, 8 kv heads, head_dim 128, bf16:
  *   bytes: Q 268 MB + K 67 MB read once (the floor: ~0.11 ms at 3 TB/s);
  *          scratch (q_gate 4 MB, pooled_k 3 MB, k_gate 4 MB) written once, read from L2.
  *   FLOPs: projection 1.6 G, logits 2.1 G, both on tensor cores; softmax and
  *          selection O(rows * k_blocks).
- * Tested by tests/gpu_gate.rs against the CPU reference.
+ * Tested by tests/gpu_gate.rs against the CPU reference (and, for the K-block
+ * cache, against the one-shot gate over the same chunks).
  */
 #include "gate.cuh"
 

@@ -2,10 +2,23 @@
 //!
 //! [`GatePlan`] turns a batch into the per-sequence table the kernels take
 //! by value, the scratch layout inside the caller's workspace, and the grids
-//! of the three launches; [`DeviceGate`] holds a gate's weights on the device
+//! of the launches; [`DeviceGate`] holds a gate's weights on the device
 //! (uploaded once); [`compute_mask`] validates device buffers and enqueues
 //! pool -> project -> select on the caller's stream. Nothing here allocates,
 //! copies between host and device, or synchronizes once the weights are up.
+//!
+//! Chunked prefill without the pre-RoPE keys of earlier chunks: a K-block
+//! cache per (layer, sequence slot) holds the gate's K side (projected,
+//! rotated `k_gate` rows of every block, and the f32 max/min/sum of the
+//! trailing partial block; layout in kernels/gate.cuh, size from
+//! [`kblock_cache_bytes`]). Per chunk, [`update_kblock_cache`] pools only
+//! the chunk's new keys (packed like Q) into the caches, then
+//! [`compute_mask_cached`] pools Q and selects against the caches. Same
+//! workspace size as [`compute_mask`] for the same batch. The masks are meant
+//! to equal the one-shot path's over all keys bit for bit while every chunk
+//! starts on a 64-token boundary (tests/gpu_gate.rs asserts it); a block
+//! split across chunks sums its f32 average in another order, which can
+//! move it by a bf16 rounding step.
 //!
 //! Scope of this path: the released gate type (`Qavg_Kmaxminavg`, no Q
 //! projection, `gate_hidden == head_dim`), head_dim 64 or 128, bf16/f16
