@@ -716,7 +716,9 @@ fn run_kcache_case(case: &KcacheCase, rng: &mut Rng) {
         let full = upload_inputs(&ctx, &q, &k_all, tq, tk, &c, dtype, case.fused);
         let fresh = upload_inputs(&ctx, &q, &k_new, tq, tq, &c, dtype, case.fused);
         let caches: Vec<u64> = entries.iter().map(|&(s, _)| seqs[s].cache.ptr()).collect();
-        let exact = entries.iter().all(|&(s, _)| seqs[s].aligned);
+        // Exact while no block of the batch is pooled from two chunks: every
+        // chunk so far, this one included, starts on a block boundary.
+        let exact = entries.iter().all(|&(s, _)| seqs[s].aligned && seqs[s].done % 64 == 0);
         let out = DeviceOutputs::new(&ctx, &c, &batch);
         unsafe {
             update_kblock_cache(
