@@ -8,24 +8,42 @@
  *   threshold or top-k; the index-list block mask (counts, indices, row_offsets).
  *   Released gate type only (Qavg_Kmaxminavg, no Q projection, hidden == head_dim).
  *
- * Four launches on the caller's stream, no allocation, no synchronization:
+ * One-shot gate (compute_mask): four launches on the caller's stream, no
+ * allocation, no synchronization:
  *   seer_gate_rope_*     cos/sin of every block-start position (double
  *                        precision, once per block instead of once per head);
  *   seer_gate_pool_*     one pass over Q and K (the memory-bound part);
  *   seer_gate_project_*  K projection on bf16 tensor cores (WMMA), RoPE epilogue;
  *   seer_gate_select_*   a 16-row tile of logits on tensor cores into shared
  *                        memory, then softmax and selection (radix select for
- *                        top-k), one warp per row.
+ *                        top-k), one warp per row; seer_gate_select_threshold_*
+ *                        streams 64-column key tiles twice (online softmax).
+ * The select kernels find each sequence's k_gate rows through SeqEntry::k_gate
+ * and GateArgs::k_gate_{head,row}_stride: the workspace here, a cache below.
+ *
+ * Chunked prefill with K-block caches (see "The K-block cache" in gate.cuh):
+ *   update_kblock_cache: seer_gate_rope_*, then
+ *     seer_gate_kcache_pool_*     pools only the chunk's new keys (packed like
+ *                                 Q) per touched block, merging with / saving
+ *                                 the partial block's f32 state in the cache;
+ *     seer_gate_kcache_project_*  the projection kernel over the touched
+ *                                 blocks, each row written to its sequence's
+ *                                 cache at its absolute block index;
+ *   compute_mask_cached: seer_gate_rope_*, seer_gate_pool_* over the query
+ *     heads only (K is not read), seer_gate_select_* reading the caches.
+ *
  * The per-sequence table travels by value in the kernel parameters (it is
- * computed on the host from the host cu_seqlens), so no host-to-device copy
- * is needed and a captured graph replays exactly the shapes it captured.
+ * computed on the host from the host cu_seqlens and cache pointers), so no
+ * host-to-device copy is needed and a captured graph replays exactly the
+ * shapes it captured.
  *
  * Budget at 32k tokens, 32 q heads, 8 kv heads, head_dim 128, bf16:
  *   bytes: Q 268 MB + K 67 MB read once (the floor: ~0.11 ms at 3 TB/s);
  *          scratch (q_gate 4 MB, pooled_k 3 MB, k_gate 4 MB) written once, read from L2.
  *   FLOPs: projection 1.6 G, logits 2.1 G, both on tensor cores; softmax and
  *          selection O(rows * k_blocks).
- * Tested by tests/gpu_gate.rs against the CPU reference.
+ * Tested by tests/gpu_gate.rs against the CPU reference (and, for the K-block
+ * cache, against the one-shot gate over the same chunks).
  */
 #include "gate.cuh"
 
@@ -112,8 +130,8 @@ __device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
     const int q_count = has_q ? min(q_abs * kBlock + kBlock, e.k_len) - q_lo : 0;
     const T* qbase = static_cast<const T*>(a.q) + (e.q_off + (q_lo - e.q_start)) * a.q_row_stride +
                      static_cast<long long>(q_head0) * a.q_head_stride;
-    // Key block `local`.
-    const bool has_k = local < e.k_blocks;
+    // Key block `local` (none when K comes from K-block caches: a.k is null).
+    const bool has_k = a.k != nullptr && local < e.k_blocks;
     const int k_count = has_k ? min(kBlock, e.k_len - local * kBlock) : 0;
     const T* kbase = static_cast<const T*>(a.k) + (e.k_off + static_cast<long long>(local) * kBlock) * a.k_row_stride +
                      static_cast<long long>(k_head0) * a.k_head_stride;
@@ -232,6 +250,88 @@ __device__ void pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
     }
 }
 
+// K-block cache update: one CTA pools the new keys of one touched block of
+// one sequence, all KV heads. The new keys of a sequence are packed like Q
+// (a.k with the q_off rows of the table; k_new[i] sits at position
+// q_start + i), so the touched blocks are exactly its query blocks. Thread t
+// owns the 16-byte pieces t, t + 256, ... of a token row and accumulates
+// them over the block's tokens in token order, starting from the cached
+// partial state when the block began in an earlier chunk: the same float
+// operations in the same order as the one-shot pool kernel, so a block pooled
+// in pieces gives the same bits as one pooled at once. A block the chunk
+// leaves unfinished writes its state back. The pooled [max|min|avg] row
+// (average over every token of the block so far) goes to pooled_k row
+// qblock_base + local, for the projection to write into the cache's k_gate.
+template <int D, typename T, int MAXS>
+__device__ void kcache_pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
+    constexpr int kPieceElems = 8;
+    constexpr int kHeadPieces = D / kPieceElems;
+    constexpr int kUnroll = 8;  // token rows in flight per thread
+    const int local = blockIdx.y;
+    const SeqEntry& e = tab.seq[blockIdx.z];
+    if (local >= e.q_blocks) return;
+    const int start = (e.first_q_block + local) * kBlock;
+    const int lo = max(start, e.q_start);
+    const int hi = min(start + kBlock, e.k_len);
+    const int count = hi - lo;
+    const T* base = static_cast<const T*>(a.k) + (e.q_off + (lo - e.q_start)) * a.k_row_stride;
+    const int k_pieces = a.hkv * kHeadPieces;
+    for (int p = threadIdx.x; p < k_pieces; p += kPoolThreads) {
+        const int h = p / kHeadPieces, d0 = (p % kHeadPieces) * kPieceElems;
+        const T* src = base + h * a.k_head_stride + d0;
+        // The state is [hkv][3][D]: thread p alone reads and writes its 8
+        // columns of it, so a chunk starting and ending inside one block is safe.
+        float* state = e.kv_state + static_cast<long long>(h) * 3 * D + d0;
+        float mx[8], mn[8], sum[8];
+#pragma unroll
+        for (int x = 0; x < 8; ++x) {
+            const bool cont = lo > start;
+            mx[x] = cont ? state[x] : -INFINITY;
+            mn[x] = cont ? state[D + x] : INFINITY;
+            sum[x] = cont ? state[2 * D + x] : 0.f;
+        }
+        for (int t0 = 0; t0 < count; t0 += kUnroll) {
+            uint4 raw[kUnroll];
+#pragma unroll
+            for (int r = 0; r < kUnroll; ++r) {
+                raw[r] = t0 + r < count ? *reinterpret_cast<const uint4*>(src + (t0 + r) * a.k_row_stride)
+                                        : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int r = 0; r < kUnroll; ++r) {
+                if (t0 + r >= count) break;
+                const T* v = reinterpret_cast<const T*>(&raw[r]);
+#pragma unroll
+                for (int x = 0; x < 8; ++x) {
+                    const float f = to_float(v[x]);
+                    mx[x] = fmaxf(mx[x], f);
+                    mn[x] = fminf(mn[x], f);
+                    sum[x] += f;
+                }
+            }
+        }
+        if (hi < start + kBlock) {
+#pragma unroll
+            for (int x = 0; x < 8; ++x) {
+                state[x] = mx[x];
+                state[D + x] = mn[x];
+                state[2 * D + x] = sum[x];
+            }
+        }
+        bf16* out = a.pooled_k + ((e.qblock_base + local) * a.hkv + h) * (3 * D) + d0;
+        __align__(16) bf16 omx[8], omn[8], oav[8];
+#pragma unroll
+        for (int x = 0; x < 8; ++x) {
+            omx[x] = __float2bfloat16(mx[x]);
+            omn[x] = __float2bfloat16(mn[x]);
+            oav[x] = __float2bfloat16(sum[x] / static_cast<float>(hi - start));
+        }
+        *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(omx);
+        *reinterpret_cast<uint4*>(out + D) = *reinterpret_cast<const uint4*>(omn);
+        *reinterpret_cast<uint4*>(out + 2 * D) = *reinterpret_cast<const uint4*>(oav);
+    }
+}
+
 // ------------------------------------------------------------- projection --
 
 // Which sequence a global key-block row belongs to (binary search of kblock_base).
@@ -241,6 +341,17 @@ __device__ int seq_of_kblock(const SeqTable<MAXS>& tab, long long row) {
     while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
         if (tab.seq[mid].kblock_base <= row) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Which sequence a global query-block row belongs to (binary search of qblock_base).
+template <int MAXS>
+__device__ int seq_of_qblock(const SeqTable<MAXS>& tab, long long row) {
+    int lo = 0, hi = tab.num_seqs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (tab.seq[mid].qblock_base <= row) lo = mid; else hi = mid - 1;
     }
     return lo;
 }
@@ -259,12 +370,18 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // columns, a [64 x 3D] · [3D x D/SPLIT] GEMM on bf16 tensor cores. With
 // SPLIT = 2 (chosen by the host when 64-row tiles alone leave the GPU
 // underfilled) a CTA takes columns [c0, c0 + D/4) and their RoPE partners
-// [c0 + D/2, c0 + 3D/4), so its epilogue has both halves of every pair. Operands go
-// through shared memory in 32-wide chunks of the reduction dimension,
-// double-buffered with cp.async; each warp owns 16 rows. The accumulator
-// then goes through shared memory (reusing the staging space) so the
-// epilogue can rotate (c, c + D/2) pairs at each row's block-start position.
-template <int D, int MAXS, int SPLIT>
+// [c0 + D/2, c0 + 3D/4), so its epilogue has both halves of every pair.
+// Operands go through shared memory in 32-wide chunks of the reduction
+// dimension, double-buffered with cp.async; each warp owns 16 rows. The
+// accumulator then goes through shared memory (reusing the staging space)
+// so the epilogue can rotate (c, c + D/2) pairs at each row's block-start
+// position.
+//
+// CACHED (K-block cache update): the rows are the batch's touched blocks
+// (pooled_k rows numbered like q_gate rows, see kcache_pool) and each goes
+// to its sequence's cache, k_gate row [block][head]; rows past the last
+// touched block are computed from scratch padding and dropped.
+template <int D, int MAXS, int SPLIT, bool CACHED>
 __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
     constexpr int kRows = 64;
     constexpr int kIn = 3 * D;
@@ -278,6 +395,7 @@ __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
     constexpr int kTileBytes = kRows * kCols * 4;
     __shared__ __align__(128) unsigned char raw[kStageBytes > kTileBytes ? kStageBytes : kTileBytes];
     __shared__ int position_block[kRows];
+    __shared__ bf16* row_out[kRows];  // where each row's k_gate goes (null: nowhere)
     bf16 (*sa)[kRows][kALd] = reinterpret_cast<bf16 (*)[kRows][kALd]>(raw);
     bf16 (*sb)[kChunk][kBLd] = reinterpret_cast<bf16 (*)[kChunk][kBLd]>(raw + 2 * kRows * kALd * 2);
     float (*tile)[kCols] = reinterpret_cast<float (*)[kCols]>(raw);
@@ -297,9 +415,19 @@ __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
         // Which block of its sequence each row is (rows past the last
         // sequence are zero padding: any position rotates zero to zero).
         const long long row = row0 + threadIdx.x;
-        const SeqEntry& e = tab.seq[seq_of_kblock(tab, row)];
-        const long long local = row - e.kblock_base;
-        position_block[threadIdx.x] = local < e.k_blocks ? static_cast<int>(local) : 0;
+        if (CACHED) {
+            const SeqEntry& e = tab.seq[seq_of_qblock(tab, row)];
+            const long long local = row - e.qblock_base;
+            const bool real = row < tab.total_q_blocks && local < e.q_blocks;
+            const int block = real ? e.first_q_block + static_cast<int>(local) : 0;
+            position_block[threadIdx.x] = block;
+            row_out[threadIdx.x] = real ? e.k_gate + (static_cast<long long>(block) * a.hq + head) * D : nullptr;
+        } else {
+            const SeqEntry& e = tab.seq[seq_of_kblock(tab, row)];
+            const long long local = row - e.kblock_base;
+            position_block[threadIdx.x] = local < e.k_blocks ? static_cast<int>(local) : 0;
+            row_out[threadIdx.x] = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + row) * D;
+        }
     }
     auto fetch = [&](int chunk, int buf) {
         const int k0 = chunk * kChunk;
@@ -354,9 +482,10 @@ __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
         const int r = w / kQuarter;
         const int x = w % kQuarter;
         const int c = c0 + x;
+        bf16* out = row_out[r];
+        if (out == nullptr) continue;
         float x1 = tile[r][x], x2 = tile[r][kQuarter + x];
         rope_pair(x1, x2, a.rope[static_cast<long long>(position_block[r]) * (D / 2) + c]);
-        bf16* out = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + row0 + r) * D;
         out[c] = __float2bfloat16(x1);
         out[c + D / 2] = __float2bfloat16(x2);
     }
@@ -516,7 +645,8 @@ __device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
     const int warp = threadIdx.x / 32;
 
     const bf16* Q = a.q_gate + (static_cast<long long>(head) * a.q_gate_rows + e.qblock_base + i0) * D;
-    const bf16* K = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + e.kblock_base) * D;
+    const bf16* K = e.k_gate + head * a.k_gate_head_stride;
+    const unsigned ldk = static_cast<unsigned>(a.k_gate_row_stride);
     wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fq[D / 16];
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(fq[kk], Q + kk * 16, D);
@@ -526,7 +656,7 @@ __device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fk;
-            wmma::load_matrix_sync(fk, K + static_cast<long long>(kt) * 16 * D + kk * 16, D);
+            wmma::load_matrix_sync(fk, K + static_cast<long long>(kt) * 16 * ldk + kk * 16, ldk);
             wmma::mma_sync(acc, fq[kk], fk, acc);
         }
         wmma::store_matrix_sync(logits + kt * 16, acc, ld, wmma::mem_row_major);
@@ -589,7 +719,7 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
     const int col0 = cg * kWarpCols + half * kLaneCols;  // this lane's first column within a tile
 
     const bf16* Q = a.q_gate + (static_cast<long long>(head) * a.q_gate_rows + e.qblock_base + i0 + rg * 16) * D;
-    const bf16* K = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + e.kblock_base) * D;
+    const bf16* K = e.k_gate + head * a.k_gate_head_stride;
     wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fq[D / 16];
     if (warp_active) {
 #pragma unroll
@@ -601,7 +731,7 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
         __syncthreads();  // everyone is done with the previous tile
         for (int p = threadIdx.x; p < kCols * D / 8; p += kThreads) {
             const int row = p / (D / 8), c = (p % (D / 8)) * 8;
-            cp_async16(&keys[row][c], K + (static_cast<long long>(t) * kCols + row) * D + c);
+            cp_async16(&keys[row][c], K + (static_cast<long long>(t) * kCols + row) * a.k_gate_row_stride + c);
         }
         cp_async_commit();
         cp_async_wait<0>();
@@ -757,7 +887,7 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
     extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
         seer_gate_project_d##D##_s##S##_n##SPLIT(const seer::GateArgs a,                           \
                                                  const __grid_constant__ seer::SeqTable<S> tab) {  \
-        seer::project<D, S, SPLIT>(a, tab);                                                        \
+        seer::project<D, S, SPLIT, false>(a, tab);                                                 \
     }
 #define SEER_ROPE(D)                                                                               \
     extern "C" __global__ void __launch_bounds__(seer::kThreads) seer_gate_rope_d##D(const seer::GateArgs a) { \
@@ -775,6 +905,18 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
                                                        const __grid_constant__ seer::SeqTable<S> tab) { \
         seer::select_threshold<D, S, RW>(a, tab);                                                  \
     }
+#define SEER_KCACHE(D, T, TN, S)                                                                   \
+    extern "C" __global__ void __launch_bounds__(seer::kPoolThreads)                              \
+        seer_gate_kcache_pool_d##D##_##TN##_s##S(const seer::GateArgs a,                           \
+                                                 const __grid_constant__ seer::SeqTable<S> tab) {  \
+        seer::kcache_pool<D, T, S>(a, tab);                                                        \
+    }
+#define SEER_KCACHE_PROJECT(D, S)                                                                  \
+    extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
+        seer_gate_kcache_project_d##D##_s##S(const seer::GateArgs a,                               \
+                                             const __grid_constant__ seer::SeqTable<S> tab) {      \
+        seer::project<D, S, 1, true>(a, tab);                                                      \
+    }
 #define SEER_GATE_KERNELS(S)                                                                       \
     SEER_POOL_PIECES(64, __nv_bfloat16, bf16, S)                                                   \
     SEER_POOL_PIECES(64, __half, f16, S)                                                           \
@@ -784,6 +926,12 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
     SEER_PROJECT(64, S, 2)                                                                         \
     SEER_PROJECT(128, S, 1)                                                                        \
     SEER_PROJECT(128, S, 2)                                                                        \
+    SEER_KCACHE(64, __nv_bfloat16, bf16, S)                                                        \
+    SEER_KCACHE(64, __half, f16, S)                                                                \
+    SEER_KCACHE(128, __nv_bfloat16, bf16, S)                                                       \
+    SEER_KCACHE(128, __half, f16, S)                                                               \
+    SEER_KCACHE_PROJECT(64, S)                                                                     \
+    SEER_KCACHE_PROJECT(128, S)                                                                    \
     SEER_SELECT(64, S)                                                                             \
     SEER_SELECT(128, S)                                                                            \
     SEER_SELECT_THRESHOLD(64, S, 1)                                                                \

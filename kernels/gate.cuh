@@ -19,6 +19,23 @@ constexpr int kBlock = 64;
 constexpr int kMethodThreshold = 0;
 constexpr int kMethodTopK = 1;
 
+// The K-block cache of one (layer, sequence), for chunked prefill: the K
+// side of the gate for every block seen so far, so that a chunk pools only
+// its new keys. One caller-owned device buffer (256-byte aligned), sized by
+// kblock_cache_bytes(config, tokens) in src/gpu/gate.rs; offsets do not
+// depend on its capacity:
+//   [0, state_bytes)  kv_state: f32 [hkv][3][D], the running max, min and sum
+//                     of the sequence's trailing partial block (only while
+//                     the cached length is not a multiple of 64; its token
+//                     count, cached % 64, is known on the host);
+//                     state_bytes = align_up(hkv * 3 * D * 4, 256)
+//   [state_bytes, ..) k_gate: bf16 [blocks][hq][D], RoPE(pooled_k . W[h]) of
+//                     every block (a partial block's row is rewritten when it
+//                     grows), blocks = align_up(ceil(tokens / 64), 64): the
+//                     select kernels read whole 64-row tiles.
+// No header lives on the device: the host knows the cached length
+// (k_len - q_len) from the batch. Never needs zeroing.
+
 // One sequence of the batch, computed on the host from cu_seqlens.
 struct SeqEntry {
     long long q_off;        // packed row of the first query token
@@ -27,6 +44,9 @@ struct SeqEntry {
     long long qblock_base;  // first global query-block row (q_gate)
     long long row_base;     // first mask row
     long long slot_base;    // first index slot
+    bf16* k_gate;           // this sequence's k_gate rows (block 0, head 0): the
+                            // workspace's or its K-block cache's (see below)
+    float* kv_state;        // K-block cache only: the partial block's [hkv][3][D] state
     int q_len;
     int k_len;
     int q_start;            // absolute position of the first query: k_len - q_len
@@ -34,7 +54,7 @@ struct SeqEntry {
     int first_q_block;      // q_start / 64
     int q_blocks;           // k_blocks - first_q_block
 };
-static_assert(sizeof(SeqEntry) == 72, "SeqEntry layout is shared with Rust");
+static_assert(sizeof(SeqEntry) == 88, "SeqEntry layout is shared with Rust");
 
 // The batch, by value in the kernel parameters (capacity S sequences).
 template <int S>
@@ -78,8 +98,13 @@ struct GateArgs {
     int keep_diagonal;            // empty rows keep their diagonal block
     int last_block_dense;
     int reserved;
+    // How the select kernels find row j of head h in a sequence's k_gate:
+    // e.k_gate + h * k_gate_head_stride + j * k_gate_row_stride (elements).
+    // Workspace: [hq][kblock_rows_padded][D]; K-block cache: [blocks][hq][D].
+    long long k_gate_head_stride;
+    long long k_gate_row_stride;
 };
-static_assert(sizeof(GateArgs) == 1224, "GateArgs layout is shared with Rust");
+static_assert(sizeof(GateArgs) == 1240, "GateArgs layout is shared with Rust");
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

@@ -11,7 +11,10 @@
 mod common;
 use common::*;
 use seerattn::cuda::{self, testing, testing::Stream, Ctx, DeviceBuffer};
-use seerattn::gpu::gate::{compute_mask, DeviceGate, DeviceMask, DeviceTensor, GatePlan};
+use seerattn::gpu::gate::{
+    compute_mask, compute_mask_cached, kblock_cache_bytes, update_kblock_cache, DeviceGate, DeviceMask, DeviceTensor,
+    GatePlan,
+};
 use seerattn::*;
 
 const GPU: &str = "needs a CUDA GPU; run with scripts/gpu-test.sh";
@@ -552,4 +555,388 @@ fn gpu_gate_refuses_bad_device_buffers() {
     assert!(matches!(layer0, Err(Error::InvalidArgument(_))), "layer without weights");
     // Nothing above was enqueued: the stream is clean and still usable.
     stream.synchronize().unwrap();
+}
+
+// ------------------------------------------------------------ K-block cache --
+
+/// One sequence of a chunked-prefill schedule: all its pre-RoPE Q and K
+/// (`[len, heads, d]`), and how many tokens its cache holds so far.
+struct ChunkedSeq {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    done: usize,
+    /// Every chunk so far started on a block boundary: no block of this
+    /// sequence was pooled from two chunks, so the cached path must give
+    /// bit-identical masks (the f32 sum of a split block is merged in a
+    /// different order, which may move its bf16 average by one ulp).
+    aligned: bool,
+    cache: DeviceBuffer,
+}
+
+/// Rows `from..to` of every `(seq, from, to)`, packed in that order.
+fn pack(parts: &[(&[f32], usize, usize)], heads: usize, d: usize) -> Vec<f32> {
+    let mut out = Vec::new();
+    for &(v, from, to) in parts {
+        out.extend_from_slice(&v[from * heads * d..to * heads * d]);
+    }
+    out
+}
+
+struct KcacheCase {
+    name: &'static str,
+    d: usize,
+    hq: usize,
+    hkv: usize,
+    dtype: DType,
+    fused: bool,
+    /// Total tokens of each sequence slot.
+    lens: Vec<usize>,
+    /// Each step: (slot, new tokens) of the sequences in the batch, in batch order.
+    steps: Vec<Vec<(usize, usize)>>,
+}
+
+/// Run a chunked-prefill schedule twice per step and rule: update the
+/// caches with the chunk's keys then compute the mask from them, and the
+/// one-shot gate with every key so far; the masks must agree exactly while
+/// no block was split across chunks, else up to near-ties; both against the
+/// CPU reference with all keys.
+fn run_kcache_case(case: &KcacheCase, rng: &mut Rng) {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let c = config(case.d, case.hq, case.hkv);
+    let (d, hq, hkv, dtype) = (case.d, case.hq, case.hkv, case.dtype);
+    let gate = random_gate(&c, rng);
+    let device = DeviceGate::upload(&gate, &ctx).unwrap();
+    let mut seqs: Vec<ChunkedSeq> = case
+        .lens
+        .iter()
+        .map(|&len| {
+            // Poisoned (all 0xff: NaN state, NaN rows): the update must not
+            // read what no earlier update wrote.
+            let bytes = kblock_cache_bytes(&c, len).unwrap();
+            let cache = testing::alloc_zeroed(&ctx, bytes).unwrap();
+            testing::copy_to_device(&ctx, cache.ptr(), &vec![0xffu8; bytes]).unwrap();
+            ChunkedSeq {
+                q: structured(len, hq, d, rng),
+                k: structured(len, hkv, d, rng),
+                done: 0,
+                aligned: true,
+                cache,
+            }
+        })
+        .collect();
+    let rules = [
+        MaskParams { method: SparsityMethod::Threshold, threshold: 0.01, ..MaskParams::from_config(&c) },
+        MaskParams {
+            method: SparsityMethod::Threshold,
+            threshold: 0.02,
+            threshold_compare: ThresholdCompare::Bf16,
+            last_block_dense: true,
+            empty_rows: EmptyRowPolicy::Empty,
+            ..MaskParams::from_config(&c)
+        },
+        MaskParams { method: SparsityMethod::NzRatio, nz_ratio: 0.3, ..MaskParams::from_config(&c) },
+    ];
+    for (step, entries) in case.steps.iter().enumerate() {
+        let lens: Vec<(usize, usize)> = entries.iter().map(|&(s, n)| (n, seqs[s].done + n)).collect();
+        let batch = Batch::from_lens(&lens).unwrap();
+        let q = pack(
+            &entries.iter().map(|&(s, n)| (&seqs[s].q[..], seqs[s].done, seqs[s].done + n)).collect::<Vec<_>>(),
+            hq,
+            d,
+        );
+        let k_new = pack(
+            &entries.iter().map(|&(s, n)| (&seqs[s].k[..], seqs[s].done, seqs[s].done + n)).collect::<Vec<_>>(),
+            hkv,
+            d,
+        );
+        let k_all =
+            pack(&entries.iter().map(|&(s, n)| (&seqs[s].k[..], 0, seqs[s].done + n)).collect::<Vec<_>>(), hkv, d);
+        let (tq, tk) = (batch.total_q(), batch.total_k());
+        let full = upload_inputs(&ctx, &q, &k_all, tq, tk, &c, dtype, case.fused);
+        let fresh = upload_inputs(&ctx, &q, &k_new, tq, tq, &c, dtype, case.fused);
+        let caches: Vec<u64> = entries.iter().map(|&(s, _)| seqs[s].cache.ptr()).collect();
+        // Exact while no block of the batch is pooled from two chunks: every
+        // chunk so far, this one included, starts on a block boundary.
+        let exact = entries.iter().all(|&(s, _)| seqs[s].aligned && seqs[s].done % 64 == 0);
+        let out = DeviceOutputs::new(&ctx, &c, &batch);
+        unsafe {
+            update_kblock_cache(
+                &gate,
+                &device,
+                1,
+                &batch,
+                &fresh.k,
+                &caches,
+                out.workspace.ptr(),
+                out.workspace.len(),
+                stream.raw(),
+            )
+            .unwrap();
+        }
+        let (qb, kb) = (to_bytes(&q, dtype), to_bytes(&k_all, dtype));
+        let qv = Tensor3::new("q", &qb, dtype, Layout3::contiguous(tq, hq, d)).unwrap();
+        let kv = Tensor3::new("k", &kb, dtype, Layout3::contiguous(tk, hkv, d)).unwrap();
+        let scores = gate.scores(1, &qv, &kv, &batch).unwrap();
+        for params in &rules {
+            let what = format!("{} step {step} {lens:?} / {:?} t={}", case.name, params.method, params.threshold);
+            unsafe {
+                compute_mask_cached(
+                    &gate,
+                    &device,
+                    1,
+                    params,
+                    &batch,
+                    &fresh.q,
+                    &caches,
+                    &out.mask(),
+                    out.workspace.ptr(),
+                    out.workspace.len(),
+                    stream.raw(),
+                )
+                .unwrap();
+            }
+            stream.synchronize().unwrap();
+            let cached = out.read(&ctx);
+            let one_shot = run_gpu(&ctx, &gate, &device, params, &batch, &full, &out, &stream);
+            let cpu = gate.compute_block_mask(1, &qv, &kv, &batch, params).unwrap();
+            if exact {
+                assert_eq!(cached, one_shot, "{what}: cached and one-shot masks differ with no block split");
+            }
+            let near_gpu = compare_masks(&format!("{what} (cached vs one-shot)"), params, &scores, &cached, &one_shot);
+            let near_cpu = compare_masks(&format!("{what} (cached vs CPU)"), params, &scores, &cached, &cpu);
+            println!("{what}: exact {exact}, {near_gpu} differences from one-shot, {near_cpu} near-ties vs CPU");
+        }
+        for &(s, n) in entries {
+            seqs[s].aligned &= seqs[s].done % 64 == 0;
+            seqs[s].done += n;
+        }
+    }
+    for (s, seq) in seqs.iter().enumerate() {
+        assert_eq!(seq.done, case.lens[s], "{}: schedule leaves sequence {s} unfinished", case.name);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_kcache_chunked_prefill_matches_one_shot() {
+    let mut rng = Rng(31);
+    let single = |name, d, hq, hkv, dtype, chunks: &[usize]| KcacheCase {
+        name,
+        d,
+        hq,
+        hkv,
+        dtype,
+        fused: false,
+        lens: vec![chunks.iter().sum()],
+        steps: chunks.iter().map(|&n| vec![(0, n)]).collect(),
+    };
+    let cases = [
+        // Chunks that start and end mid-block, one of a single token.
+        single("one seq, split blocks, gqa4, d128, bf16", 128, 8, 2, DType::BF16, &[100, 64, 300, 1, 535]),
+        single("one seq, split blocks, mha, d64, f16", 64, 4, 4, DType::F16, &[100, 64, 300, 1, 535]),
+        // Chunks on block boundaries (a trailing partial block only in the
+        // last): bit-identical to the one-shot path.
+        single("one seq, aligned chunks, gqa4, d128, f16", 128, 8, 2, DType::F16, &[128, 64, 448, 360]),
+        single("one seq, aligned chunks, gqa8, d64, bf16", 64, 8, 1, DType::BF16, &[512, 512, 512, 100]),
+        // A batch whose sequences hold different cached lengths, join and
+        // leave, and change places (caches follow batch order).
+        KcacheCase {
+            name: "three seqs, gqa4, d64, bf16, fused",
+            d: 64,
+            hq: 8,
+            hkv: 2,
+            dtype: DType::BF16,
+            fused: true,
+            lens: vec![700, 300, 1000],
+            steps: vec![vec![(0, 200), (1, 37), (2, 64)], vec![(0, 1), (2, 500), (1, 263)], vec![(2, 436), (0, 499)]],
+        },
+        KcacheCase {
+            name: "three seqs, gqa4, d128, f16",
+            d: 128,
+            hq: 8,
+            hkv: 2,
+            dtype: DType::F16,
+            fused: false,
+            lens: vec![600, 129, 1100],
+            steps: vec![vec![(1, 64), (2, 512)], vec![(0, 300), (1, 65), (2, 1)], vec![(0, 300), (2, 587)]],
+        },
+    ];
+    for case in &cases {
+        run_kcache_case(case, &mut rng);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_kcache_refuses_bad_caches() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let c = config(64, 4, 2);
+    let mut rng = Rng(41);
+    let gate = random_gate(&c, &mut rng);
+    let device = DeviceGate::upload(&gate, &ctx).unwrap();
+    let batch = Batch::from_lens(&[(100, 300), (20, 20)]).unwrap();
+    let q = structured(120, 4, 64, &mut rng);
+    let k = structured(120, 2, 64, &mut rng);
+    let inputs = upload_inputs(&ctx, &q, &k, 120, 120, &c, DType::BF16, false);
+    let out = DeviceOutputs::new(&ctx, &c, &batch);
+    let big = testing::alloc_zeroed(&ctx, kblock_cache_bytes(&c, 300).unwrap()).unwrap();
+    let other = testing::alloc_zeroed(&ctx, kblock_cache_bytes(&c, 20).unwrap()).unwrap();
+    // Room for the state and a few rows, not for 64-row tiles of 300 tokens.
+    let small = testing::alloc_zeroed(&ctx, 4096).unwrap();
+    let host = vec![0u8; kblock_cache_bytes(&c, 300).unwrap()];
+    let params = MaskParams::from_config(&c);
+    let update = |caches: &[u64]| unsafe {
+        update_kblock_cache(
+            &gate,
+            &device,
+            1,
+            &batch,
+            &inputs.k,
+            caches,
+            out.workspace.ptr(),
+            out.workspace.len(),
+            stream.raw(),
+        )
+    };
+    let compute = |caches: &[u64]| unsafe {
+        compute_mask_cached(
+            &gate,
+            &device,
+            1,
+            &params,
+            &batch,
+            &inputs.q,
+            caches,
+            &out.mask(),
+            out.workspace.ptr(),
+            out.workspace.len(),
+            stream.raw(),
+        )
+    };
+    let bad: [(&str, Vec<u64>); 5] = [
+        ("one cache for two sequences", vec![big.ptr()]),
+        ("cache too small for k_len 300", vec![small.ptr(), other.ptr()]),
+        ("host memory", vec![host.as_ptr() as u64, other.ptr()]),
+        ("misaligned", vec![big.ptr() + 16, other.ptr()]),
+        ("the same cache twice", vec![big.ptr(), big.ptr()]),
+    ];
+    for (what, caches) in &bad {
+        assert!(matches!(update(caches), Err(Error::InvalidArgument(_))), "update: {what}");
+        assert!(matches!(compute(caches), Err(Error::InvalidArgument(_))), "compute: {what}");
+    }
+    // k_new has the query rows, not the key rows.
+    let wrong_rows = upload_inputs(&ctx, &q, &structured(320, 2, 64, &mut rng), 120, 320, &c, DType::BF16, false);
+    let good = [big.ptr(), other.ptr()];
+    let r = unsafe {
+        update_kblock_cache(
+            &gate,
+            &device,
+            1,
+            &batch,
+            &wrong_rows.k,
+            &good,
+            out.workspace.ptr(),
+            out.workspace.len(),
+            stream.raw(),
+        )
+    };
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "k_new with k_len rows");
+    let r = unsafe {
+        update_kblock_cache(&gate, &device, 1, &batch, &inputs.k, &good, out.workspace.ptr(), 1024, stream.raw())
+    };
+    assert!(matches!(r, Err(Error::BufferTooSmall(_))), "small workspace");
+    stream.synchronize().unwrap();
+    // And the good caches work.
+    update(&good).unwrap();
+    compute(&good).unwrap();
+    stream.synchronize().unwrap();
+    out.read(&ctx).as_ref().validate(&out.layout).unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_kcache_graph_capture_replays() {
+    // A chunk that starts on a block boundary reads no cached state, so the
+    // captured update + compute can be replayed with new inputs and must
+    // match the eager calls.
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let c = config(128, 8, 2);
+    let mut rng = Rng(43);
+    let gate = random_gate(&c, &mut rng);
+    let device = DeviceGate::upload(&gate, &ctx).unwrap();
+    let batch = Batch::from_lens(&[(300, 300), (100, 356)]).unwrap();
+    let params = MaskParams { method: SparsityMethod::Threshold, threshold: 0.02, ..MaskParams::from_config(&c) };
+    let caches_buf: Vec<DeviceBuffer> =
+        [300, 356].iter().map(|&n| testing::alloc_zeroed(&ctx, kblock_cache_bytes(&c, n).unwrap()).unwrap()).collect();
+    let caches: Vec<u64> = caches_buf.iter().map(|b| b.ptr()).collect();
+    let out = DeviceOutputs::new(&ctx, &c, &batch);
+    let q0 = structured(400, 8, 128, &mut rng);
+    let k0 = structured(400, 2, 128, &mut rng);
+    let inputs = upload_inputs(&ctx, &q0, &k0, 400, 400, &c, DType::BF16, false);
+    let run = || unsafe {
+        update_kblock_cache(
+            &gate,
+            &device,
+            1,
+            &batch,
+            &inputs.k,
+            &caches,
+            out.workspace.ptr(),
+            out.workspace.len(),
+            stream.raw(),
+        )?;
+        compute_mask_cached(
+            &gate,
+            &device,
+            1,
+            &params,
+            &batch,
+            &inputs.q,
+            &caches,
+            &out.mask(),
+            out.workspace.ptr(),
+            out.workspace.len(),
+            stream.raw(),
+        )
+    };
+    // Fill the cache of sequence 1's first 256 tokens, then one eager run
+    // (loading the kernel module is not capturable).
+    let prefix = Batch::from_lens(&[(256, 256)]).unwrap();
+    let kp = structured(256, 2, 128, &mut rng);
+    let qp = structured(256, 8, 128, &mut rng);
+    let pin = upload_inputs(&ctx, &qp, &kp, 256, 256, &c, DType::BF16, false);
+    let pout = DeviceOutputs::new(&ctx, &c, &prefix);
+    unsafe {
+        update_kblock_cache(
+            &gate,
+            &device,
+            1,
+            &prefix,
+            &pin.k,
+            &caches[1..],
+            pout.workspace.ptr(),
+            pout.workspace.len(),
+            stream.raw(),
+        )
+        .unwrap();
+    }
+    run().unwrap();
+    stream.synchronize().unwrap();
+    let graph = unsafe { testing::capture(&stream, run) }.unwrap();
+    for round in 0..3 {
+        let q = structured(400, 8, 128, &mut rng);
+        let k = structured(400, 2, 128, &mut rng);
+        testing::copy_to_device(&ctx, inputs.q.ptr, &to_bytes(&q, DType::BF16)).unwrap();
+        testing::copy_to_device(&ctx, inputs.k.ptr, &to_bytes(&k, DType::BF16)).unwrap();
+        graph.launch(&stream).unwrap();
+        stream.synchronize().unwrap();
+        let replayed = out.read(&ctx);
+        run().unwrap();
+        stream.synchronize().unwrap();
+        let eager = out.read(&ctx);
+        assert_eq!(replayed, eager, "round {round}: graph replay differs from the eager run");
+    }
 }

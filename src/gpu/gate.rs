@@ -2,10 +2,23 @@
 //!
 //! [`GatePlan`] turns a batch into the per-sequence table the kernels take
 //! by value, the scratch layout inside the caller's workspace, and the grids
-//! of the three launches; [`DeviceGate`] holds a gate's weights on the device
+//! of the launches; [`DeviceGate`] holds a gate's weights on the device
 //! (uploaded once); [`compute_mask`] validates device buffers and enqueues
 //! pool -> project -> select on the caller's stream. Nothing here allocates,
 //! copies between host and device, or synchronizes once the weights are up.
+//!
+//! Chunked prefill without the pre-RoPE keys of earlier chunks: a K-block
+//! cache per (layer, sequence slot) holds the gate's K side (projected,
+//! rotated `k_gate` rows of every block, and the f32 max/min/sum of the
+//! trailing partial block; layout in kernels/gate.cuh, size from
+//! [`kblock_cache_bytes`]). Per chunk, [`update_kblock_cache`] pools only
+//! the chunk's new keys (packed like Q) into the caches, then
+//! [`compute_mask_cached`] pools Q and selects against the caches. Same
+//! workspace size as [`compute_mask`] for the same batch. The masks are meant
+//! to equal the one-shot path's over all keys bit for bit while every chunk
+//! starts on a 64-token boundary (tests/gpu_gate.rs asserts it); a block
+//! split across chunks sums its f32 average in another order, which can
+//! move it by a bf16 rounding step.
 //!
 //! Scope of this path: the released gate type (`Qavg_Kmaxminavg`, no Q
 //! projection, `gate_hidden == head_dim`), head_dim 64 or 128, bf16/f16
@@ -48,6 +61,8 @@ struct SeqEntry {
     qblock_base: i64,
     row_base: i64,
     slot_base: i64,
+    k_gate: u64,
+    kv_state: u64,
     q_len: i32,
     k_len: i32,
     q_start: i32,
@@ -101,6 +116,8 @@ struct GateArgs {
     keep_diagonal: i32,
     last_block_dense: i32,
     reserved: i32,
+    k_gate_head_stride: i64,
+    k_gate_row_stride: i64,
 }
 
 fn align_up(x: usize, a: usize) -> usize {
@@ -169,6 +186,9 @@ impl GatePlan {
                 qblock_base: qblocks as i64,
                 row_base: first_row as i64,
                 slot_base: offsets[first_row],
+                // Set at launch: the workspace's k_gate or the sequence's cache.
+                k_gate: 0,
+                kv_state: 0,
                 q_len: sq.q_len as i32,
                 k_len: sq.k_len as i32,
                 q_start: sq.q_start as i32,
@@ -308,6 +328,168 @@ fn check_rows_aligned(name: &str, t: &DeviceTensor) -> Result<()> {
     }
 }
 
+/// Bytes of one K-block cache (one layer, one sequence slot) able to hold
+/// `max_tokens` tokens of a sequence, for the gate of `config`. The layout
+/// (documented in kernels/gate.cuh, "The K-block cache") does not depend on
+/// the capacity: a cache holds any sequence of at most `max_tokens` tokens.
+/// Allocate it 256-byte aligned (cudaMalloc memory is); it needs no zeroing.
+pub fn kblock_cache_bytes(config: &GateConfig, max_tokens: usize) -> Result<usize> {
+    check_supported(config)?;
+    let (d, hq) = (config.head_dim, config.num_q_heads);
+    let blocks = align_up(max_tokens.div_ceil(BLOCK), WIDE_TILE);
+    blocks
+        .checked_mul(hq * d * 2)
+        .and_then(|rows| rows.checked_add(kblock_state_bytes(config)))
+        .ok_or_else(|| Error::invalid(format!("a K-block cache of {max_tokens} tokens overflows the address space")))
+}
+
+/// Bytes of the partial-block state at the start of a K-block cache.
+fn kblock_state_bytes(config: &GateConfig) -> usize {
+    align_up(config.num_kv_heads * 3 * config.head_dim * 4, 256)
+}
+
+/// Where the select kernels find each sequence's K side.
+#[derive(Clone, Copy)]
+enum KSide<'a> {
+    /// Pre-RoPE keys of every position: pooled and projected into the workspace.
+    Keys(&'a DeviceTensor),
+    /// One K-block cache per sequence, already updated with this batch.
+    Caches(&'a [u64]),
+}
+
+/// A pre-RoPE Q or K tensor the pool kernels read: dtype, shape, 16-byte
+/// rows, device memory of the weights' context.
+fn check_input(device: &DeviceGate, name: &str, t: &DeviceTensor, tokens: usize, heads: usize, d: usize) -> Result<()> {
+    if !matches!(t.dtype, DType::BF16 | DType::F16) {
+        return Err(Error::unsupported(format!("{name}: dtype {} (the gate takes bf16 or f16)", t.dtype.name())));
+    }
+    if t.layout.shape != [tokens, heads, d] {
+        return Err(Error::invalid(format!(
+            "{name}: shape {:?}, expected {:?} ([tokens, heads, head_dim] for this batch and gate)",
+            t.layout.shape,
+            [tokens, heads, d]
+        )));
+    }
+    check_rows_aligned(name, t)?;
+    cuda::check_device_pointer(name, t.ptr, t.span_bytes(name)?)?;
+    check_same_context(device, name, t.ptr)
+}
+
+fn check_same_context(device: &DeviceGate, name: &str, ptr: u64) -> Result<()> {
+    let owner = cuda::context_of(ptr)?;
+    if owner.id() != device.ctx().id() {
+        return Err(Error::invalid(format!(
+            "{name} lives in another CUDA context than the one the gate's weights were uploaded to"
+        )));
+    }
+    Ok(())
+}
+
+/// One K-block cache per sequence, each 256-byte aligned device memory of
+/// the weights' context, large enough for its sequence's `k_len` tokens, no
+/// two the same.
+fn check_caches(config: &GateConfig, device: &DeviceGate, batch: &Batch, caches: &[u64]) -> Result<()> {
+    if caches.len() != batch.len() {
+        return Err(Error::invalid(format!(
+            "{} K-block caches for a batch of {} sequences (one per sequence, in batch order)",
+            caches.len(),
+            batch.len()
+        )));
+    }
+    for (s, (&ptr, sq)) in caches.iter().zip(batch.seqs(BLOCK)).enumerate() {
+        let name = format!("K-block cache of sequence {s}");
+        if ptr == 0 || ptr % 256 != 0 {
+            return Err(Error::invalid(format!("{name} ({ptr:#x}) is null or not 256-byte aligned")));
+        }
+        cuda::check_device_pointer(&name, ptr, kblock_cache_bytes(config, sq.k_len)?)?;
+        check_same_context(device, &name, ptr)?;
+    }
+    let mut sorted = caches.to_vec();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::invalid(format!("the K-block cache {:#x} is given to two sequences of the batch", w[0])));
+    }
+    Ok(())
+}
+
+fn check_workspace(plan: &GatePlan, workspace: u64, workspace_len: usize) -> Result<()> {
+    if workspace_len < plan.workspace_bytes {
+        return Err(Error::BufferTooSmall(format!(
+            "workspace holds {workspace_len} bytes, this batch needs {} (seer_gate_workspace_size)",
+            plan.workspace_bytes
+        )));
+    }
+    if workspace % 256 != 0 {
+        return Err(Error::invalid("workspace must be 256-byte aligned (cudaMalloc memory is)"));
+    }
+    cuda::check_device_pointer("workspace", workspace, plan.workspace_bytes)
+}
+
+impl GatePlan {
+    /// Point every sequence's k_gate at the workspace (one-shot gate).
+    fn use_workspace_k_gate(&mut self, workspace: u64, d: usize) {
+        let base = workspace + self.k_gate_offset as u64;
+        for e in &mut self.seqs {
+            e.k_gate = base + (e.kblock_base as u64) * (d as u64) * 2;
+            e.kv_state = 0;
+        }
+    }
+
+    /// Point every sequence's k_gate and partial state at its K-block cache.
+    fn use_caches(&mut self, config: &GateConfig, caches: &[u64]) {
+        let state = kblock_state_bytes(config) as u64;
+        for (e, &cache) in self.seqs.iter_mut().zip(caches) {
+            e.k_gate = cache + state;
+            e.kv_state = cache;
+        }
+    }
+}
+
+impl GateArgs {
+    /// The arguments every launch shares; the mask and selection fields are
+    /// zero (the K-block cache update selects nothing).
+    fn new(config: &GateConfig, plan: &GatePlan, workspace: u64, weights: u64) -> Self {
+        let (d, hq, hkv) = (config.head_dim, config.num_q_heads, config.num_kv_heads);
+        let mut inv_freq = [0f64; 128];
+        inv_freq[..d / 2].copy_from_slice(&config.rope.inv_freq(d));
+        GateArgs {
+            q: 0,
+            k: 0,
+            q_row_stride: 0,
+            q_head_stride: 0,
+            k_row_stride: 0,
+            k_head_stride: 0,
+            q_gate: workspace + plan.q_gate_offset as u64,
+            pooled_k: workspace + plan.pooled_k_offset as u64,
+            k_gate: workspace + plan.k_gate_offset as u64,
+            rope: workspace + plan.rope_offset as u64,
+            weights,
+            counts: 0,
+            indices: 0,
+            row_offsets: 0,
+            q_gate_rows: plan.q_gate_rows as i64,
+            kblock_rows: plan.kblock_rows as i64,
+            kblock_rows_padded: plan.kblock_rows_padded as i64,
+            total_rows: plan.total_rows as i64,
+            total_slots: plan.total_slots as i64,
+            topk_ratio: 0.0,
+            inv_freq,
+            hq: hq as i32,
+            hkv: hkv as i32,
+            group: (hq / hkv) as i32,
+            method: 0,
+            threshold: 0.0,
+            scale: 1.0 / (config.gate_hidden as f32).sqrt(),
+            threshold_bf16: 0,
+            keep_diagonal: 0,
+            last_block_dense: 0,
+            reserved: 0,
+            k_gate_head_stride: (plan.kblock_rows_padded * d) as i64,
+            k_gate_row_stride: d as i64,
+        }
+    }
+}
+
 /// Enqueue the gate of `layer` on `stream`: validate every device buffer
 /// (shapes, dtypes, sizes, that each pointer is device memory of the weights'
 /// context), then launch pool, project and select. Asynchronous.
@@ -329,34 +511,65 @@ pub unsafe fn compute_mask(
     workspace_len: usize,
     stream: CUstream,
 ) -> Result<()> {
+    compute(gate, device, layer, params, batch, q, KSide::Keys(k), mask, workspace, workspace_len, stream)
+}
+
+/// [`compute_mask`] with the K side read from K-block caches instead of
+/// pooled from pre-RoPE keys: `caches[s]` is sequence `s`'s cache for this
+/// layer (see [`kblock_cache_bytes`]), already brought up to the batch's
+/// `k_len` by [`update_kblock_cache`] (with this batch, for this layer).
+/// Only Q is pooled; K is neither read nor needed. The workspace is sized
+/// as for [`compute_mask`] ([`GatePlan::workspace_bytes`]).
+///
+/// # Safety
+/// As [`compute_mask`]; in addition each cache must hold the K side of its
+/// sequence's first `k_len` tokens (the GPU cannot check that).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn compute_mask_cached(
+    gate: &Gate,
+    device: &DeviceGate,
+    layer: usize,
+    params: &MaskParams,
+    batch: &Batch,
+    q: &DeviceTensor,
+    caches: &[u64],
+    mask: &DeviceMask,
+    workspace: u64,
+    workspace_len: usize,
+    stream: CUstream,
+) -> Result<()> {
+    compute(gate, device, layer, params, batch, q, KSide::Caches(caches), mask, workspace, workspace_len, stream)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn compute(
+    gate: &Gate,
+    device: &DeviceGate,
+    layer: usize,
+    params: &MaskParams,
+    batch: &Batch,
+    q: &DeviceTensor,
+    kside: KSide,
+    mask: &DeviceMask,
+    workspace: u64,
+    workspace_len: usize,
+    stream: CUstream,
+) -> Result<()> {
     let config = gate.config();
     params.validate()?;
-    let plan = GatePlan::new(config, batch)?;
+    let mut plan = GatePlan::new(config, batch)?;
     let weights = device.layer(layer)?;
     let (d, hq, hkv) = (config.head_dim, config.num_q_heads, config.num_kv_heads);
 
-    for (name, t, tokens, heads) in [("q_nope", q, batch.total_q(), hq), ("k_nope", k, batch.total_k(), hkv)] {
-        if !matches!(t.dtype, DType::BF16 | DType::F16) {
-            return Err(Error::unsupported(format!("{name}: dtype {} (the gate takes bf16 or f16)", t.dtype.name())));
+    check_input(device, "q_nope", q, batch.total_q(), hq, d)?;
+    match kside {
+        KSide::Keys(k) => {
+            check_input(device, "k_nope", k, batch.total_k(), hkv, d)?;
+            if q.dtype != k.dtype {
+                return Err(Error::invalid(format!("q_nope is {} but k_nope is {}", q.dtype.name(), k.dtype.name())));
+            }
         }
-        if t.layout.shape != [tokens, heads, d] {
-            return Err(Error::invalid(format!(
-                "{name}: shape {:?}, expected {:?} ([tokens, heads, head_dim] for this batch and gate)",
-                t.layout.shape,
-                [tokens, heads, d]
-            )));
-        }
-        check_rows_aligned(name, t)?;
-        cuda::check_device_pointer(name, t.ptr, t.span_bytes(name)?)?;
-        let owner = cuda::context_of(t.ptr)?;
-        if owner.id() != device.ctx().id() {
-            return Err(Error::invalid(format!(
-                "{name} lives in another CUDA context than the one the gate's weights were uploaded to"
-            )));
-        }
-    }
-    if q.dtype != k.dtype {
-        return Err(Error::invalid(format!("q_nope is {} but k_nope is {}", q.dtype.name(), k.dtype.name())));
+        KSide::Caches(caches) => check_caches(config, device, batch, caches)?,
     }
     let need = [
         ("mask->counts", mask.counts, mask.counts_len, plan.total_rows, 4),
@@ -372,16 +585,7 @@ pub unsafe fn compute_mask(
         }
         cuda::check_device_pointer(name, ptr, want * size)?;
     }
-    if workspace_len < plan.workspace_bytes {
-        return Err(Error::BufferTooSmall(format!(
-            "workspace holds {workspace_len} bytes, this batch needs {} (seer_gate_workspace_size)",
-            plan.workspace_bytes
-        )));
-    }
-    if workspace % 256 != 0 {
-        return Err(Error::invalid("workspace must be 256-byte aligned (cudaMalloc memory is)"));
-    }
-    cuda::check_device_pointer("workspace", workspace, plan.workspace_bytes)?;
+    check_workspace(&plan, workspace, workspace_len)?;
     let smem = plan.select_smem();
     let smem_limit = match device.ctx().compute_capability() {
         (9, _) => 227 * 1024,
@@ -399,48 +603,44 @@ pub unsafe fn compute_mask(
         )));
     }
 
-    let mut inv_freq = [0f64; 128];
-    inv_freq[..d / 2].copy_from_slice(&config.rope.inv_freq(d));
+    let base = GateArgs::new(config, &plan, workspace, weights);
     let mut args = GateArgs {
         q: q.ptr,
-        k: k.ptr,
         q_row_stride: q.layout.strides[0] as i64,
         q_head_stride: q.layout.strides[1] as i64,
-        k_row_stride: k.layout.strides[0] as i64,
-        k_head_stride: k.layout.strides[1] as i64,
-        q_gate: workspace + plan.q_gate_offset as u64,
-        pooled_k: workspace + plan.pooled_k_offset as u64,
-        k_gate: workspace + plan.k_gate_offset as u64,
-        rope: workspace + plan.rope_offset as u64,
-        weights,
         counts: mask.counts,
         indices: mask.indices,
         row_offsets: mask.row_offsets,
-        q_gate_rows: plan.q_gate_rows as i64,
-        kblock_rows: plan.kblock_rows as i64,
-        kblock_rows_padded: plan.kblock_rows_padded as i64,
-        total_rows: plan.total_rows as i64,
-        total_slots: plan.total_slots as i64,
         topk_ratio: 1.0 - (1.0 - params.nz_ratio as f64).sqrt(),
-        inv_freq,
-        hq: hq as i32,
-        hkv: hkv as i32,
-        group: (hq / hkv) as i32,
         method: match params.method {
             SparsityMethod::Threshold => 0,
             SparsityMethod::NzRatio => 1,
         },
         threshold: params.threshold,
-        scale: 1.0 / (config.gate_hidden as f32).sqrt(),
         threshold_bf16: (params.threshold_compare == ThresholdCompare::Bf16) as i32,
         keep_diagonal: (params.empty_rows == EmptyRowPolicy::KeepDiagonal) as i32,
         last_block_dense: params.last_block_dense as i32,
-        reserved: 0,
+        ..base
+    };
+    let cached = match kside {
+        KSide::Keys(k) => {
+            args.k = k.ptr;
+            args.k_row_stride = k.layout.strides[0] as i64;
+            args.k_head_stride = k.layout.strides[1] as i64;
+            plan.use_workspace_k_gate(workspace, d);
+            false
+        }
+        KSide::Caches(caches) => {
+            plan.use_caches(config, caches);
+            args.k_gate_head_stride = d as i64;
+            args.k_gate_row_stride = (hq * d) as i64;
+            true
+        }
     };
     if plan.seqs.len() <= SMALL_SEQS {
-        launch_all::<SMALL_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, smem, stream)
+        launch_all::<SMALL_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, smem, cached, stream)
     } else {
-        launch_all::<MAX_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, smem, stream)
+        launch_all::<MAX_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, smem, cached, stream)
     }
 }
 
@@ -489,6 +689,86 @@ impl PoolShape {
     }
 }
 
+/// Bring each sequence's K-block cache of `layer` up to the batch: pool the
+/// new keys block by block (merging with the cached partial block where the
+/// chunk starts mid-block, saving the partial state where it ends mid-block),
+/// project and rotate the touched blocks, and write their `k_gate` rows into
+/// the caches. Then [`compute_mask_cached`] with the same batch computes the
+/// mask. Asynchronous, graph-capturable (no allocation, copy or sync).
+///
+/// `k_new` holds only the new (pre-RoPE) keys: `[total_q, hkv, head_dim]`,
+/// packed like Q (sequence `s`'s `q_len` rows at the batch's query offset,
+/// row `i` at absolute position `k_len - q_len + i`). `caches[s]` is
+/// sequence `s`'s cache (see [`kblock_cache_bytes`]); the workspace is sized
+/// as for [`compute_mask`] on the same batch.
+///
+/// # Safety
+/// The device buffers must stay valid until the work completes; `stream`
+/// must belong to the weights' context (or be NULL). Each cache must hold
+/// its sequence's first `k_len - q_len` tokens, written by earlier updates
+/// of the same layer (none when `k_len == q_len`): the GPU cannot check it.
+/// Work on a sequence's cache must be ordered (one stream, or events).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn update_kblock_cache(
+    gate: &Gate,
+    device: &DeviceGate,
+    layer: usize,
+    batch: &Batch,
+    k_new: &DeviceTensor,
+    caches: &[u64],
+    workspace: u64,
+    workspace_len: usize,
+    stream: CUstream,
+) -> Result<()> {
+    let config = gate.config();
+    let mut plan = GatePlan::new(config, batch)?;
+    let weights = device.layer(layer)?;
+    let (d, hkv) = (config.head_dim, config.num_kv_heads);
+    check_input(device, "k_new", k_new, batch.total_q(), hkv, d)?;
+    check_caches(config, device, batch, caches)?;
+    check_workspace(&plan, workspace, workspace_len)?;
+    plan.use_caches(config, caches);
+    let mut args = GateArgs {
+        k: k_new.ptr,
+        k_row_stride: k_new.layout.strides[0] as i64,
+        k_head_stride: k_new.layout.strides[1] as i64,
+        ..GateArgs::new(config, &plan, workspace, weights)
+    };
+    if plan.seqs.len() <= SMALL_SEQS {
+        launch_update::<SMALL_SEQS>(device.ctx(), &plan, &mut args, d, k_new.dtype, stream)
+    } else {
+        launch_update::<MAX_SEQS>(device.ctx(), &plan, &mut args, d, k_new.dtype, stream)
+    }
+}
+
+unsafe fn launch_update<const S: usize>(
+    ctx: &Ctx,
+    plan: &GatePlan,
+    args: &mut GateArgs,
+    d: usize,
+    dtype: DType,
+    stream: CUstream,
+) -> Result<()> {
+    let mut table = plan.table::<S>();
+    let ty = if dtype == DType::F16 { "f16" } else { "bf16" };
+    let fatbin = kernels::fatbin("gate")?;
+    let rope = cuda::function(ctx, fatbin, &format!("seer_gate_rope_d{d}"))?;
+    let pool = cuda::function(ctx, fatbin, &format!("seer_gate_kcache_pool_d{d}_{ty}_s{S}"))?;
+    let project = cuda::function(ctx, fatbin, &format!("seer_gate_kcache_project_d{d}_s{S}"))?;
+    let n = plan.seqs.len() as u32;
+    let mut args_only: [*mut c_void; 1] = [(args as *mut GateArgs).cast()];
+    cuda::launch(rope, [plan.max_k_blocks as u32, 1, 1], [THREADS, 1, 1], 0, stream, &mut args_only)?;
+    let mut params: [*mut c_void; 2] = [(args as *mut GateArgs).cast(), (&mut table as *mut SeqTable<S>).cast()];
+    // One CTA per (touched block, sequence), all KV heads: the touched
+    // blocks of a sequence are its query blocks.
+    cuda::launch(pool, [1, plan.max_q_blocks as u32, n], [POOL_THREADS, 1, 1], 0, stream, &mut params)?;
+    // pooled_k holds kblock_rows_padded >= total_q_blocks + 64 rows: every
+    // 64-row tile reads inside the workspace.
+    let project_x = plan.total_q_blocks.div_ceil(WIDE_TILE) as u32;
+    cuda::launch(project, [project_x, args.hq as u32, 1], [THREADS, 1, 1], 0, stream, &mut params)
+}
+
+#[allow(clippy::too_many_arguments)]
 unsafe fn launch_all<const S: usize>(
     ctx: &Ctx,
     plan: &GatePlan,
@@ -496,6 +776,7 @@ unsafe fn launch_all<const S: usize>(
     d: usize,
     dtype: DType,
     select_smem: usize,
+    cached: bool,
     stream: CUstream,
 ) -> Result<()> {
     let mut table = plan.table::<S>();
@@ -524,18 +805,26 @@ unsafe fn launch_all<const S: usize>(
         cuda::function(ctx, fatbin, &format!("seer_gate_select_d{d}_s{S}"))?
     };
     let n = plan.seqs.len() as u32;
-    let padding_rows = (plan.kblock_rows_padded - plan.kblock_rows).max(plan.q_gate_rows - plan.total_q_blocks);
+    let q_padding = plan.q_gate_rows - plan.total_q_blocks;
     let mut args_only: [*mut c_void; 1] = [(args as *mut GateArgs).cast()];
     cuda::launch(rope, [plan.max_k_blocks as u32, 1, 1], [THREADS, 1, 1], 0, stream, &mut args_only)?;
     let mut params: [*mut c_void; 2] = [(args as *mut GateArgs).cast(), (&mut table as *mut SeqTable<S>).cast()];
     // One CTA per (head slice, block, sequence); grid row `n` (one past the
-    // last sequence) zeroes the scratch padding.
-    let pool_blocks = plan.max_q_blocks.max(plan.max_k_blocks).max(padding_rows) as u32;
+    // last sequence) zeroes the scratch padding. With K-block caches (args.k
+    // null) only the query side is pooled and the projection is skipped: the
+    // select kernels read the caches.
     let pool_smem = (args.hq as usize / shape.slices * d * 4) as u32;
+    let pool_blocks = if cached {
+        plan.max_q_blocks.max(q_padding)
+    } else {
+        plan.max_q_blocks.max(plan.max_k_blocks).max(plan.kblock_rows_padded - plan.kblock_rows).max(q_padding)
+    } as u32;
     let grid = [shape.slices as u32, pool_blocks, n + 1];
     cuda::launch(pool, grid, [POOL_THREADS, 1, 1], pool_smem, stream, &mut params)?;
-    let project_grid = [project_x, args.hq as u32, project_split];
-    cuda::launch(project, project_grid, [THREADS, 1, 1], 0, stream, &mut params)?;
+    if !cached {
+        let project_grid = [project_x, args.hq as u32, project_split];
+        cuda::launch(project, project_grid, [THREADS, 1, 1], 0, stream, &mut params)?;
+    }
     if threshold {
         let select_x = plan.max_q_blocks.div_ceil(TILE * row_warps) as u32;
         cuda::launch(select, [select_x, n, args.hq as u32], [THREADS, 1, 1], 0, stream, &mut params)
@@ -554,9 +843,9 @@ mod tests {
     #[test]
     fn structs_match_the_kernel_header() {
         // kernels/gate.cuh static_asserts the same sizes.
-        assert_eq!(std::mem::size_of::<SeqEntry>(), 72);
-        assert_eq!(std::mem::size_of::<GateArgs>(), 1224);
-        assert_eq!(std::mem::size_of::<SeqTable<16>>(), 16 + 16 * 72);
+        assert_eq!(std::mem::size_of::<SeqEntry>(), 88);
+        assert_eq!(std::mem::size_of::<GateArgs>(), 1240);
+        assert_eq!(std::mem::size_of::<SeqTable<16>>(), 16 + 16 * 88);
         // Large tables ride in the extended (32 KiB) kernel parameter space.
         assert!(std::mem::size_of::<SeqTable<MAX_SEQS>>() + std::mem::size_of::<GateArgs>() < 32 * 1024);
     }
@@ -593,6 +882,29 @@ mod tests {
         assert!(plan.kblock_rows_padded >= plan.kblock_rows + WIDE_TILE && plan.kblock_rows_padded % 64 == 0);
         assert_eq!(plan.workspace_bytes % 256, 0);
         assert!(plan.k_gate_offset + 8 * plan.kblock_rows_padded * 128 * 2 <= plan.workspace_bytes);
+    }
+
+    #[test]
+    fn kblock_cache_layout() {
+        // hkv 2 * 3 * 128 * 4 = 3072 bytes of state (a multiple of 256), then
+        // 64-row tiles of [hq 8][128] bf16 rows.
+        let c = config(128);
+        assert_eq!(kblock_state_bytes(&c), 3072);
+        assert_eq!(kblock_cache_bytes(&c, 0).unwrap(), 3072);
+        assert_eq!(kblock_cache_bytes(&c, 1).unwrap(), 3072 + 64 * 8 * 128 * 2);
+        assert_eq!(kblock_cache_bytes(&c, 64 * 64).unwrap(), 3072 + 64 * 8 * 128 * 2);
+        assert_eq!(kblock_cache_bytes(&c, 64 * 64 + 1).unwrap(), 3072 + 128 * 8 * 128 * 2);
+        // d64: 2 * 3 * 64 * 4 = 1536 = 6 * 256.
+        assert_eq!(kblock_state_bytes(&config(64)), 1536);
+        let mut odd = config(64);
+        odd.num_kv_heads = 1;
+        odd.num_q_heads = 1;
+        assert_eq!(kblock_state_bytes(&odd), 768);
+        assert!(kblock_cache_bytes(&c, usize::MAX - 64).is_err());
+        let mut bad = config(128);
+        bad.head_dim = 96;
+        bad.gate_hidden = 96;
+        assert!(matches!(kblock_cache_bytes(&bad, 100), Err(Error::Unsupported(_))));
     }
 
     #[test]
