@@ -8,17 +8,20 @@
  *   threshold or top-k; the index-list block mask (counts, indices, row_offsets).
  *   Released gate type only (Qavg_Kmaxminavg, no Q projection, hidden == head_dim).
  *
- * One-shot gate (compute_mask): four launches on the caller's stream, no
+ * One-shot gate (compute_mask): five launches on the caller's stream, no
  * allocation, no synchronization:
  *   seer_gate_rope_*     cos/sin of every block-start position (double
  *                        precision, once per block instead of once per head);
- *   seer_gate_pool_*     one pass over Q and K (the memory-bound part);
+ *   seer_gate_pool_*     one pass over Q and K, whole token rows per CTA (the
+ *                        memory-bound part, at the DRAM floor);
  *   seer_gate_project_*  K projection on bf16 tensor cores (WMMA), RoPE epilogue;
- *   seer_gate_select_*   a 16-row tile of logits on tensor cores into shared
- *                        memory, then softmax and selection (radix select for
- *                        top-k), one warp per row; seer_gate_select_threshold_*
- *                        streams 64-column key tiles twice (online softmax).
- * The select kernels find each sequence's k_gate rows through SeqEntry::k_gate
+ *   seer_gate_logits_*   every causal logit on tensor cores, written as f32
+ *                        into the mask's own index slots;
+ *   seer_gate_select_*   one warp per row: softmax statistics, threshold or
+ *                        radix top-k, the selected blocks written over the
+ *                        logits in place. No row is held in shared memory, so
+ *                        sequences of any length work.
+ * The logits kernel finds each sequence's k_gate rows through SeqEntry::k_gate
  * and GateArgs::k_gate_{head,row}_stride: the workspace here, a cache below.
  *
  * Chunked prefill with K-block caches (see "The K-block cache" in gate.cuh):
@@ -30,7 +33,8 @@
  *                                 blocks, each row written to its sequence's
  *                                 cache at its absolute block index;
  *   compute_mask_cached: seer_gate_rope_*, seer_gate_pool_* over the query
- *     heads only (K is not read), seer_gate_select_* reading the caches.
+ *     heads only (K is not read), seer_gate_logits_* reading the caches,
+ *     seer_gate_select_*.
  *
  * The per-sequence table travels by value in the kernel parameters (it is
  * computed on the host from the host cu_seqlens and cache pointers), so no
@@ -39,8 +43,9 @@
  *
  * Budget at 32k tokens, 32 q heads, 8 kv heads, head_dim 128, bf16:
  *   bytes: Q 268 MB + K 67 MB read once (the floor: ~0.11 ms at 3 TB/s);
- *          scratch (q_gate 4 MB, pooled_k 3 MB, k_gate 4 MB) written once, read from L2.
- *   FLOPs: projection 1.6 G, logits 2.1 G, both on tensor cores; softmax and
+ *          scratch (q_gate 4 MB, pooled_k 3 MB, k_gate 4 MB) written once, read from L2;
+ *          logits 4 bytes per causal (row, key block): 17 MB at 32k (L2), 268 MB at 128k.
+ *   FLOPs: projection 1.6 G, logits 1.1 G, both on tensor cores; softmax and
  *          selection O(rows * k_blocks).
  * Tested by tests/gpu_gate.rs against the CPU reference (and, for the K-block
  * cache, against the one-shot gate over the same chunks).
@@ -55,10 +60,7 @@ namespace {
 using namespace nvcuda;
 
 constexpr int kThreads = 128;
-// The select kernel runs 8 warps: its shared memory (16 rows of logits) caps
-// the CTAs per SM, so each CTA brings more warps to hide latency.
-constexpr int kSelectThreads = 256;
-constexpr int kSelectWarps = kSelectThreads / 32;
+constexpr int kWarps = kThreads / 32;
 
 // ---------------------------------------------------------------- pooling --
 
@@ -565,16 +567,16 @@ __device__ unsigned kth_largest_key(const float* row, int n, int k, unsigned* hi
     return prefix;
 }
 
-// One warp decides one mask row from its logits in shared memory and writes
-// the selected blocks in ascending order (ballot compaction keeps the order).
+// One warp decides one mask row from its scaled logits `row[0..n)` and
+// writes the selected blocks to the row's slots in ascending order (ballot
+// compaction keeps the order). `row` may be those very slots: a chunk of 32
+// logits is read (and the ballot taken) before any index of the chunk is
+// written, and indices land at or before the position they were read from.
 __device__ void select_row(const GateArgs& a, float* row, int n, int q_block, int k_blocks, long long mask_row,
                            long long slot, unsigned* hist) {
     const int lane = threadIdx.x % 32;
     float m = -INFINITY;
-    for (int j = lane; j < n; j += 32) {
-        row[j] *= a.scale;
-        m = fmaxf(m, row[j]);
-    }
+    for (int j = lane; j < n; j += 32) m = fmaxf(m, row[j]);
     m = warp_max(m);
     float s = 0.f;
     for (int j = lane; j < n; j += 32) s += expf(row[j] - m);
@@ -589,6 +591,12 @@ __device__ void select_row(const GateArgs& a, float* row, int n, int q_block, in
         kth = kth_largest_key(row, n, keep_top, hist, &ties_left);
     }
     const float t_bf16 = __bfloat162float(__float2bfloat16(a.threshold));
+    // exp(l - m) / s > t  <=>  l > m + log(t s): one compare per block
+    // instead of an exponential. The exponential stays where the two forms
+    // can disagree beyond rounding: upstream's bf16 comparison, and t = 0
+    // (where an underflowed probability must not count as positive).
+    const bool by_logit = !a.threshold_bf16 && a.threshold > 0.f;
+    const float logit_cut = m + logf(a.threshold * s);
 
     int count = 0;
     int* out = a.indices + slot;
@@ -603,6 +611,8 @@ __device__ void select_row(const GateArgs& a, float* row, int n, int q_block, in
                 const unsigned key = order_key(row[j]);
                 keep = key > kth;
                 tie = key == kth;
+            } else if (by_logit) {
+                keep = row[j] > logit_cut;
             } else {
                 const float p = expf(row[j] - m) / s;
                 keep = a.threshold_bf16 ? __bfloat162float(__float2bfloat16(p)) > t_bf16 : p > a.threshold;
@@ -625,85 +635,29 @@ __device__ void select_row(const GateArgs& a, float* row, int n, int q_block, in
     }
 }
 
-// One CTA: 16 query-block rows of one (sequence, head). Warps share the key
-// tiles: logits[16 x n] = q_gate[16 x D] · k_gate[n x D]^T on tensor cores,
-// into dynamic shared memory; then each warp selects 4 rows.
-template <int D, int MAXS>
-__device__ void select_tile(const GateArgs& a, const SeqTable<MAXS>& tab) {
-    extern __shared__ __align__(32) float logits[];
-    __shared__ unsigned hist[kSelectWarps][256];
-    const SeqEntry& e = tab.seq[blockIdx.y];
-    const int head = blockIdx.z;
-    const int i0 = blockIdx.x * 16;
-    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0) {
-        a.row_offsets[a.total_rows] = a.total_slots;
-    }
-    if (i0 >= e.q_blocks) return;
-    const int rows = min(16, e.q_blocks - i0);
-    const int n_max = e.first_q_block + i0 + rows;  // causal columns of the tile's last row
-    const int ld = (n_max + 15) / 16 * 16;
-    const int warp = threadIdx.x / 32;
-
-    const bf16* Q = a.q_gate + (static_cast<long long>(head) * a.q_gate_rows + e.qblock_base + i0) * D;
-    const bf16* K = e.k_gate + head * a.k_gate_head_stride;
-    const unsigned ldk = static_cast<unsigned>(a.k_gate_row_stride);
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fq[D / 16];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(fq[kk], Q + kk * 16, D);
-    for (int kt = warp; kt < ld / 16; kt += kSelectWarps) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fk;
-            wmma::load_matrix_sync(fk, K + static_cast<long long>(kt) * 16 * ldk + kk * 16, ldk);
-            wmma::mma_sync(acc, fq[kk], fk, acc);
-        }
-        wmma::store_matrix_sync(logits + kt * 16, acc, ld, wmma::mem_row_major);
-    }
-    __syncthreads();
-
-    const long long per_head_slots = tri(e.k_blocks) - tri(e.first_q_block);
-    for (int r = warp; r < rows; r += kSelectWarps) {
-        const int i = i0 + r;
-        const int q_block = e.first_q_block + i;
-        const long long mask_row = e.row_base + static_cast<long long>(head) * e.q_blocks + i;
-        const long long slot =
-            e.slot_base + head * per_head_slots + tri(q_block) - tri(e.first_q_block);
-        select_row(a, logits + r * ld, q_block + 1, q_block, e.k_blocks, mask_row, slot, hist[warp]);
-    }
-}
-
-// Threshold selection without holding rows of logits: two passes over tiles
-// of 64 key blocks. Pass 1 keeps each row's running max and sum of
-// exponentials (online softmax); pass 2 recomputes each tile's logits and
-// appends the blocks whose probability passes the threshold, in column
-// order. One CTA: 16 * RW query-block rows of one (sequence, head). Its 4
-// warps form RW row groups of 16 rows times 4 / RW column groups, each
-// taking 64 * RW / 4 columns of every key tile; the key tile is shared
-// through shared memory (cp.async). RW = 4 fetches each key block once per
-// 64 rows (long sequences, plenty of CTAs); RW = 1 makes 4x more CTAs, with
-// less work per lane, when there are few rows to spread over the GPU.
+// The logits of every causal (query block, key block) pair, scaled by
+// 1 / sqrt(hidden), written as f32 into the mask's own index slots (the
+// slot of row r, column j holds its logit until the select kernel replaces
+// it by an index): logits[rows x n] = q_gate · k_gate^T on bf16 tensor cores.
+// One CTA: 16 * RW query-block rows of one (sequence, head). Its 4 warps form
+// RW row groups of 16 rows times 4 / RW column groups, each taking
+// 64 * RW / 4 columns of every 64-column key tile, which is shared through
+// shared memory (cp.async). RW = 4 fetches each key block once per 64 rows;
+// RW = 1 makes 4x more CTAs when there are few rows to spread over the GPU.
 template <int D, int MAXS, int RW>
-__device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
+__device__ void logits(const GateArgs& a, const SeqTable<MAXS>& tab) {
     constexpr int kRows = 16 * RW;
     constexpr int kCols = 64;
     constexpr int kColGroups = 4 / RW;
     constexpr int kWarpCols = kCols / kColGroups;  // columns of a tile per warp
-    constexpr int kLaneCols = kWarpCols / 2;       // per lane: two lanes share a row
     constexpr int kKLd = D + 16;
     constexpr int kSLd = kWarpCols + 4;
     __shared__ __align__(128) bf16 keys[kCols][kKLd];
     __shared__ __align__(128) float scratch[4][16][kSLd];
-    __shared__ float part_max[4][16], part_sum[4][16];
-    __shared__ int part_count[4][16];
 
     const SeqEntry& e = tab.seq[blockIdx.y];
     const int head = blockIdx.z;
     const int i0 = blockIdx.x * kRows;
-    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0) {
-        a.row_offsets[a.total_rows] = a.total_slots;
-    }
     if (i0 >= e.q_blocks) return;
     const int rows = min(kRows, e.q_blocks - i0);
     const int n_max = e.first_q_block + i0 + rows;  // causal columns of the tile's last row
@@ -711,12 +665,6 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int rg = warp / kColGroups, cg = warp % kColGroups;
     const bool warp_active = rg * 16 < rows;
-    // Lane pair (2r, 2r+1) shares row r of the row group.
-    const int r = lane / 2, half = lane % 2;
-    const int i = i0 + rg * 16 + r;
-    const bool row_active = i < e.q_blocks;
-    const int q_block = e.first_q_block + i;
-    const int col0 = cg * kWarpCols + half * kLaneCols;  // this lane's first column within a tile
 
     const bf16* Q = a.q_gate + (static_cast<long long>(head) * a.q_gate_rows + e.qblock_base + i0 + rg * 16) * D;
     const bf16* K = e.k_gate + head * a.k_gate_head_stride;
@@ -725,9 +673,10 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(fq[kk], Q + kk * 16, D);
     }
+    const long long per_head_slots = tri(e.k_blocks) - tri(e.first_q_block);
+    const long long head_slot = e.slot_base + head * per_head_slots - tri(e.first_q_block);
 
-    // Logits of the warp's columns of key tile t for its 16 rows, into scratch[warp].
-    auto tile_logits = [&](int t) {
+    for (int t = 0; t < tiles; ++t) {
         __syncthreads();  // everyone is done with the previous tile
         for (int p = threadIdx.x; p < kCols * D / 8; p += kThreads) {
             const int row = p / (D / 8), c = (p % (D / 8)) * 8;
@@ -736,7 +685,7 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
-        if (!warp_active) return;
+        if (!warp_active) continue;
 #pragma unroll
         for (int nt = 0; nt < kWarpCols / 16; ++nt) {
             wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
@@ -750,117 +699,51 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
             wmma::store_matrix_sync(&scratch[warp][0][nt * 16], acc, kSLd, wmma::mem_row_major);
         }
         __syncwarp();
-    };
-    auto logit = [&](int c) { return scratch[warp][r][half * kLaneCols + c] * a.scale; };
-
-    // Pass 1: running max and sum of exponentials of this warp's columns,
-    // then merged over the column groups of the row.
-    float m = -INFINITY, sum = 0.f;
-    for (int t = 0; t < tiles; ++t) {
-        tile_logits(t);
-        if (!warp_active) continue;
-        float tile_max = -INFINITY;
-#pragma unroll 8
-        for (int c = 0; c < kLaneCols; ++c) {
-            if (row_active && t * kCols + col0 + c <= q_block) tile_max = fmaxf(tile_max, logit(c));
-        }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        const float m_new = fmaxf(m, tile_max);
-        float part = 0.f;
-        if (m_new != -INFINITY) {
-#pragma unroll 8
-            for (int c = 0; c < kLaneCols; ++c) {
-                if (row_active && t * kCols + col0 + c <= q_block) part += expf(logit(c) - m_new);
+        // Row by row, consecutive lanes write consecutive columns (coalesced);
+        // only causal columns have a slot.
+        for (int x = lane; x < 16 * kWarpCols; x += 32) {
+            const int r = x / kWarpCols, c = x % kWarpCols;
+            const int i = i0 + rg * 16 + r;
+            const int j = t * kCols + cg * kWarpCols + c;
+            const int q_block = e.first_q_block + i;
+            if (i < e.q_blocks && j <= q_block) {
+                reinterpret_cast<float*>(a.indices)[head_slot + tri(q_block) + j] = scratch[warp][r][c] * a.scale;
             }
         }
-        part += __shfl_xor_sync(0xffffffffu, part, 1);
-        sum = (m == -INFINITY ? 0.f : sum * expf(m - m_new)) + part;
-        m = m_new;
     }
-    if (kColGroups > 1) {
-        if (warp_active && half == 0) {
-            part_max[warp][r] = m;
-            part_sum[warp][r] = sum;
-        }
-        __syncthreads();
-        if (warp_active) {
-            float mm = -INFINITY;
-            for (int g = 0; g < kColGroups; ++g) mm = fmaxf(mm, part_max[rg * kColGroups + g][r]);
-            float ss = 0.f;
-            for (int g = 0; g < kColGroups; ++g) {
-                const float pm = part_max[rg * kColGroups + g][r];
-                if (pm != -INFINITY) ss += part_sum[rg * kColGroups + g][r] * expf(pm - mm);
-            }
-            m = mm;
-            sum = ss;
-        }
-    }
+}
 
-    // Pass 2: select in column order. Within a tile the row's kept blocks
-    // are laid down column group by column group, even lane before odd, so
-    // the row's indices stay ascending.
-    const bool dense = a.last_block_dense && q_block + 2 >= e.k_blocks;
-    const float t_bf16 = __bfloat162float(__float2bfloat16(a.threshold));
-    // exp(l - m) / sum > t  <=>  l > m + log(t sum): one compare per block
-    // instead of an exponential. The exponential stays where the two forms
-    // can disagree beyond rounding: upstream's bf16 comparison, and t = 0
-    // (where an underflowed probability must not count as positive).
-    const bool by_logit = !a.threshold_bf16 && a.threshold > 0.f;
-    const float logit_cut = m + logf(a.threshold * sum);
+// Which sequence a mask row belongs to (binary search of row_base).
+template <int MAXS>
+__device__ int seq_of_row(const SeqTable<MAXS>& tab, long long row) {
+    int lo = 0, hi = tab.num_seqs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (tab.seq[mid].row_base <= row) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// One warp per mask row: softmax statistics, then the threshold or top-k
+// rule over the row's logits (left in its slots by the logits kernel), the
+// selected blocks written over them in place. Rows of any length: nothing is
+// held in shared memory but a 256-bin radix histogram per warp.
+template <int MAXS>
+__device__ void select_rows(const GateArgs& a, const SeqTable<MAXS>& tab) {
+    __shared__ unsigned hist[kWarps][256];
+    const int warp = threadIdx.x / 32;
+    const long long row = static_cast<long long>(blockIdx.x) * kWarps + warp;
+    if (blockIdx.x == 0 && threadIdx.x == 0) a.row_offsets[a.total_rows] = a.total_slots;
+    if (row >= a.total_rows) return;
+    const SeqEntry& e = tab.seq[seq_of_row(tab, row)];
+    const long long local = row - e.row_base;
+    const int head = static_cast<int>(local / e.q_blocks);
+    const int i = static_cast<int>(local % e.q_blocks);
+    const int q_block = e.first_q_block + i;
     const long long per_head_slots = tri(e.k_blocks) - tri(e.first_q_block);
     const long long slot = e.slot_base + head * per_head_slots + tri(q_block) - tri(e.first_q_block);
-    int* out = a.indices + slot;
-    int count = 0;  // kept so far in earlier tiles (same value in every warp of the row group)
-    for (int t = 0; t < tiles; ++t) {
-        tile_logits(t);
-        unsigned keep = 0;
-        if (warp_active) {
-            for (int c = 0; c < kLaneCols; ++c) {
-                const int j = t * kCols + col0 + c;
-                if (!row_active || j > q_block) continue;
-                bool k = dense;
-                if (!k && by_logit) {
-                    k = logit(c) > logit_cut;
-                } else if (!k) {
-                    const float p = expf(logit(c) - m) / sum;
-                    k = a.threshold_bf16 ? __bfloat162float(__float2bfloat16(p)) > t_bf16 : p > a.threshold;
-                }
-                keep |= static_cast<unsigned>(k) << c;
-            }
-        }
-        const int own = __popc(keep);
-        const int pair = own + __shfl_xor_sync(0xffffffffu, own, 1);
-        const int even = __shfl_sync(0xffffffffu, own, lane & ~1);
-        int before = 0;  // kept by earlier column groups of this row in this tile
-        int total = pair;
-        if (kColGroups > 1) {
-            if (warp_active && half == 0) part_count[warp][r] = pair;
-            __syncthreads();
-            total = 0;
-            if (warp_active) {
-                for (int g = 0; g < kColGroups; ++g) {
-                    const int n = part_count[rg * kColGroups + g][r];
-                    if (g < cg) before += n;
-                    total += n;
-                }
-            }
-        }
-        if (warp_active) {
-            int at = count + before + (half ? even : 0);
-            for (unsigned bits = keep; bits; bits &= bits - 1) out[at++] = t * kCols + col0 + (__ffs(bits) - 1);
-        }
-        count += total;
-    }
-    if (!warp_active || !row_active || cg != 0) return;
-    if (count == 0 && a.keep_diagonal) {
-        if (half == 0) out[0] = q_block;
-        count = 1;
-    }
-    if (half == 0) {
-        const long long mask_row = e.row_base + static_cast<long long>(head) * e.q_blocks + i;
-        a.counts[mask_row] = count;
-        a.row_offsets[mask_row] = slot;
-    }
+    float* logits_row = reinterpret_cast<float*>(a.indices + slot);
+    select_row(a, logits_row, q_block + 1, q_block, e.k_blocks, row, slot, hist[warp]);
 }
 
 }  // namespace
@@ -893,17 +776,16 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
     extern "C" __global__ void __launch_bounds__(seer::kThreads) seer_gate_rope_d##D(const seer::GateArgs a) { \
         seer::rope_table<D>(a);                                                                    \
     }
-#define SEER_SELECT(D, S)                                                                          \
-    extern "C" __global__ void __launch_bounds__(seer::kSelectThreads)                            \
-        seer_gate_select_d##D##_s##S(const seer::GateArgs a,                                       \
-                                     const __grid_constant__ seer::SeqTable<S> tab) {              \
-        seer::select_tile<D, S>(a, tab);                                                           \
-    }
-#define SEER_SELECT_THRESHOLD(D, S, RW)                                                            \
+#define SEER_LOGITS(D, S, RW)                                                                      \
     extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
-        seer_gate_select_threshold_d##D##_s##S##_r##RW(const seer::GateArgs a,                     \
-                                                       const __grid_constant__ seer::SeqTable<S> tab) { \
-        seer::select_threshold<D, S, RW>(a, tab);                                                  \
+        seer_gate_logits_d##D##_s##S##_r##RW(const seer::GateArgs a,                               \
+                                             const __grid_constant__ seer::SeqTable<S> tab) {      \
+        seer::logits<D, S, RW>(a, tab);                                                            \
+    }
+#define SEER_SELECT_ROWS(S)                                                                        \
+    extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
+        seer_gate_select_s##S(const seer::GateArgs a, const __grid_constant__ seer::SeqTable<S> tab) { \
+        seer::select_rows<S>(a, tab);                                                              \
     }
 #define SEER_KCACHE(D, T, TN, S)                                                                   \
     extern "C" __global__ void __launch_bounds__(seer::kPoolThreads)                              \
@@ -932,12 +814,11 @@ __device__ void select_threshold(const GateArgs& a, const SeqTable<MAXS>& tab) {
     SEER_KCACHE(128, __half, f16, S)                                                               \
     SEER_KCACHE_PROJECT(64, S)                                                                     \
     SEER_KCACHE_PROJECT(128, S)                                                                    \
-    SEER_SELECT(64, S)                                                                             \
-    SEER_SELECT(128, S)                                                                            \
-    SEER_SELECT_THRESHOLD(64, S, 1)                                                                \
-    SEER_SELECT_THRESHOLD(64, S, 4)                                                                \
-    SEER_SELECT_THRESHOLD(128, S, 1)                                                               \
-    SEER_SELECT_THRESHOLD(128, S, 4)
+    SEER_LOGITS(64, S, 1)                                                                          \
+    SEER_LOGITS(64, S, 4)                                                                          \
+    SEER_LOGITS(128, S, 1)                                                                         \
+    SEER_LOGITS(128, S, 4)                                                                         \
+    SEER_SELECT_ROWS(S)
 
 SEER_ROPE(64)
 SEER_ROPE(128)

@@ -17,17 +17,31 @@ pub fn alloc_zeroed(ctx: &Ctx, len: usize) -> Result<DeviceBuffer> {
         let _current = ctx.make_current()?;
         // SAFETY: the allocation holds `len` bytes.
         check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(buffer.ptr(), 0, len) })?;
+        // The memset is ordered on the legacy stream, asynchronously.
+        sync_legacy_stream()?;
     }
     Ok(buffer)
 }
 
-/// Copy `src` to device address `dst` (synchronous).
+/// Copy `src` to device address `dst`, complete on return. cuMemcpyHtoD
+/// from pageable memory may return once the bytes are staged, before the DMA
+/// lands, and work on a non-blocking stream does not wait for it: the legacy
+/// stream is synchronized so that the next kernel on any stream sees the bytes.
 pub fn copy_to_device(ctx: &Ctx, dst: CUdeviceptr, src: &[u8]) -> Result<()> {
     driver()?;
     let _current = ctx.make_current()?;
     // SAFETY: the caller names a device range of at least src.len() bytes;
     // the driver refuses addresses it does not know.
-    check("cuMemcpyHtoD", unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) })
+    check("cuMemcpyHtoD", unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) })?;
+    sync_legacy_stream()
+}
+
+/// Wait for the legacy default stream, where the synchronous-looking copies
+/// and memsets above are ordered. Not `cuCtxSynchronize`: that would also
+/// wait on (and invalidate) a graph capture running on another thread.
+fn sync_legacy_stream() -> Result<()> {
+    // SAFETY: the NULL stream is always valid in the current context.
+    check("cuStreamSynchronize(NULL)", unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) })
 }
 
 /// Copy `dst.len()` bytes from device address `src` (synchronous with

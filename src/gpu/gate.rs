@@ -42,9 +42,7 @@ const BLOCK: usize = 64;
 const THREADS: u32 = 128;
 /// Threads of the pool kernel (`kPoolThreads` in kernels/gate.cu).
 const POOL_THREADS: u32 = 256;
-/// Threads of the select kernel (`kSelectThreads` in kernels/gate.cu).
-const SELECT_THREADS: u32 = 256;
-/// Rows of the smallest tensor-core tile (the top-k select kernel's row tile).
+/// Rows of a tensor-core tile (one warp's rows in the logits kernel).
 const TILE: usize = 16;
 /// Rows of the projection and threshold-select tiles: those kernels read up
 /// to this many rows past a sequence's last block, so scratch keeps this much
@@ -231,12 +229,6 @@ impl GatePlan {
         self.workspace_bytes
     }
 
-    /// Dynamic shared memory of the select kernel: 16 rows of f32 logits over
-    /// the widest sequence's key blocks.
-    fn select_smem(&self) -> usize {
-        TILE * align_up(self.max_k_blocks, TILE) * 4
-    }
-
     fn table<const S: usize>(&self) -> SeqTable<S> {
         let mut seq = [SeqEntry::default(); S];
         seq[..self.seqs.len()].copy_from_slice(&self.seqs);
@@ -348,7 +340,7 @@ fn kblock_state_bytes(config: &GateConfig) -> usize {
     align_up(config.num_kv_heads * 3 * config.head_dim * 4, 256)
 }
 
-/// Where the select kernels find each sequence's K side.
+/// Where the logits kernel finds each sequence's K side.
 #[derive(Clone, Copy)]
 enum KSide<'a> {
     /// Pre-RoPE keys of every position: pooled and projected into the workspace.
@@ -586,23 +578,6 @@ unsafe fn compute(
         cuda::check_device_pointer(name, ptr, want * size)?;
     }
     check_workspace(&plan, workspace, workspace_len)?;
-    let smem = plan.select_smem();
-    let smem_limit = match device.ctx().compute_capability() {
-        (9, _) => 227 * 1024,
-        (8, 0) => 163 * 1024,
-        _ => 99 * 1024,
-    };
-    // The kernel's static shared memory: one 256-bin radix histogram per warp.
-    let static_smem = (SELECT_THREADS as usize / 32) * 256 * 4;
-    // Only top-k holds rows of logits in shared memory; threshold streams them.
-    if params.method == SparsityMethod::NzRatio && smem + static_smem > smem_limit {
-        return Err(Error::unsupported(format!(
-            "top-k over a sequence of {} key blocks needs {smem} bytes of shared memory in the CUDA gate; \
-             this GPU offers {smem_limit} (the threshold method has no such limit)",
-            plan.max_k_blocks
-        )));
-    }
-
     let base = GateArgs::new(config, &plan, workspace, weights);
     let mut args = GateArgs {
         q: q.ptr,
@@ -638,9 +613,9 @@ unsafe fn compute(
         }
     };
     if plan.seqs.len() <= SMALL_SEQS {
-        launch_all::<SMALL_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, smem, cached, stream)
+        launch_all::<SMALL_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, cached, stream)
     } else {
-        launch_all::<MAX_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, smem, cached, stream)
+        launch_all::<MAX_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, cached, stream)
     }
 }
 
@@ -775,7 +750,6 @@ unsafe fn launch_all<const S: usize>(
     args: &mut GateArgs,
     d: usize,
     dtype: DType,
-    select_smem: usize,
     cached: bool,
     stream: CUstream,
 ) -> Result<()> {
@@ -791,19 +765,13 @@ unsafe fn launch_all<const S: usize>(
     let project_split =
         if (project_x as usize) * (args.hq as usize) < 4 * ctx.sm_count().max(1) as usize { 2 } else { 1 };
     let project = cuda::function(ctx, fatbin, &format!("seer_gate_project_d{d}_s{S}_n{project_split}"))?;
-    // Threshold rows stream their logits twice (no row kept in shared memory);
-    // top-k rows hold 16 rows of logits in shared memory for the radix select.
-    let threshold = args.method == 0;
-    // Threshold CTAs take 64 rows (each key tile fetched once per 64 rows)
+    // Logits CTAs take 64 rows (each key tile fetched once per 64 rows)
     // unless that leaves too few CTAs to fill the GPU; then 16.
     let wide_ctas: usize =
         plan.seqs.iter().map(|e| (e.q_blocks as usize).div_ceil(WIDE_TILE)).sum::<usize>() * args.hq as usize;
     let row_warps = if wide_ctas < 4 * ctx.sm_count().max(1) as usize { 1 } else { 4 };
-    let select = if threshold {
-        cuda::function(ctx, fatbin, &format!("seer_gate_select_threshold_d{d}_s{S}_r{row_warps}"))?
-    } else {
-        cuda::function(ctx, fatbin, &format!("seer_gate_select_d{d}_s{S}"))?
-    };
+    let logits = cuda::function(ctx, fatbin, &format!("seer_gate_logits_d{d}_s{S}_r{row_warps}"))?;
+    let select = cuda::function(ctx, fatbin, &format!("seer_gate_select_s{S}"))?;
     let n = plan.seqs.len() as u32;
     let q_padding = plan.q_gate_rows - plan.total_q_blocks;
     let mut args_only: [*mut c_void; 1] = [(args as *mut GateArgs).cast()];
@@ -812,7 +780,7 @@ unsafe fn launch_all<const S: usize>(
     // One CTA per (head slice, block, sequence); grid row `n` (one past the
     // last sequence) zeroes the scratch padding. With K-block caches (args.k
     // null) only the query side is pooled and the projection is skipped: the
-    // select kernels read the caches.
+    // logits kernel reads the caches.
     let pool_smem = (args.hq as usize / shape.slices * d * 4) as u32;
     let pool_blocks = if cached {
         plan.max_q_blocks.max(q_padding)
@@ -825,14 +793,12 @@ unsafe fn launch_all<const S: usize>(
         let project_grid = [project_x, args.hq as u32, project_split];
         cuda::launch(project, project_grid, [THREADS, 1, 1], 0, stream, &mut params)?;
     }
-    if threshold {
-        let select_x = plan.max_q_blocks.div_ceil(TILE * row_warps) as u32;
-        cuda::launch(select, [select_x, n, args.hq as u32], [THREADS, 1, 1], 0, stream, &mut params)
-    } else {
-        let select_x = plan.max_q_blocks.div_ceil(TILE) as u32;
-        let grid = [select_x, n, args.hq as u32];
-        cuda::launch(select, grid, [SELECT_THREADS, 1, 1], select_smem as u32, stream, &mut params)
-    }
+    // The logits go into the mask's own index slots; one warp per row then
+    // selects in place.
+    let logits_x = plan.max_q_blocks.div_ceil(TILE * row_warps) as u32;
+    cuda::launch(logits, [logits_x, n, args.hq as u32], [THREADS, 1, 1], 0, stream, &mut params)?;
+    let select_x = plan.total_rows.div_ceil(THREADS as usize / 32) as u32;
+    cuda::launch(select, [select_x, 1, 1], [THREADS, 1, 1], 0, stream, &mut params)
 }
 
 #[cfg(test)]
