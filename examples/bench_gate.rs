@@ -8,59 +8,21 @@
 //! the floor) to the file. Built by `scripts/gpu-test.sh build`, run on the
 //! GPU machine by `scripts/gpu-test.sh bench`.
 
-use seerattn::cuda::{self, testing, testing::Stream, DeviceBuffer};
-use seerattn::gpu::gate::{compute_mask, DeviceGate, DeviceMask, DeviceTensor, GatePlan};
+use seerattn::cuda::{self, testing, testing::Stream};
+use seerattn::gpu::gate::{compute_mask, DeviceMask, DeviceTensor, GatePlan};
 use seerattn::*;
 use std::io::Write;
 
-const HQ: usize = 32;
-const HKV: usize = 8;
-const D: usize = 128;
-
-fn median(mut v: Vec<f32>) -> f32 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// Device buffer of `n` random bf16 values in [-2, 2) with per-64-token-block
-/// offsets (so gate scores are not flat); generated on the host once.
-fn random_bf16(ctx: &cuda::Ctx, tokens: usize, heads: usize, seed: u64) -> DeviceBuffer {
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    };
-    let offsets: Vec<f32> = (0..tokens.div_ceil(64) * heads * D).map(|_| next() * 1.5).collect();
-    let mut bytes = Vec::with_capacity(tokens * heads * D * 2);
-    for t in 0..tokens {
-        for h in 0..heads {
-            for x in 0..D {
-                let v = offsets[((t / 64) * heads + h) * D + x] + next();
-                bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
-            }
-        }
-    }
-    let buf = testing::alloc_zeroed(ctx, bytes.len()).expect("alloc");
-    testing::copy_to_device(ctx, buf.ptr(), &bytes).expect("upload");
-    buf
-}
+#[path = "common/mod.rs"]
+mod common;
+use common::*;
 
 fn main() -> Result<()> {
-    // SEER_BENCH_QUICK=1: one timed run per case (for profilers, which replay each kernel).
-    let quick = std::env::var_os("SEER_BENCH_QUICK").is_some();
+    let (warmup, reps) = warmup_and_reps();
     let out_path = std::env::args().nth(1);
     let ctx = cuda::current_context()?;
     let stream = Stream::new(&ctx)?;
-    let device_name = device_name(&ctx);
-    let date = std::process::Command::new("date")
-        .arg("-u")
-        .arg("+%F")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let (device_name, date) = device_and_date(&ctx);
 
     // Bandwidth: a 2 GiB device-to-device copy, counting bytes read + written.
     let len = 2usize << 30;
@@ -75,41 +37,12 @@ fn main() -> Result<()> {
         "{:>7} {:>10} {:>8} {:>10} {:>10} {:>8} {:>8}",
         "seq", "method", "density", "gate ms", "floor ms", "x floor", "TFLOPs"
     );
+    let config = common::config();
+    let (gate, device) = common::gate(&ctx)?;
     for seq in [8192usize, 32768, 131072] {
-        let config = GateConfig {
-            num_layers: 1,
-            num_q_heads: HQ,
-            num_kv_heads: HKV,
-            head_dim: D,
-            gate_hidden: D,
-            block_size: 64,
-            gate_type: GateType::released(),
-            force_double: false,
-            rope: RopeConfig {
-                theta: 500000.0,
-                scaling: RopeScaling::Llama3 {
-                    factor: 8.0,
-                    low_freq_factor: 1.0,
-                    high_freq_factor: 4.0,
-                    original_max_position_embeddings: 8192.0,
-                },
-            },
-            sparsity_method: SparsityMethod::Threshold,
-            threshold: 0.002,
-            nz_ratio: 0.1,
-            last_block_dense: true,
-        };
-        let mut gate = Gate::new(config.clone())?;
-        let w: Vec<u8> = (0..HQ * 3 * D * D)
-            .flat_map(|i| {
-                half::bf16::from_f32(((i * 2654435761usize) % 1000) as f32 / 1000.0 * 0.2 - 0.1).to_le_bytes()
-            })
-            .collect();
-        gate.set_layer_weights(0, WeightRef { dtype: DType::BF16, shape: [HQ, 3 * D, D], bytes: &w }, None)?;
-        let device = DeviceGate::upload(&gate, &ctx)?;
         let batch = Batch::single(seq)?;
-        let qbuf = random_bf16(&ctx, seq, HQ, 1);
-        let kbuf = random_bf16(&ctx, seq, HKV, 2);
+        let qbuf = random_bf16(&ctx, seq, HQ, 1)?;
+        let kbuf = random_bf16(&ctx, seq, HKV, 2)?;
         let q = DeviceTensor { ptr: qbuf.ptr(), dtype: DType::BF16, layout: Layout3::contiguous(seq, HQ, D) };
         let k = DeviceTensor { ptr: kbuf.ptr(), dtype: DType::BF16, layout: Layout3::contiguous(seq, HKV, D) };
         let layout = MaskLayout::new(&batch, HQ, 64)?;
@@ -133,7 +66,6 @@ fn main() -> Result<()> {
             ("threshold", MaskParams { threshold: 0.002, ..MaskParams::from_config(&config) }),
             ("topk", MaskParams { method: SparsityMethod::NzRatio, nz_ratio: 0.1, ..MaskParams::from_config(&config) }),
         ] {
-            let (warmup, reps) = if quick { (1, 1) } else { (5, 30) };
             let times = testing::time_ms(&stream, warmup, reps, || unsafe {
                 compute_mask(
                     &gate,
@@ -178,8 +110,4 @@ fn main() -> Result<()> {
         println!("appended {} lines to {path}", lines.len());
     }
     Ok(())
-}
-
-fn device_name(ctx: &cuda::Ctx) -> String {
-    cuda::device_name(ctx).unwrap_or_else(|_| "unknown CUDA device".into())
 }

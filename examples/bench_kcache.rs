@@ -10,92 +10,27 @@
 //! `scripts/gpu-test.sh build`, run on the GPU machine by
 //! `scripts/gpu-test.sh bench`.
 
-use seerattn::cuda::{self, testing, testing::Stream, DeviceBuffer};
+use seerattn::cuda::{self, testing, testing::Stream};
 use seerattn::gpu::gate::{
-    compute_mask, compute_mask_cached, kblock_cache_bytes, update_kblock_cache, DeviceGate, DeviceMask, DeviceTensor,
-    GatePlan,
+    compute_mask, compute_mask_cached, kblock_cache_bytes, update_kblock_cache, DeviceMask, DeviceTensor, GatePlan,
 };
 use seerattn::*;
 use std::io::Write;
 
-const HQ: usize = 32;
-const HKV: usize = 8;
-const D: usize = 128;
+#[path = "common/mod.rs"]
+mod common;
+use common::*;
+
 const CHUNK: usize = 512;
 
-fn median(mut v: Vec<f32>) -> f32 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// Device buffer of `tokens * heads * D` random bf16 values with
-/// per-64-token-block offsets (so gate scores are not flat).
-fn random_bf16(ctx: &cuda::Ctx, tokens: usize, heads: usize, seed: u64) -> Result<DeviceBuffer> {
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    };
-    let offsets: Vec<f32> = (0..tokens.div_ceil(64) * heads * D).map(|_| next() * 1.5).collect();
-    let mut bytes = Vec::with_capacity(tokens * heads * D * 2);
-    for t in 0..tokens {
-        for h in 0..heads {
-            for x in 0..D {
-                let v = offsets[((t / 64) * heads + h) * D + x] + next();
-                bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
-            }
-        }
-    }
-    let buf = testing::alloc_zeroed(ctx, bytes.len())?;
-    testing::copy_to_device(ctx, buf.ptr(), &bytes)?;
-    Ok(buf)
-}
-
 fn main() -> Result<()> {
-    let quick = std::env::var_os("SEER_BENCH_QUICK").is_some();
-    let (warmup, reps) = if quick { (1, 1) } else { (5, 30) };
+    let (warmup, reps) = warmup_and_reps();
     let out_path = std::env::args().nth(1);
     let ctx = cuda::current_context()?;
     let stream = Stream::new(&ctx)?;
-    let device_name = cuda::device_name(&ctx).unwrap_or_else(|_| "unknown CUDA device".into());
-    let date = std::process::Command::new("date")
-        .arg("-u")
-        .arg("+%F")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let config = GateConfig {
-        num_layers: 1,
-        num_q_heads: HQ,
-        num_kv_heads: HKV,
-        head_dim: D,
-        gate_hidden: D,
-        block_size: 64,
-        gate_type: GateType::released(),
-        force_double: false,
-        rope: RopeConfig {
-            theta: 500000.0,
-            scaling: RopeScaling::Llama3 {
-                factor: 8.0,
-                low_freq_factor: 1.0,
-                high_freq_factor: 4.0,
-                original_max_position_embeddings: 8192.0,
-            },
-        },
-        sparsity_method: SparsityMethod::Threshold,
-        threshold: 0.002,
-        nz_ratio: 0.1,
-        last_block_dense: true,
-    };
-    let mut gate = Gate::new(config.clone())?;
-    let w: Vec<u8> = (0..HQ * 3 * D * D)
-        .flat_map(|i| half::bf16::from_f32(((i * 2654435761usize) % 1000) as f32 / 1000.0 * 0.2 - 0.1).to_le_bytes())
-        .collect();
-    gate.set_layer_weights(0, WeightRef { dtype: DType::BF16, shape: [HQ, 3 * D, D], bytes: &w }, None)?;
-    let device = DeviceGate::upload(&gate, &ctx)?;
+    let (device_name, date) = device_and_date(&ctx);
+    let config = common::config();
+    let (gate, device) = common::gate(&ctx)?;
     let params = MaskParams { threshold: 0.002, ..MaskParams::from_config(&config) };
 
     let mut lines = Vec::new();
