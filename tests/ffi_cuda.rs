@@ -813,8 +813,10 @@ fn kblock_cache_size_is_the_layouts_and_needs_no_device() {
 #[test]
 fn mask_params_default_has_no_caches() {
     let gate = bundled();
-    let mut p = MaybeUninit::<SeerMaskParams>::new(unsafe { std::mem::transmute([0xa5u8; 80]) });
     assert_eq!(std::mem::size_of::<SeerMaskParams>(), 80);
+    // Garbage everywhere: the default must write every field.
+    let mut p = MaybeUninit::<SeerMaskParams>::uninit();
+    unsafe { p.as_mut_ptr().cast::<u8>().write_bytes(0xa5, std::mem::size_of::<SeerMaskParams>()) };
     assert_status(unsafe { seer_mask_params_default(gate.0, p.as_mut_ptr()) }, SeerStatus::SEER_OK, "default");
     let p = unsafe { p.assume_init() };
     assert_eq!(p.struct_size, std::mem::size_of::<SeerMaskParams>());
