@@ -510,9 +510,8 @@ SeerStatus seer_gate_compute_mask(const struct SeerGate *gate,
 // Bytes of one K-block cache (one layer, one sequence) able to hold a
 // sequence of up to `max_tokens` tokens, for chunked prefill with
 // `seer_kblock_cache_update` and `seer_gate_compute_mask` (see the README,
-// "Chunked prefill with the K-block cache"). Positive, a multiple of 256;
-// the same for any `max_tokens` in one 4096-token step. Needs no GPU and no
-// upload. Allocate it as device memory of the upload's context, 256-byte
+// "Chunked prefill with the K-block cache"). Positive, a multiple of 256,
+// growing with `max_tokens`. Needs no GPU and no upload. Allocate it as device memory of the upload's context, 256-byte
 // aligned (cudaMalloc's is); it needs no zeroing.
 //
 // `SEER_UNSUPPORTED` (with the reason) for a gate the CUDA path does not
