@@ -354,6 +354,38 @@ int main(int argc, char **argv) {
             expect("compute_mask: CUDA before seer_gate_upload", seer_gate_compute_mask(gate, &dp, &batch, &dq, &dk, &dm), SEER_INVALID_ARGUMENT);
             expect_true("compute_mask: the message says to upload", strstr(seer_last_error_message(), "seer_gate_upload") != NULL);
         }
+        /* The K-block cache (chunked prefill): its size, the update, cached masks. */
+        size_t cache_bytes = 0;
+        if (dev == SEER_UNSUPPORTED) {
+            expect("kblock_cache_size: without kernels", seer_kblock_cache_size(gate, 1000, &cache_bytes), SEER_UNSUPPORTED);
+        } else {
+            expect("kblock_cache_size", seer_kblock_cache_size(gate, 1000, &cache_bytes), SEER_OK);
+            expect_true("kblock_cache_size: positive, 256-aligned", cache_bytes > 0 && cache_bytes % 256 == 0);
+        }
+        expect("kblock_cache_size: NULL out", seer_kblock_cache_size(gate, 1000, NULL), SEER_NULL_POINTER);
+        /* One cache per sequence of the batch (at most 3 here). */
+        const uint64_t caches[4] = {(uint64_t)(base + 7 * gap), (uint64_t)(base + 8 * gap), (uint64_t)(base + 9 * gap),
+                                    (uint64_t)(base + 10 * gap)};
+        const size_t nseq = batch.num_seqs;
+        expect_true("kblock caches: a batch of at most 3 sequences", nseq <= 3);
+        SeerTensor dk_new = dk;
+        dk_new.data = (void *)(base + 6 * gap);
+        expect("kblock_cache_update: one cache too many", seer_kblock_cache_update(gate, &dp, &batch, &dk_new, caches, nseq + 1), SEER_INVALID_ARGUMENT);
+        expect_true("kblock_cache_update: the message names num_caches", strstr(seer_last_error_message(), "num_caches") != NULL);
+        SeerMaskParams cp = mp;
+        cp.maybe_kblock_caches = caches;
+        cp.num_kblock_caches = nseq;
+        expect("compute_mask: K-block caches with host buffers", seer_gate_compute_mask(gate, &cp, &batch, &tqn, &tkn, &mask), SEER_INVALID_ARGUMENT);
+        expect_true("compute_mask: caches are a CUDA path feature", strstr(seer_last_error_message(), "CUDA path feature") != NULL);
+        if (dev != SEER_UNSUPPORTED) {
+            expect("kblock_cache_update: before seer_gate_upload", seer_kblock_cache_update(gate, &dp, &batch, &dk_new, caches, nseq), SEER_INVALID_ARGUMENT);
+            expect_true("kblock_cache_update: the message says to upload", strstr(seer_last_error_message(), "seer_gate_upload") != NULL);
+            SeerMaskParams dcp = dp;
+            dcp.maybe_kblock_caches = caches;
+            dcp.num_kblock_caches = nseq;
+            expect("compute_mask: cached, no k_nope, before seer_gate_upload", seer_gate_compute_mask(gate, &dcp, &batch, &dq, NULL, &dm), SEER_INVALID_ARGUMENT);
+            expect_true("compute_mask: cached, the message says to upload", strstr(seer_last_error_message(), "seer_gate_upload") != NULL);
+        }
         /* Uploads where there is a GPU, says why not where there is none. */
         expect("upload", seer_gate_upload(gate), dev);
     }

@@ -309,6 +309,22 @@ typedef struct SeerMaskParams {
   // until the mask is ready.
   void *workspace;
   size_t workspace_bytes;
+  // K-block caches for chunked prefill (CUDA only; README, "Chunked
+  // prefill with the K-block cache"): NULL for none, or a **host** array
+  // of `num_kblock_caches` device addresses, one per sequence of the
+  // batch in batch order (`num_kblock_caches == batch->num_seqs`), each
+  // the cache of layer `layer` of that sequence, already brought up to
+  // the batch's `k_len` by `seer_kblock_cache_update`. With caches,
+  // `seer_gate_compute_mask` reads the K side from them and `k_nope` is
+  // not read (it may be NULL). With host (`SEER_DEVICE_CPU`) buffers,
+  // caches are `SEER_INVALID_ARGUMENT`. `seer_kblock_cache_update` ignores
+  // these two fields (it takes its caches as arguments).
+  //
+  // These two fields were appended after the first release of the
+  // struct: a caller whose `struct_size` ends before them (compiled
+  // against an older header) is served as if they were NULL and 0.
+  const uint64_t *maybe_kblock_caches;
+  size_t num_kblock_caches;
 } SeerMaskParams;
 
 // Buffer sizes of a block mask for one batch shape (`seer_mask_sizes`).
@@ -455,7 +471,7 @@ void seer_gate_destroy(struct SeerGate *gate);
 // Fill `*out` with the mask rule of the gate's config for layer 0
 // (sparsity method, threshold, nz_ratio, last_block_dense), the default
 // policies (keep the diagonal of empty rows, f32 threshold comparison) and
-// no stream or workspace. Writes `struct_size`.
+// no stream, workspace or K-block caches. Writes `struct_size`.
 SeerStatus seer_mask_params_default(const struct SeerGate *gate, struct SeerMaskParams *out);
 
 // Compute layer `params->layer`'s block mask for a batch from pre-RoPE
@@ -466,7 +482,8 @@ SeerStatus seer_mask_params_default(const struct SeerGate *gate, struct SeerMask
 //
 // The device of `q_nope` picks the path; `k_nope` and `out_mask` must be on
 // the same device (else `SEER_INVALID_ARGUMENT` naming the argument).
-// - `SEER_DEVICE_CPU`: the reference path, synchronous; no workspace.
+// - `SEER_DEVICE_CPU`: the reference path, synchronous; no workspace, no
+//   K-block caches (`params->maybe_kblock_caches` must be NULL).
 // - `SEER_DEVICE_CUDA`: needs a prior `seer_gate_upload` (and none of
 //   `seer_gate_set_layer_weights` since), buffers in the uploaded context,
 //   the workspace in `params->workspace` / `params->workspace_bytes` (at
@@ -479,12 +496,67 @@ SeerStatus seer_mask_params_default(const struct SeerGate *gate, struct SeerMask
 //   same context has loaded the kernels. The buffers must stay valid until
 //   the work completes. Rows of q_nope and k_nope must be 16-byte aligned with
 //   unit dim stride (see the README for what the CUDA gate supports).
+// - `SEER_DEVICE_CUDA` with `params->maybe_kblock_caches` (chunked prefill,
+//   see `seer_kblock_cache_update`): the K side is read from the caches,
+//   which `seer_kblock_cache_update` brought up to this batch for this
+//   layer; `k_nope` is not read and may be NULL. Same workspace size.
 SeerStatus seer_gate_compute_mask(const struct SeerGate *gate,
                                   const struct SeerMaskParams *params,
                                   const struct SeerBatch *batch,
                                   const struct SeerTensor *q_nope,
                                   const struct SeerTensor *k_nope,
                                   const struct SeerBlockMask *out_mask);
+
+// Bytes of one K-block cache (one layer, one sequence) able to hold a
+// sequence of up to `max_tokens` tokens, for chunked prefill with
+// `seer_kblock_cache_update` and `seer_gate_compute_mask` (see the README,
+// "Chunked prefill with the K-block cache"). Positive, a multiple of 256,
+// growing with `max_tokens`. Needs no GPU and no upload. Allocate it as device memory of the upload's context, 256-byte
+// aligned (cudaMalloc's is); it needs no zeroing.
+//
+// `SEER_UNSUPPORTED` (with the reason) for a gate the CUDA path does not
+// take or a build without CUDA kernels; `SEER_INVALID_ARGUMENT` if the size
+// overflows.
+SeerStatus seer_kblock_cache_size(const struct SeerGate *gate,
+                                  uint64_t max_tokens,
+                                  size_t *out_bytes);
+
+// Bring each sequence's K-block cache of layer `params->layer` up to the
+// batch (chunked prefill, see the README): pool this chunk's new keys into
+// the caches, so that `seer_gate_compute_mask` with the same batch and
+// `params->maybe_kblock_caches` = the same caches needs no earlier keys.
+//
+// - `k_new`: a `SEER_DEVICE_CUDA` descriptor `[total_q, num_kv_heads,
+//   head_dim]` packed like Q: the new pre-RoPE keys of each sequence, at
+//   the batch's query offsets: sequence `s`'s `q_len` rows start at row
+//   `cu_seqlens_q[s]`, row `i` being the key at absolute position
+//   `k_len - q_len + i` (the positions of the chunk's queries). bf16 or
+//   f16, unit dim stride, 16-byte aligned rows, as for `k_nope`.
+// - `caches`: a **host** array of `num_caches` device addresses, one per
+//   sequence in batch order (`num_caches == batch->num_seqs`, else
+//   `SEER_INVALID_ARGUMENT`), each a cache of `seer_kblock_cache_size`
+//   bytes for at least the sequence's `k_len` tokens, distinct, not
+//   overlapping `k_new` or the workspace. Each cache must hold exactly the
+//   sequence's first `k_len - q_len` tokens of this layer, fed by earlier
+//   updates in order (nothing when `q_len == k_len`): the library cannot
+//   check that.
+// - `params`: only `layer`, `cuda_stream`, `workspace` and
+//   `workspace_bytes` are read (the workspace sized by
+//   `seer_gate_workspace_size` for this batch, as for the mask); the mask
+//   rule and `maybe_kblock_caches` are ignored.
+//
+// Needs a prior `seer_gate_upload` (as `seer_gate_compute_mask` with CUDA
+// buffers). Enqueued on `params->cuda_stream`; allocates nothing, copies
+// nothing between host and device, synchronizes nothing, capturable into
+// a CUDA graph after one eager call. Work on one cache must be ordered
+// (one stream, or events): the update before the mask that reads it, and
+// before the next chunk's update.
+SeerStatus seer_kblock_cache_update(const struct SeerGate *gate,
+                                    const struct SeerMaskParams *params,
+                                    const struct SeerBatch *batch,
+                                    const struct SeerTensor *k_new,
+                                    const uint64_t *caches,
+                                    size_t num_caches);
 
 // Sizes of the mask arrays (and of the dense map) for a batch with
 // `num_q_heads` query heads and `block_size`-token blocks. The caller sets

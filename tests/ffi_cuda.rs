@@ -18,12 +18,12 @@ use seerattn::cuda::{self, testing, testing::Stream, Ctx, DeviceBuffer};
 use seerattn::ffi::args::{SeerBatch, SeerBlockMask, SeerDevice, SeerTensor};
 use seerattn::ffi::gate::{
     seer_gate_compute_mask, seer_gate_config_default, seer_gate_create, seer_gate_destroy, seer_gate_get_config,
-    seer_gate_load, seer_gate_set_layer_weights, seer_gate_upload, seer_gate_workspace_size, seer_mask_params_default,
-    SeerGate, SeerGateConfig, SeerMaskParams,
+    seer_gate_load, seer_gate_set_layer_weights, seer_gate_upload, seer_gate_workspace_size, seer_kblock_cache_size,
+    seer_kblock_cache_update, seer_mask_params_default, SeerGate, SeerGateConfig, SeerMaskParams,
 };
 use seerattn::ffi::mask::{seer_mask_sizes, SeerMaskSizes};
 use seerattn::ffi::status::{seer_last_error_message, SeerStatus};
-use seerattn::gpu::gate::GatePlan;
+use seerattn::gpu::gate::{kblock_cache_bytes, GatePlan};
 use seerattn::*;
 use std::ffi::{c_void, CStr, CString};
 use std::mem::MaybeUninit;
@@ -747,4 +747,541 @@ fn gpu_c_api_call_is_graph_capturable_after_one_eager_call() {
     graph.launch(&stream).unwrap();
     stream.synchronize().unwrap();
     assert_eq!(out.read(&ctx), eager, "graph replay differs from the eager call");
+}
+
+// ------------------------------------------------- K-block cache (CPU-only)
+//
+// `seer_kblock_cache_size`, `seer_kblock_cache_update` and
+// `seer_gate_compute_mask` with `SeerMaskParams::maybe_kblock_caches`: the
+// checks that need no device, and the struct_size versioning of
+// SeerMaskParams (the caches were appended after its first release).
+
+/// `SeerMaskParams` as released first: everything before `maybe_kblock_caches`.
+const MASK_PARAMS_V1: usize = std::mem::offset_of!(SeerMaskParams, maybe_kblock_caches);
+
+fn cache_size(gate: &Handle, tokens: u64) -> (SeerStatus, usize) {
+    let mut bytes = usize::MAX;
+    let status = unsafe { seer_kblock_cache_size(gate.0, tokens, &mut bytes) };
+    (status, bytes)
+}
+
+#[test]
+fn kblock_cache_size_is_the_layouts_and_needs_no_device() {
+    let gate = bundled();
+    if !cuda::cuda_enabled() {
+        let (status, bytes) = cache_size(&gate, 1000);
+        assert_status(status, SeerStatus::SEER_UNSUPPORTED, "cache size in a build without kernels");
+        assert_eq!(bytes, usize::MAX);
+        return;
+    }
+    let rust_gate = Gate::load_dir(&upstream_dir().join("gqa4_s1000_gates")).unwrap();
+    let mut last = 0;
+    for tokens in [0u64, 1, 63, 64, 1000, 4096, 4097, 100_000, 1 << 20] {
+        let (status, bytes) = cache_size(&gate, tokens);
+        assert_status(status, SeerStatus::SEER_OK, "cache size");
+        assert!(bytes > 0 && bytes % 256 == 0, "{tokens} tokens: {bytes} bytes");
+        assert!(bytes >= last, "{tokens} tokens: {bytes} bytes, less than {last} for fewer tokens");
+        assert_eq!(bytes, kblock_cache_bytes(rust_gate.config(), tokens as usize).unwrap(), "{tokens} tokens");
+        last = bytes;
+    }
+    // It grows with the tokens: 64-block tiles of [hq 8][128] bf16 rows.
+    let (_, small) = cache_size(&gate, 4096);
+    let (_, big) = cache_size(&gate, 4097);
+    assert_eq!(big - small, 64 * 8 * 128 * 2);
+    let (_, long) = cache_size(&gate, 128 * 1024);
+    assert!(long > 16 * small, "{long} vs {small}");
+    // Overflow is an argument error, the out-parameter untouched.
+    let (status, bytes) = cache_size(&gate, u64::MAX);
+    assert_status(status, SeerStatus::SEER_INVALID_ARGUMENT, "u64::MAX tokens");
+    assert_eq!(bytes, usize::MAX);
+    // Bad arguments.
+    let status = unsafe { seer_kblock_cache_size(gate.0, 100, std::ptr::null_mut()) };
+    assert_status(status, SeerStatus::SEER_NULL_POINTER, "NULL out_bytes");
+    let mut bytes = 0;
+    let status = unsafe { seer_kblock_cache_size(std::ptr::null(), 100, &mut bytes) };
+    assert_status(status, SeerStatus::SEER_NULL_POINTER, "NULL gate");
+    // Gates the CUDA path does not take.
+    for (head_dim, gate_hidden, why) in [(128, 64, "gate_hidden"), (256, 256, "head_dim")] {
+        let unsupported = created(head_dim, gate_hidden);
+        let (status, bytes) = cache_size(&unsupported, 1000);
+        let msg = assert_status(status, SeerStatus::SEER_UNSUPPORTED, "cache size of an unsupported gate");
+        assert!(msg.starts_with("seer_kblock_cache_size: ") && msg.contains(why), "{msg}");
+        assert_eq!(bytes, usize::MAX);
+    }
+}
+
+#[test]
+fn mask_params_default_has_no_caches() {
+    let gate = bundled();
+    assert_eq!(std::mem::size_of::<SeerMaskParams>(), 80);
+    // Garbage everywhere: the default must write every field.
+    let mut p = MaybeUninit::<SeerMaskParams>::uninit();
+    unsafe { p.as_mut_ptr().cast::<u8>().write_bytes(0xa5, std::mem::size_of::<SeerMaskParams>()) };
+    assert_status(unsafe { seer_mask_params_default(gate.0, p.as_mut_ptr()) }, SeerStatus::SEER_OK, "default");
+    let p = unsafe { p.assume_init() };
+    assert_eq!(p.struct_size, std::mem::size_of::<SeerMaskParams>());
+    assert!(p.maybe_kblock_caches.is_null());
+    assert_eq!(p.num_kblock_caches, 0);
+    assert_eq!(MASK_PARAMS_V1, 64, "the first release's SeerMaskParams (64-bit platforms)");
+}
+
+/// Fake device addresses of a chunk: the one-shot [`Fake`] plus k_new
+/// (`[total_q, hkv, d]`) and one K-block cache per sequence, each sized for
+/// its `k_len`, all 64 MiB apart.
+struct FakeChunk {
+    f: Fake,
+    k_new: SeerTensor,
+    caches: Vec<u64>,
+}
+
+fn fake_chunk(gate: &Handle, lens: &[(usize, usize)]) -> FakeChunk {
+    let f = fake(gate, lens);
+    let c = config_of(gate);
+    let tq = *f.lens.q.last().unwrap() as usize;
+    let k_new = desc(BASE + 6 * GAP, DType::BF16, CUDA, [tq, c.num_kv_heads as usize, c.head_dim as usize]);
+    let caches = (0..lens.len() as u64).map(|s| BASE + (7 + s) * GAP).collect();
+    FakeChunk { f, k_new, caches }
+}
+
+impl FakeChunk {
+    fn update(&self, gate: &Handle) -> SeerStatus {
+        let b = self.f.lens.batch();
+        unsafe {
+            seer_kblock_cache_update(gate.0, &self.f.params, &b, &self.k_new, self.caches.as_ptr(), self.caches.len())
+        }
+    }
+    /// `seer_gate_compute_mask` with the caches and no k_nope.
+    fn compute(&self, gate: &Handle) -> SeerStatus {
+        let b = self.f.lens.batch();
+        let params = SeerMaskParams {
+            maybe_kblock_caches: self.caches.as_ptr(),
+            num_kblock_caches: self.caches.len(),
+            ..self.f.params
+        };
+        unsafe { seer_gate_compute_mask(gate.0, &params, &b, &self.f.q, std::ptr::null(), &self.f.mask) }
+    }
+}
+
+#[test]
+fn kblock_cache_calls_without_an_upload_are_refused_clearly() {
+    let gate = bundled();
+    // A chunk of 100 queries over 400 keys, and a fresh sequence beside it.
+    let f = fake_chunk(&gate, &[(100, 400), (37, 37)]);
+    // A failed upload (no driver here) leaves the gate without a device copy;
+    // on a GPU machine the gate is simply not uploaded. Either way the calls
+    // get past every host check to the upload's absence.
+    if cuda::driver().is_err() {
+        let want = if cuda::cuda_enabled() { SeerStatus::SEER_NO_DEVICE } else { SeerStatus::SEER_UNSUPPORTED };
+        assert_status(unsafe { seer_gate_upload(gate.0) }, want, "upload without a driver");
+    }
+    if !cuda::cuda_enabled() {
+        // Without kernels the cache regions cannot be sized: the gate is refused as unsupported.
+        assert_status(f.update(&gate), SeerStatus::SEER_UNSUPPORTED, "update in a build without kernels");
+        return;
+    }
+    let msg = assert_status(f.update(&gate), SeerStatus::SEER_INVALID_ARGUMENT, "update before any upload");
+    assert!(msg.starts_with("seer_kblock_cache_update: ") && msg.contains("call seer_gate_upload"), "{msg}");
+    let msg = assert_status(f.compute(&gate), SeerStatus::SEER_INVALID_ARGUMENT, "cached mask before any upload");
+    assert!(msg.starts_with("seer_gate_compute_mask: ") && msg.contains("call seer_gate_upload"), "{msg}");
+    // An unsupported gate says so.
+    let unsupported = created(128, 64);
+    let mut g = fake_chunk(&unsupported, &[(100, 400)]);
+    g.f.params.layer = 0;
+    let msg = assert_status(g.update(&unsupported), SeerStatus::SEER_UNSUPPORTED, "update, unsupported gate");
+    assert!(msg.contains("gate_hidden"), "{msg}");
+    let msg = assert_status(g.compute(&unsupported), SeerStatus::SEER_UNSUPPORTED, "cached mask, unsupported gate");
+    assert!(msg.contains("gate_hidden"), "{msg}");
+}
+
+#[test]
+fn kblock_cache_arguments_are_checked_on_the_host() {
+    if !cuda::cuda_enabled() {
+        return; // the cache regions are sized by the CUDA layout
+    }
+    let gate = bundled();
+    let lens = [(100, 400), (37, 37)];
+    let b_lens = Lens::new(&lens);
+    let b = b_lens.batch();
+    use SeerStatus::*;
+    let update_with = |edit: &dyn Fn(&mut FakeChunk), caches: Option<(*const u64, usize)>| {
+        let mut f = fake_chunk(&gate, &lens);
+        edit(&mut f);
+        let (ptr, n) = caches.unwrap_or((f.caches.as_ptr(), f.caches.len()));
+        let status = unsafe { seer_kblock_cache_update(gate.0, &f.f.params, &b, &f.k_new, ptr, n) };
+        (status, if status == SEER_OK { String::new() } else { last_error() })
+    };
+    let expect = |(status, msg): (SeerStatus, String), want: SeerStatus, needle: &str, what: &str| {
+        assert_eq!(status, want, "{what}: {msg}");
+        assert!(msg.starts_with("seer_kblock_cache_update: ") && msg.contains(needle), "{what}: {msg}");
+    };
+    let f = fake_chunk(&gate, &lens);
+    // num_caches must be the batch's sequence count.
+    expect(update_with(&|_| {}, Some((f.caches.as_ptr(), 1))), SEER_INVALID_ARGUMENT, "num_caches = 1", "one cache");
+    expect(update_with(&|_| {}, Some((f.caches.as_ptr(), 3))), SEER_INVALID_ARGUMENT, "num_caches = 3", "three");
+    expect(update_with(&|_| {}, Some((std::ptr::null(), 0))), SEER_INVALID_ARGUMENT, "num_caches = 0", "no caches");
+    expect(update_with(&|_| {}, Some((std::ptr::null(), 2))), SEER_NULL_POINTER, "caches", "NULL caches");
+    // k_new: a CUDA descriptor, checked like k_nope.
+    expect(
+        update_with(&|f| f.k_new.device = CPU, None),
+        SEER_INVALID_ARGUMENT,
+        "k_new is SEER_DEVICE_CPU",
+        "CPU k_new",
+    );
+    expect(update_with(&|f| f.k_new.data = std::ptr::null_mut(), None), SEER_NULL_POINTER, "k_new->data", "NULL k_new");
+    expect(update_with(&|f| f.k_new.strides[1] = -1, None), SEER_INVALID_ARGUMENT, "non-negative", "negative stride");
+    // Caches: non-NULL, disjoint from each other, k_new and the workspace.
+    expect(update_with(&|f| f.caches[1] = 0, None), SEER_NULL_POINTER, "K-block cache", "NULL cache");
+    expect(update_with(&|f| f.caches[1] = f.caches[0], None), SEER_INVALID_ARGUMENT, "overlaps", "a cache twice");
+    expect(
+        update_with(&|f| f.caches[0] = BASE + 6 * GAP + 4096, None),
+        SEER_INVALID_ARGUMENT,
+        "overlaps k_new",
+        "a cache inside k_new",
+    );
+    expect(
+        update_with(&|f| f.caches[1] = BASE + 5 * GAP, None),
+        SEER_INVALID_ARGUMENT,
+        "overlaps",
+        "a cache on the workspace",
+    );
+    expect(
+        update_with(&|f| f.f.params.struct_size = 8, None),
+        SEER_INVALID_ARGUMENT,
+        "struct_size",
+        "params struct_size 8",
+    );
+    // The good call reaches the upload check (after the checks above).
+    expect(update_with(&|_| {}, None), SEER_INVALID_ARGUMENT, "call seer_gate_upload", "good arguments");
+
+    // compute_mask with caches: the count, and the caches against the outputs.
+    let compute_with = |edit: &dyn Fn(&mut FakeChunk, &mut SeerMaskParams)| {
+        let mut f = fake_chunk(&gate, &lens);
+        // The Vec's buffer stays put while an edit changes its entries.
+        let mut p =
+            SeerMaskParams { maybe_kblock_caches: f.caches.as_ptr(), num_kblock_caches: f.caches.len(), ..f.f.params };
+        edit(&mut f, &mut p);
+        let status = unsafe { seer_gate_compute_mask(gate.0, &p, &b, &f.f.q, std::ptr::null(), &f.f.mask) };
+        (status, if status == SEER_OK { String::new() } else { last_error() })
+    };
+    let expect = |(status, msg): (SeerStatus, String), want: SeerStatus, needle: &str, what: &str| {
+        assert_eq!(status, want, "{what}: {msg}");
+        assert!(msg.starts_with("seer_gate_compute_mask: ") && msg.contains(needle), "{what}: {msg}");
+    };
+    expect(
+        compute_with(&|_, p| p.num_kblock_caches = 1),
+        SEER_INVALID_ARGUMENT,
+        "params->num_kblock_caches = 1",
+        "one cache for two sequences",
+    );
+    expect(
+        compute_with(&|f, _| f.caches[0] = BASE + 2 * GAP + 64),
+        SEER_INVALID_ARGUMENT,
+        "overlaps",
+        "a cache on the mask counts",
+    );
+    expect(compute_with(&|_, _| {}), SEER_INVALID_ARGUMENT, "call seer_gate_upload", "good arguments, k_nope NULL");
+    // Without caches k_nope is required again.
+    expect(
+        compute_with(&|_, p| {
+            p.num_kblock_caches = 0;
+            p.maybe_kblock_caches = std::ptr::null();
+        }),
+        SEER_NULL_POINTER,
+        "k_nope",
+        "no caches and no k_nope",
+    );
+}
+
+/// Host descriptors and mask arrays of the bundled case over `n` tokens.
+struct HostCall {
+    case: Case,
+    lens: Lens,
+    sizes: SeerMaskSizes,
+    q: SeerTensor,
+    k: SeerTensor,
+    params: SeerMaskParams,
+}
+
+impl HostCall {
+    fn new(gate: &Handle, n: usize) -> HostCall {
+        let case = Case::load("gqa4_s1000");
+        let lens = Lens::new(&[(n, n)]);
+        let sizes = sizes(&lens.batch(), config_of(gate).num_q_heads);
+        let (qb, qs) = rows(case.get("q_nope"), n);
+        let (kb, ks) = rows(case.get("k_nope"), n);
+        let q = desc(qb.as_ptr() as u64, DType::BF16, CPU, qs);
+        let k = desc(kb.as_ptr() as u64, DType::BF16, CPU, ks);
+        let mut params = mask_params(gate);
+        params.layer = case.gate_layer() as u32;
+        HostCall { case, lens, sizes, q, k, params }
+    }
+    /// The CPU mask with these params (a copy of `self.params`, edited).
+    fn run(&self, gate: &Handle, params: *const SeerMaskParams) -> (SeerStatus, BlockMask) {
+        let s = &self.sizes;
+        let mut m = BlockMask {
+            counts: vec![-1; s.rows],
+            indices: vec![-1; s.indices_len],
+            row_offsets: vec![-1; s.row_offsets_len],
+        };
+        let md = mask_desc(
+            m.counts.as_mut_ptr() as u64,
+            m.indices.as_mut_ptr() as u64,
+            m.row_offsets.as_mut_ptr() as u64,
+            s,
+            CPU,
+        );
+        let b = self.lens.batch();
+        let status = unsafe { seer_gate_compute_mask(gate.0, params, &b, &self.q, &self.k, &md) };
+        (status, m)
+    }
+}
+
+#[test]
+fn mask_params_of_the_first_release_are_still_read() {
+    let gate = bundled();
+    let h = HostCall::new(&gate, 300);
+    assert!(!h.case.name.is_empty());
+    let (status, current) = h.run(&gate, &h.params);
+    assert_status(status, SeerStatus::SEER_OK, "CPU mask, current struct_size");
+
+    // A caller compiled against the first header: its struct ends before the
+    // caches. Whatever lies past its struct_size is not read (here: a caches
+    // pointer and count that would be refused if they were).
+    let bogus = [0x1234u64; 3];
+    let old = SeerMaskParams {
+        struct_size: MASK_PARAMS_V1,
+        maybe_kblock_caches: bogus.as_ptr(),
+        num_kblock_caches: 3,
+        ..h.params
+    };
+    let (status, m) = h.run(&gate, &old);
+    assert_status(status, SeerStatus::SEER_OK, "CPU mask, first-release struct_size");
+    assert_eq!(m, current, "first-release struct_size gives another mask");
+    // Really only the first-release bytes: from a buffer that ends there.
+    let mut bytes = vec![0u64; MASK_PARAMS_V1 / 8];
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (&old as *const SeerMaskParams).cast::<u8>(),
+            bytes.as_mut_ptr().cast(),
+            MASK_PARAMS_V1,
+        )
+    };
+    let (status, m) = h.run(&gate, bytes.as_ptr().cast());
+    assert_status(status, SeerStatus::SEER_OK, "CPU mask, a first-release struct in a 64-byte buffer");
+    assert_eq!(m, current);
+    // Between the releases (no header ever had it): read as the first release.
+    let (status, m) = h.run(&gate, &SeerMaskParams { struct_size: MASK_PARAMS_V1 + 8, ..old });
+    assert_status(status, SeerStatus::SEER_OK, "struct_size between releases");
+    assert_eq!(m, current);
+    // A newer caller's larger struct: this release's fields are read, caches included.
+    let newer = SeerMaskParams { struct_size: 4096, num_kblock_caches: 1, ..old };
+    let (status, _) = h.run(&gate, &newer);
+    let msg = assert_status(status, SeerStatus::SEER_INVALID_ARGUMENT, "newer struct_size with caches on the CPU");
+    assert!(msg.contains("CUDA path feature"), "{msg}");
+    // Below the first release: refused, with both sizes named.
+    for size in [0, 8, MASK_PARAMS_V1 - 8, MASK_PARAMS_V1 - 1] {
+        let (status, m) = h.run(&gate, &SeerMaskParams { struct_size: size, ..h.params });
+        let msg = assert_status(status, SeerStatus::SEER_INVALID_ARGUMENT, &format!("struct_size {size}"));
+        assert!(msg.contains("struct_size") && msg.contains(&MASK_PARAMS_V1.to_string()), "{msg}");
+        assert!(m.counts.iter().all(|&c| c == -1), "struct_size {size}: the mask was written");
+    }
+
+    // The CUDA path of a first-release caller: no caches, so k_nope is required.
+    let f = fake_chunk(&gate, &[(100, 400)]);
+    let b = f.f.lens.batch();
+    let p = SeerMaskParams {
+        struct_size: MASK_PARAMS_V1,
+        maybe_kblock_caches: f.caches.as_ptr(),
+        num_kblock_caches: f.caches.len(),
+        ..f.f.params
+    };
+    let status = unsafe { seer_gate_compute_mask(gate.0, &p, &b, &f.f.q, std::ptr::null(), &f.f.mask) };
+    let msg = assert_status(status, SeerStatus::SEER_NULL_POINTER, "first-release params, CUDA, no k_nope");
+    assert!(msg.contains("k_nope"), "{msg}");
+    let status = unsafe { seer_gate_compute_mask(gate.0, &p, &b, &f.f.q, &f.f.k, &f.f.mask) };
+    let want = if cuda::cuda_enabled() { SeerStatus::SEER_INVALID_ARGUMENT } else { SeerStatus::SEER_UNSUPPORTED };
+    let msg = assert_status(status, want, "first-release params, CUDA, with k_nope");
+    if cuda::cuda_enabled() {
+        assert!(msg.contains("call seer_gate_upload"), "{msg}");
+    }
+}
+
+#[test]
+fn kblock_caches_with_host_buffers_are_refused() {
+    let gate = bundled();
+    let h = HostCall::new(&gate, 300);
+    let caches = [BASE, BASE + GAP];
+    let with = |n: usize| SeerMaskParams { maybe_kblock_caches: caches.as_ptr(), num_kblock_caches: n, ..h.params };
+    let (status, m) = h.run(&gate, &with(1));
+    let msg = assert_status(status, SeerStatus::SEER_INVALID_ARGUMENT, "CPU descriptors with caches");
+    assert!(
+        msg.starts_with("seer_gate_compute_mask: ") && msg.contains("K-block caches are a CUDA path feature"),
+        "{msg}"
+    );
+    assert!(m.counts.iter().all(|&c| c == -1), "the mask was written");
+    // A wrong count is named first (it is wrong on any device).
+    let (status, _) = h.run(&gate, &with(2));
+    let msg = assert_status(status, SeerStatus::SEER_INVALID_ARGUMENT, "CPU descriptors, two caches for one sequence");
+    assert!(msg.contains("num_kblock_caches = 2"), "{msg}");
+    // NULL caches with a count: no caches (NULL is "none").
+    let none = SeerMaskParams { maybe_kblock_caches: std::ptr::null(), num_kblock_caches: 1, ..h.params };
+    assert_status(h.run(&gate, &none).0, SeerStatus::SEER_OK, "NULL caches with a count");
+    // seer_kblock_cache_update takes only CUDA keys.
+    let b = h.lens.batch();
+    let status = unsafe { seer_kblock_cache_update(gate.0, &h.params, &b, &h.k, caches.as_ptr(), 1) };
+    let msg = assert_status(status, SeerStatus::SEER_INVALID_ARGUMENT, "update with host keys");
+    assert!(msg.contains("k_new is SEER_DEVICE_CPU"), "{msg}");
+}
+
+// ------------------------------------------------------ K-block cache (GPU)
+
+/// The CPU path of the C API over host bytes: q `[tq, hq, d]` and k
+/// `[tk, hkv, d]`, contiguous bf16. No caches (they are a CUDA feature).
+fn cpu_mask_of(
+    gate: &Handle,
+    params: &SeerMaskParams,
+    batch: &SeerBatch,
+    q: (&[u8], [usize; 3]),
+    k: (&[u8], [usize; 3]),
+) -> BlockMask {
+    let s = sizes(batch, config_of(gate).num_q_heads);
+    let mut m =
+        BlockMask { counts: vec![0; s.rows], indices: vec![0; s.indices_len], row_offsets: vec![0; s.row_offsets_len] };
+    let md = mask_desc(
+        m.counts.as_mut_ptr() as u64,
+        m.indices.as_mut_ptr() as u64,
+        m.row_offsets.as_mut_ptr() as u64,
+        &s,
+        CPU,
+    );
+    let qd = desc(q.0.as_ptr() as u64, DType::BF16, CPU, q.1);
+    let kd = desc(k.0.as_ptr() as u64, DType::BF16, CPU, k.1);
+    let p = SeerMaskParams {
+        cuda_stream: std::ptr::null_mut(),
+        workspace: std::ptr::null_mut(),
+        workspace_bytes: 0,
+        maybe_kblock_caches: std::ptr::null(),
+        num_kblock_caches: 0,
+        ..*params
+    };
+    assert_status(unsafe { seer_gate_compute_mask(gate.0, &p, batch, &qd, &kd, &md) }, SeerStatus::SEER_OK, "CPU mask");
+    m
+}
+
+/// Chunked prefill of the upstream gqa4_s1000 case through the C API only:
+/// each sequence slot holds the case's tokens; each step is a batch of
+/// (slot, new tokens) in batch order. Per step: `seer_kblock_cache_update`
+/// with the chunk's keys, then for every rule `seer_gate_compute_mask` with
+/// the caches (no k_nope), against the one-shot CUDA mask over all keys so
+/// far (same batch: q_len = chunk, k_len = total so far), which it must
+/// equal exactly (counts, offsets, selected blocks), and against the CPU
+/// path up to near-threshold differences.
+fn run_c_api_kcache(name: &str, slots: usize, steps: &[Vec<(usize, usize)>]) {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let case = Case::load("gqa4_s1000");
+    let gate = load(&case.gate_dir());
+    let rust_gate = Gate::load_dir(&case.gate_dir()).unwrap();
+    let layer = case.gate_layer();
+    let n = case.usize("seq_len");
+    let c = config_of(&gate);
+    let (hq, hkv, d) = (c.num_q_heads as usize, c.num_kv_heads as usize, c.head_dim as usize);
+    let (q_all, k_all) = (&case.get("q_nope").bytes, &case.get("k_nope").bytes);
+    let (q_row, k_row) = (hq * d * 2, hkv * d * 2);
+    assert_status(unsafe { seer_gate_upload(gate.0) }, SeerStatus::SEER_OK, "upload");
+    let (status, cache_bytes) = cache_size(&gate, n as u64);
+    assert_status(status, SeerStatus::SEER_OK, "cache size");
+    // Poisoned (0xff: NaN state and rows): an update must not read what no
+    // earlier update wrote.
+    let caches_buf: Vec<DeviceBuffer> = (0..slots).map(|_| to_device(&ctx, &vec![0xffu8; cache_bytes])).collect();
+    let mut done = vec![0usize; slots];
+    let mut base = mask_params(&gate);
+    base.layer = layer as u32;
+    for (step, entries) in steps.iter().enumerate() {
+        let lens: Vec<(usize, usize)> = entries.iter().map(|&(s, m)| (m, done[s] + m)).collect();
+        let l = Lens::new(&lens);
+        let b = l.batch();
+        let (tq, tk) = (l.rust().total_q(), l.rust().total_k());
+        // Packed host rows: the chunk's queries and keys, and every key so far.
+        let cat = |all: &[u8], row: usize, range: &dyn Fn(usize, usize) -> (usize, usize)| -> Vec<u8> {
+            entries
+                .iter()
+                .flat_map(|&(s, m)| {
+                    let (from, to) = range(s, m);
+                    all[from * row..to * row].to_vec()
+                })
+                .collect()
+        };
+        let q_host = cat(q_all, q_row, &|s, m| (done[s], done[s] + m));
+        let k_new_host = cat(k_all, k_row, &|s, m| (done[s], done[s] + m));
+        let k_host = cat(k_all, k_row, &|s, m| (0, done[s] + m));
+        let (q_dev, k_new_dev, k_dev) =
+            (to_device(&ctx, &q_host), to_device(&ctx, &k_new_host), to_device(&ctx, &k_host));
+        let q = desc(q_dev.ptr(), DType::BF16, CUDA, [tq, hq, d]);
+        let k_new = desc(k_new_dev.ptr(), DType::BF16, CUDA, [tq, hkv, d]);
+        let k = desc(k_dev.ptr(), DType::BF16, CUDA, [tk, hkv, d]);
+        let caches: Vec<u64> = entries.iter().map(|&(s, _)| caches_buf[s].ptr()).collect();
+        let cached_out = DeviceOut::new(&ctx, &gate, &b);
+        let one_shot_out = DeviceOut::new(&ctx, &gate, &b);
+
+        let status = unsafe {
+            seer_kblock_cache_update(
+                gate.0,
+                &cached_out.params(base, &stream),
+                &b,
+                &k_new,
+                caches.as_ptr(),
+                caches.len(),
+            )
+        };
+        assert_status(status, SeerStatus::SEER_OK, "seer_kblock_cache_update");
+
+        let qv = Tensor3::new("q", &q_host, DType::BF16, Layout3::contiguous(tq, hq, d)).unwrap();
+        let kv = Tensor3::new("k", &k_host, DType::BF16, Layout3::contiguous(tk, hkv, d)).unwrap();
+        let scores = rust_gate.scores(layer, &qv, &kv, &l.rust()).unwrap();
+        for p in rules(base) {
+            let what =
+                format!("{name} step {step} {lens:?} method {} t={} nz={}", p.sparsity_method, p.threshold, p.nz_ratio);
+            let cached_params = SeerMaskParams {
+                maybe_kblock_caches: caches.as_ptr(),
+                num_kblock_caches: caches.len(),
+                ..cached_out.params(p, &stream)
+            };
+            let status =
+                unsafe { seer_gate_compute_mask(gate.0, &cached_params, &b, &q, std::ptr::null(), &cached_out.desc()) };
+            assert_status(status, SeerStatus::SEER_OK, &format!("{what}: cached compute_mask"));
+            let one_shot_params = one_shot_out.params(p, &stream);
+            let status = unsafe { seer_gate_compute_mask(gate.0, &one_shot_params, &b, &q, &k, &one_shot_out.desc()) };
+            assert_status(status, SeerStatus::SEER_OK, &format!("{what}: one-shot compute_mask"));
+            stream.synchronize().unwrap();
+            let (cached, one_shot) = (cached_out.read(&ctx), one_shot_out.read(&ctx));
+            // Slots past a row's count are unused: compare counts, offsets
+            // and the selected blocks.
+            assert_eq!(cached.counts, one_shot.counts, "{what}: counts, cached vs one-shot");
+            assert_eq!(cached.row_offsets, one_shot.row_offsets, "{what}: row offsets, cached vs one-shot");
+            for r in 0..cached.counts.len() {
+                assert_eq!(cached.as_ref().row(r), one_shot.as_ref().row(r), "{what}: row {r}, cached vs one-shot");
+            }
+            let cpu = cpu_mask_of(&gate, &p, &b, (&q_host, [tq, hq, d]), (&k_host, [tk, hkv, d]));
+            let near = compare_masks(&format!("{what} (cached vs CPU)"), &rule(&p), &scores, &cached, &cpu);
+            println!("{what}: identical to one-shot, {near} near-ties vs CPU");
+        }
+        for &(s, m) in entries {
+            done[s] += m;
+        }
+    }
+    assert!(done.iter().all(|&t| t == n), "{name}: the schedule leaves a sequence unfinished: {done:?}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_c_api_kblock_cache_chunked_prefill_matches_one_shot() {
+    // Chunks that start and end mid-block, one of a single token.
+    run_c_api_kcache("one sequence", 1, &[vec![(0, 300)], vec![(0, 64)], vec![(0, 1)], vec![(0, 635)]]);
+    // Two sequences at different cached lengths, changing places, one leaving.
+    run_c_api_kcache(
+        "two sequences",
+        2,
+        &[vec![(0, 300), (1, 64)], vec![(1, 500), (0, 64)], vec![(0, 1), (1, 436)], vec![(0, 635)]],
+    );
 }

@@ -120,6 +120,44 @@ pub(crate) unsafe fn read_sized<T: Copy>(name: &str, ptr: *const T) -> FfiResult
     Ok(ptr.read())
 }
 
+/// Read a versioned params struct that has grown: `versions` lists the
+/// sizes of its earlier releases (each one the offset of the first field
+/// the next release appended). A caller whose `struct_size` covers this
+/// library's struct gets it read whole, as [`read_sized`]; one whose
+/// `struct_size` is smaller but covers an earlier release (compiled against
+/// an older header) gets the fields of the largest such release read from
+/// its memory and every later field taken from `defaults` (NULL/0: the
+/// feature is absent). Nothing past the caller's `struct_size` is read.
+/// Sizes below the oldest release are refused.
+pub(crate) unsafe fn read_versioned<T: Copy>(
+    name: &str,
+    ptr: *const T,
+    versions: &[usize],
+    defaults: T,
+) -> FfiResult<T> {
+    let head: &usize = deref(name, ptr.cast::<usize>())?;
+    if (ptr as usize) % align_of::<T>() != 0 {
+        return Err(invalid(format!("{name} is not aligned to {} bytes", align_of::<T>())));
+    }
+    let full = size_of::<T>();
+    if *head >= full {
+        return Ok(ptr.read());
+    }
+    let Some(&known) = versions.iter().filter(|&&v| v <= *head && v <= full).max() else {
+        let oldest = versions.iter().copied().min().unwrap_or(full);
+        return Err(invalid(format!(
+            "{name}->struct_size = {head} but this library reads this struct from {oldest} bytes on (its first \
+             release) and is {full} bytes now: set struct_size = sizeof(the struct) (use the matching *_default \
+             function to initialise it)"
+        )));
+    };
+    let mut value = defaults;
+    // The caller's struct is laid out like ours up to `known` bytes (the
+    // release it was compiled against, or a later one it covers).
+    std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&mut value as *mut T).cast::<u8>(), known);
+    Ok(value)
+}
+
 /// Write a versioned output struct after checking the caller's `struct_size`.
 pub(crate) unsafe fn write_sized<T: Copy>(name: &str, ptr: *mut T, value: T) -> FfiResult {
     let head: &usize = deref(name, ptr.cast::<usize>().cast_const())?;

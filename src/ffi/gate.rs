@@ -205,6 +205,80 @@ pub struct SeerMaskParams {
     /// until the mask is ready.
     pub workspace: *mut c_void,
     pub workspace_bytes: usize,
+    /// K-block caches for chunked prefill (CUDA only; README, "Chunked
+    /// prefill with the K-block cache"): NULL for none, or a **host** array
+    /// of `num_kblock_caches` device addresses, one per sequence of the
+    /// batch in batch order (`num_kblock_caches == batch->num_seqs`), each
+    /// the cache of layer `layer` of that sequence, already brought up to
+    /// the batch's `k_len` by `seer_kblock_cache_update`. With caches,
+    /// `seer_gate_compute_mask` reads the K side from them and `k_nope` is
+    /// not read (it may be NULL). With host (`SEER_DEVICE_CPU`) buffers,
+    /// caches are `SEER_INVALID_ARGUMENT`. `seer_kblock_cache_update` ignores
+    /// these two fields (it takes its caches as arguments).
+    ///
+    /// These two fields were appended after the first release of the
+    /// struct: a caller whose `struct_size` ends before them (compiled
+    /// against an older header) is served as if they were NULL and 0.
+    pub maybe_kblock_caches: *const u64,
+    pub num_kblock_caches: usize,
+}
+
+impl SeerMaskParams {
+    /// Size of the struct's first release (before `maybe_kblock_caches`):
+    /// the smallest `struct_size` accepted.
+    fn v1_size() -> usize {
+        std::mem::offset_of!(SeerMaskParams, maybe_kblock_caches)
+    }
+
+    /// What every field appended after the first release defaults to.
+    fn appended_defaults() -> Self {
+        SeerMaskParams {
+            struct_size: 0,
+            layer: 0,
+            sparsity_method: 0,
+            threshold: 0.0,
+            nz_ratio: 0.0,
+            last_block_dense: 0,
+            empty_rows: 0,
+            threshold_compare: 0,
+            cuda_stream: std::ptr::null_mut(),
+            workspace: std::ptr::null_mut(),
+            workspace_bytes: 0,
+            maybe_kblock_caches: std::ptr::null(),
+            num_kblock_caches: 0,
+        }
+    }
+
+    /// Read the caller's params, of this release or the first one.
+    unsafe fn read(ptr: *const SeerMaskParams) -> FfiResult<Self> {
+        args::read_versioned("params", ptr, &[Self::v1_size()], Self::appended_defaults())
+    }
+
+    /// The K-block caches of the params, if any: NULL is none (whatever the
+    /// count); else exactly one per sequence of the batch.
+    unsafe fn kblock_caches<'a>(&self, batch: &Batch) -> FfiResult<Option<&'a [u64]>> {
+        if self.maybe_kblock_caches.is_null() {
+            return Ok(None);
+        }
+        let caches = args::raw_slice(
+            "params->maybe_kblock_caches",
+            self.maybe_kblock_caches.cast_mut(),
+            self.num_kblock_caches,
+        )?;
+        check_cache_count("params->num_kblock_caches", caches.len, batch)?;
+        Ok(Some(caches.get()))
+    }
+}
+
+/// One K-block cache per sequence of the batch.
+fn check_cache_count(name: &str, n: usize, batch: &Batch) -> FfiResult {
+    if n != batch.len() {
+        return Err(invalid(format!(
+            "{name} = {n} but the batch has {} sequences: give one K-block cache per sequence, in batch order",
+            batch.len()
+        )));
+    }
+    Ok(())
 }
 
 fn pools_to_bits(pools: &[Pool]) -> u32 {
@@ -527,12 +601,7 @@ pub unsafe extern "C" fn seer_gate_workspace_size(
                 0
             }
             SeerDevice::SEER_DEVICE_CUDA => {
-                if !crate::cuda::cuda_enabled() {
-                    return Err(FfiError::new(
-                        SeerStatus::SEER_UNSUPPORTED,
-                        "this build of seerattn has no CUDA kernels (no nvcc at build time)",
-                    ));
-                }
+                require_cuda_build()?;
                 GatePlan::new(c, &batch)?.workspace_bytes()
             }
         };
@@ -562,7 +631,7 @@ pub unsafe extern "C" fn seer_gate_destroy(gate: *mut SeerGate) {
 /// Fill `*out` with the mask rule of the gate's config for layer 0
 /// (sparsity method, threshold, nz_ratio, last_block_dense), the default
 /// policies (keep the diagonal of empty rows, f32 threshold comparison) and
-/// no stream or workspace. Writes `struct_size`.
+/// no stream, workspace or K-block caches. Writes `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn seer_mask_params_default(gate: *const SeerGate, out: *mut SeerMaskParams) -> SeerStatus {
     ffi_call!("seer_mask_params_default", {
@@ -581,6 +650,8 @@ pub unsafe extern "C" fn seer_mask_params_default(gate: *const SeerGate, out: *m
             cuda_stream: std::ptr::null_mut(),
             workspace: std::ptr::null_mut(),
             workspace_bytes: 0,
+            maybe_kblock_caches: std::ptr::null(),
+            num_kblock_caches: 0,
         });
         Ok(())
     })
@@ -617,7 +688,8 @@ impl SeerMaskParams {
 ///
 /// The device of `q_nope` picks the path; `k_nope` and `out_mask` must be on
 /// the same device (else `SEER_INVALID_ARGUMENT` naming the argument).
-/// - `SEER_DEVICE_CPU`: the reference path, synchronous; no workspace.
+/// - `SEER_DEVICE_CPU`: the reference path, synchronous; no workspace, no
+///   K-block caches (`params->maybe_kblock_caches` must be NULL).
 /// - `SEER_DEVICE_CUDA`: needs a prior `seer_gate_upload` (and none of
 ///   `seer_gate_set_layer_weights` since), buffers in the uploaded context,
 ///   the workspace in `params->workspace` / `params->workspace_bytes` (at
@@ -630,6 +702,10 @@ impl SeerMaskParams {
 ///   same context has loaded the kernels. The buffers must stay valid until
 ///   the work completes. Rows of q_nope and k_nope must be 16-byte aligned with
 ///   unit dim stride (see the README for what the CUDA gate supports).
+/// - `SEER_DEVICE_CUDA` with `params->maybe_kblock_caches` (chunked prefill,
+///   see `seer_kblock_cache_update`): the K side is read from the caches,
+///   which `seer_kblock_cache_update` brought up to this batch for this
+///   layer; `k_nope` is not read and may be NULL. Same workspace size.
 #[no_mangle]
 pub unsafe extern "C" fn seer_gate_compute_mask(
     gate: *const SeerGate,
@@ -641,12 +717,19 @@ pub unsafe extern "C" fn seer_gate_compute_mask(
 ) -> SeerStatus {
     ffi_call!("seer_gate_compute_mask", {
         let handle = gate_handle(gate)?;
-        let params = args::read_sized("params", params)?;
+        let params = SeerMaskParams::read(params)?;
         let rule = params.to_params()?;
         let batch = args::batch(batch)?;
+        let caches = params.kblock_caches(&batch)?;
         let device = args::device_of("q_nope", args::deref("q_nope", q_nope)?.device)?;
         if device == SeerDevice::SEER_DEVICE_CUDA {
-            return compute_mask_cuda(handle, &params, &rule, &batch, q_nope, k_nope, out_mask);
+            return compute_mask_cuda(handle, &params, &rule, &batch, q_nope, k_nope, caches, out_mask);
+        }
+        if caches.is_some() {
+            return Err(invalid(
+                "params->maybe_kblock_caches is set but q_nope is SEER_DEVICE_CPU: K-block caches are a CUDA path \
+                 feature (the CPU path reads every key from k_nope; set maybe_kblock_caches = NULL)",
+            ));
         }
         args::require_same_device("k_nope", args::deref("k_nope", k_nope)?.device, device, "q_nope")?;
         args::require_same_device("out_mask", args::deref("out_mask", out_mask)?.device, device, "q_nope")?;
@@ -666,10 +749,35 @@ pub unsafe extern "C" fn seer_gate_compute_mask(
     })
 }
 
+/// The device copy for a CUDA call with gate `g` (read under the handle's
+/// lock, which keeps it current for the call): the gate must be one the
+/// CUDA path takes (else `SEER_UNSUPPORTED`, not "upload first": the upload
+/// would fail too), uploaded, with no weights set since.
+fn cuda_device(handle: &SeerGate, g: &Gate) -> FfiResult<Arc<DeviceGate>> {
+    gpu_gate::check_supported(g.config())?;
+    handle.device_copy()
+}
+
+/// The byte range of each K-block cache (device addresses), sized for its
+/// sequence's `k_len` (what the GPU code checks against the driver), for
+/// the host-side overlap checks.
+fn cache_regions(config: &GateConfig, batch: &Batch, caches: &[u64]) -> FfiResult<Vec<args::Region>> {
+    caches
+        .iter()
+        .zip(batch.seqs(config.block_size))
+        .map(|(&addr, sq)| {
+            let bytes = gpu_gate::kblock_cache_bytes(config, sq.k_len)?;
+            args::device_region("a K-block cache", addr as usize, bytes, 1)
+        })
+        .collect()
+}
+
 /// The CUDA path of `seer_gate_compute_mask`: check the descriptors on the
 /// host (devices, shapes, strides, alignment, overlap, mask sizes), require
 /// the upload, then hand over to the GPU code, which checks the pointers
 /// against the driver and enqueues the kernels on the caller's stream.
+/// With K-block caches, `k_nope` is not read.
+#[allow(clippy::too_many_arguments)]
 unsafe fn compute_mask_cuda(
     handle: &SeerGate,
     params: &SeerMaskParams,
@@ -677,37 +785,153 @@ unsafe fn compute_mask_cuda(
     batch: &Batch,
     q_nope: *const SeerTensor,
     k_nope: *const SeerTensor,
+    caches: Option<&[u64]>,
     out_mask: *const SeerBlockMask,
 ) -> FfiResult {
     let cuda = SeerDevice::SEER_DEVICE_CUDA;
-    args::require_same_device("k_nope", args::deref("k_nope", k_nope)?.device, cuda, "q_nope")?;
+    if caches.is_none() {
+        args::require_same_device("k_nope", args::deref("k_nope", k_nope)?.device, cuda, "q_nope")?;
+    }
     args::require_same_device("out_mask", args::deref("out_mask", out_mask)?.device, cuda, "q_nope")?;
     let q = args::device_tensor("q_nope", q_nope)?;
-    let k = args::device_tensor("k_nope", k_nope)?;
+    let k = match caches {
+        None => Some(args::device_tensor("k_nope", k_nope)?),
+        Some(_) => None,
+    };
     let out = args::device_mask("out_mask", out_mask)?;
     let workspace = args::device_region("params->workspace", params.workspace as usize, params.workspace_bytes, 1)?;
     let mut written = out.regions.to_vec();
     written.push(workspace);
-    args::check_disjoint(&written, &[q.region, k.region])?;
-
     let g = read_gate(handle);
+    let mut read = vec![q.region];
+    match (&k, caches) {
+        (Some(k), _) => read.push(k.region),
+        (None, Some(caches)) => read.extend(cache_regions(g.config(), batch, caches)?),
+        (None, None) => unreachable!("k_nope is checked when no caches are given"),
+    }
+    args::check_disjoint(&written, &read)?;
+
     let layout = MaskLayout::new(batch, g.config().num_q_heads, g.config().block_size)?;
     check_mask_capacity(&layout, out.mask.counts_len, out.mask.indices_len, out.mask.row_offsets_len)?;
-    gpu_gate::check_supported(g.config())?;
-    let device = handle.device_copy()?;
-    gpu_gate::compute_mask(
-        &g,
-        &device,
-        params.layer as usize,
-        rule,
-        batch,
-        &q.tensor,
-        &k.tensor,
-        &out.mask,
-        params.workspace as u64,
-        params.workspace_bytes,
-        crate::cuda::stream_from_raw(params.cuda_stream),
-    )?;
+    let device = cuda_device(handle, &g)?;
+    let (layer, stream) = (params.layer as usize, crate::cuda::stream_from_raw(params.cuda_stream));
+    let (ws, ws_bytes) = (params.workspace as u64, params.workspace_bytes);
+    match (k, caches) {
+        (Some(k), _) => gpu_gate::compute_mask(
+            &g, &device, layer, rule, batch, &q.tensor, &k.tensor, &out.mask, ws, ws_bytes, stream,
+        )?,
+        (None, Some(caches)) => gpu_gate::compute_mask_cached(
+            &g, &device, layer, rule, batch, &q.tensor, caches, &out.mask, ws, ws_bytes, stream,
+        )?,
+        (None, None) => unreachable!("k_nope is checked when no caches are given"),
+    }
+    Ok(())
+}
+
+/// Bytes of one K-block cache (one layer, one sequence) able to hold a
+/// sequence of up to `max_tokens` tokens, for chunked prefill with
+/// `seer_kblock_cache_update` and `seer_gate_compute_mask` (see the README,
+/// "Chunked prefill with the K-block cache"). Positive, a multiple of 256,
+/// growing with `max_tokens`. Needs no GPU and no upload. Allocate it as device memory of the upload's context, 256-byte
+/// aligned (cudaMalloc's is); it needs no zeroing.
+///
+/// `SEER_UNSUPPORTED` (with the reason) for a gate the CUDA path does not
+/// take or a build without CUDA kernels; `SEER_INVALID_ARGUMENT` if the size
+/// overflows.
+#[no_mangle]
+pub unsafe extern "C" fn seer_kblock_cache_size(
+    gate: *const SeerGate,
+    max_tokens: u64,
+    out_bytes: *mut usize,
+) -> SeerStatus {
+    ffi_call!("seer_kblock_cache_size", {
+        let handle = gate_handle(gate)?;
+        let out = args::out_ptr("out_bytes", out_bytes)?;
+        require_cuda_build()?;
+        let tokens = usize::try_from(max_tokens)
+            .map_err(|_| invalid(format!("max_tokens = {max_tokens} exceeds the address space")))?;
+        let bytes = gpu_gate::kblock_cache_bytes(read_gate(handle).config(), tokens)?;
+        out.write(bytes);
+        Ok(())
+    })
+}
+
+/// Bring each sequence's K-block cache of layer `params->layer` up to the
+/// batch (chunked prefill, see the README): pool this chunk's new keys into
+/// the caches, so that `seer_gate_compute_mask` with the same batch and
+/// `params->maybe_kblock_caches` = the same caches needs no earlier keys.
+///
+/// - `k_new`: a `SEER_DEVICE_CUDA` descriptor `[total_q, num_kv_heads,
+///   head_dim]` packed like Q: the new pre-RoPE keys of each sequence, at
+///   the batch's query offsets: sequence `s`'s `q_len` rows start at row
+///   `cu_seqlens_q[s]`, row `i` being the key at absolute position
+///   `k_len - q_len + i` (the positions of the chunk's queries). bf16 or
+///   f16, unit dim stride, 16-byte aligned rows, as for `k_nope`.
+/// - `caches`: a **host** array of `num_caches` device addresses, one per
+///   sequence in batch order (`num_caches == batch->num_seqs`, else
+///   `SEER_INVALID_ARGUMENT`), each a cache of `seer_kblock_cache_size`
+///   bytes for at least the sequence's `k_len` tokens, distinct, not
+///   overlapping `k_new` or the workspace. Each cache must hold exactly the
+///   sequence's first `k_len - q_len` tokens of this layer, fed by earlier
+///   updates in order (nothing when `q_len == k_len`): the library cannot
+///   check that.
+/// - `params`: only `layer`, `cuda_stream`, `workspace` and
+///   `workspace_bytes` are read (the workspace sized by
+///   `seer_gate_workspace_size` for this batch, as for the mask); the mask
+///   rule and `maybe_kblock_caches` are ignored.
+///
+/// Needs a prior `seer_gate_upload` (as `seer_gate_compute_mask` with CUDA
+/// buffers). Enqueued on `params->cuda_stream`; allocates nothing, copies
+/// nothing between host and device, synchronizes nothing, capturable into
+/// a CUDA graph after one eager call. Work on one cache must be ordered
+/// (one stream, or events): the update before the mask that reads it, and
+/// before the next chunk's update.
+#[no_mangle]
+pub unsafe extern "C" fn seer_kblock_cache_update(
+    gate: *const SeerGate,
+    params: *const SeerMaskParams,
+    batch: *const SeerBatch,
+    k_new: *const SeerTensor,
+    caches: *const u64,
+    num_caches: usize,
+) -> SeerStatus {
+    ffi_call!("seer_kblock_cache_update", {
+        let handle = gate_handle(gate)?;
+        let params = SeerMaskParams::read(params)?;
+        let batch = args::batch(batch)?;
+        let caches = args::raw_slice("caches", caches.cast_mut(), num_caches)?;
+        check_cache_count("num_caches", caches.len, &batch)?;
+        let caches = caches.get();
+        let k = args::device_tensor("k_new", k_new)?;
+        let workspace = args::device_region("params->workspace", params.workspace as usize, params.workspace_bytes, 1)?;
+        let g = read_gate(handle);
+        let mut written = cache_regions(g.config(), &batch, caches)?;
+        written.push(workspace);
+        args::check_disjoint(&written, &[k.region])?;
+        let device = cuda_device(handle, &g)?;
+        gpu_gate::update_kblock_cache(
+            &g,
+            &device,
+            params.layer as usize,
+            &batch,
+            &k.tensor,
+            caches,
+            params.workspace as u64,
+            params.workspace_bytes,
+            crate::cuda::stream_from_raw(params.cuda_stream),
+        )?;
+        Ok(())
+    })
+}
+
+/// `SEER_UNSUPPORTED` in a build without CUDA kernels (no nvcc at build time).
+fn require_cuda_build() -> FfiResult {
+    if !crate::cuda::cuda_enabled() {
+        return Err(FfiError::new(
+            SeerStatus::SEER_UNSUPPORTED,
+            "this build of seerattn has no CUDA kernels (no nvcc at build time)",
+        ));
+    }
     Ok(())
 }
 
