@@ -597,9 +597,9 @@ struct KcacheCase {
 
 /// Run a chunked-prefill schedule twice per step and rule: update the
 /// caches with the chunk's keys then compute the mask from them, and the
-/// one-shot gate with every key so far; the masks must agree exactly while
-/// no block was split across chunks, else up to near-ties; both against the
-/// CPU reference with all keys.
+/// one-shot gate with every key so far; the masks must agree exactly (split
+/// blocks included), and both with the CPU reference with all keys up to
+/// near-ties.
 fn run_kcache_case(case: &KcacheCase, rng: &mut Rng) {
     let ctx = ctx();
     let stream = Stream::new(&ctx).unwrap();
@@ -656,9 +656,10 @@ fn run_kcache_case(case: &KcacheCase, rng: &mut Rng) {
         let full = upload_inputs(&ctx, &q, &k_all, tq, tk, &c, dtype, case.fused);
         let fresh = upload_inputs(&ctx, &q, &k_new, tq, tq, &c, dtype, case.fused);
         let caches: Vec<u64> = entries.iter().map(|&(s, _)| seqs[s].cache.ptr()).collect();
-        // Exact while no block of the batch is pooled from two chunks: every
-        // chunk so far, this one included, starts on a block boundary.
-        let exact = entries.iter().all(|&(s, _)| seqs[s].aligned && seqs[s].done % 64 == 0);
+        // Exact always: a block pooled from two chunks continues the cached
+        // partial sums in the one-shot pool's token order. (Whether this step
+        // splits a block is printed, so a failure says which case broke.)
+        let split = !entries.iter().all(|&(s, _)| seqs[s].aligned && seqs[s].done % 64 == 0);
         let out = DeviceOutputs::new(&ctx, &c, &batch);
         unsafe {
             update_kblock_cache(
@@ -700,12 +701,10 @@ fn run_kcache_case(case: &KcacheCase, rng: &mut Rng) {
             let cached = out.read(&ctx);
             let one_shot = run_gpu(&ctx, &gate, &device, params, &batch, &full, &out, &stream);
             let cpu = gate.compute_block_mask(1, &qv, &kv, &batch, params).unwrap();
-            if exact {
-                assert_eq!(cached, one_shot, "{what}: cached and one-shot masks differ with no block split");
-            }
+            assert_eq!(cached, one_shot, "{what}: cached and one-shot masks differ (split blocks: {split})");
             let near_gpu = compare_masks(&format!("{what} (cached vs one-shot)"), params, &scores, &cached, &one_shot);
             let near_cpu = compare_masks(&format!("{what} (cached vs CPU)"), params, &scores, &cached, &cpu);
-            println!("{what}: exact {exact}, {near_gpu} differences from one-shot, {near_cpu} near-ties vs CPU");
+            println!("{what}: split blocks {split}, {near_gpu} differences from one-shot, {near_cpu} near-ties vs CPU");
         }
         for &(s, n) in entries {
             seqs[s].aligned &= seqs[s].done % 64 == 0;

@@ -14,11 +14,10 @@
 //! [`kblock_cache_bytes`]). Per chunk, [`update_kblock_cache`] pools only
 //! the chunk's new keys (packed like Q) into the caches, then
 //! [`compute_mask_cached`] pools Q and selects against the caches. Same
-//! workspace size as [`compute_mask`] for the same batch. The masks are meant
-//! to equal the one-shot path's over all keys bit for bit while every chunk
-//! starts on a 64-token boundary (tests/gpu_gate.rs asserts it); a block
-//! split across chunks sums its f32 average in another order, which can
-//! move it by a bf16 rounding step.
+//! workspace size as [`compute_mask`] for the same batch. The masks equal the
+//! one-shot path's over all keys bit for bit, also when a block is split
+//! across chunks: the cache's pool continues the cached f32 partial sums in
+//! the one-shot pool's token order (tests/gpu_gate.rs asserts it).
 //!
 //! Scope of this path: the released gate type (`Qavg_Kmaxminavg`, no Q
 //! projection, `gate_hidden == head_dim`), head_dim 64 or 128, bf16/f16
