@@ -336,24 +336,15 @@ __device__ void kcache_pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
 
 // ------------------------------------------------------------- projection --
 
-// Which sequence a global key-block row belongs to (binary search of kblock_base).
+// The last sequence whose `field` (kblock_base, qblock_base or row_base:
+// each non-decreasing over the table) is <= value: the sequence a global
+// key-block row, query-block row or mask row belongs to. Binary search.
 template <int MAXS>
-__device__ int seq_of_kblock(const SeqTable<MAXS>& tab, long long row) {
+__device__ int seq_containing(const SeqTable<MAXS>& tab, long long SeqEntry::*field, long long value) {
     int lo = 0, hi = tab.num_seqs - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
-        if (tab.seq[mid].kblock_base <= row) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
-// Which sequence a global query-block row belongs to (binary search of qblock_base).
-template <int MAXS>
-__device__ int seq_of_qblock(const SeqTable<MAXS>& tab, long long row) {
-    int lo = 0, hi = tab.num_seqs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (tab.seq[mid].qblock_base <= row) lo = mid; else hi = mid - 1;
+        if (tab.seq[mid].*field <= value) lo = mid; else hi = mid - 1;
     }
     return lo;
 }
@@ -418,14 +409,14 @@ __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
         // sequence are zero padding: any position rotates zero to zero).
         const long long row = row0 + threadIdx.x;
         if (CACHED) {
-            const SeqEntry& e = tab.seq[seq_of_qblock(tab, row)];
+            const SeqEntry& e = tab.seq[seq_containing(tab, &SeqEntry::qblock_base, row)];
             const long long local = row - e.qblock_base;
             const bool real = row < tab.total_q_blocks && local < e.q_blocks;
             const int block = real ? e.first_q_block + static_cast<int>(local) : 0;
             position_block[threadIdx.x] = block;
             row_out[threadIdx.x] = real ? e.k_gate + (static_cast<long long>(block) * a.hq + head) * D : nullptr;
         } else {
-            const SeqEntry& e = tab.seq[seq_of_kblock(tab, row)];
+            const SeqEntry& e = tab.seq[seq_containing(tab, &SeqEntry::kblock_base, row)];
             const long long local = row - e.kblock_base;
             position_block[threadIdx.x] = local < e.k_blocks ? static_cast<int>(local) : 0;
             row_out[threadIdx.x] = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + row) * D;
@@ -713,17 +704,6 @@ __device__ void logits(const GateArgs& a, const SeqTable<MAXS>& tab) {
     }
 }
 
-// Which sequence a mask row belongs to (binary search of row_base).
-template <int MAXS>
-__device__ int seq_of_row(const SeqTable<MAXS>& tab, long long row) {
-    int lo = 0, hi = tab.num_seqs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (tab.seq[mid].row_base <= row) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
 // One warp per mask row: softmax statistics, then the threshold or top-k
 // rule over the row's logits (left in its slots by the logits kernel), the
 // selected blocks written over them in place. Rows of any length: nothing is
@@ -735,7 +715,7 @@ __device__ void select_rows(const GateArgs& a, const SeqTable<MAXS>& tab) {
     const long long row = static_cast<long long>(blockIdx.x) * kWarps + warp;
     if (blockIdx.x == 0 && threadIdx.x == 0) a.row_offsets[a.total_rows] = a.total_slots;
     if (row >= a.total_rows) return;
-    const SeqEntry& e = tab.seq[seq_of_row(tab, row)];
+    const SeqEntry& e = tab.seq[seq_containing(tab, &SeqEntry::row_base, row)];
     const long long local = row - e.row_base;
     const int head = static_cast<int>(local / e.q_blocks);
     const int i = static_cast<int>(local % e.q_blocks);
