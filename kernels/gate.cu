@@ -27,8 +27,12 @@
  * Chunked prefill with K-block caches (see "The K-block cache" in gate.cuh):
  *   update_kblock_cache: seer_gate_rope_*, then
  *     seer_gate_kcache_pool_*     pools only the chunk's new keys (packed like
- *                                 Q) per touched block, merging with / saving
- *                                 the partial block's f32 state in the cache;
+ *                                 Q) per touched block, merging with the
+ *                                 cached partial block's f32 state and staging
+ *                                 the new one in the workspace;
+ *     seer_gate_kcache_commit_*   copies staged states into the caches (a
+ *                                 separate launch: the chunk's first block
+ *                                 must read the old state before it changes);
  *     seer_gate_kcache_project_*  the projection kernel over the touched
  *                                 blocks, each row written to its sequence's
  *                                 cache at its absolute block index;
@@ -281,9 +285,8 @@ __device__ void kcache_pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
     for (int p = threadIdx.x; p < k_pieces; p += kPoolThreads) {
         const int h = p / kHeadPieces, d0 = (p % kHeadPieces) * kPieceElems;
         const T* src = base + h * a.k_head_stride + d0;
-        // The state is [hkv][3][D]: thread p alone reads and writes its 8
-        // columns of it, so a chunk starting and ending inside one block is safe.
-        float* state = e.kv_state + static_cast<long long>(h) * 3 * D + d0;
+        // The cached state is [hkv][3][D]; only the chunk's first block reads it.
+        const float* state = e.kv_state + static_cast<long long>(h) * 3 * D + d0;
         float mx[8], mn[8], sum[8];
 #pragma unroll
         for (int x = 0; x < 8; ++x) {
@@ -313,11 +316,15 @@ __device__ void kcache_pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
             }
         }
         if (hi < start + kBlock) {
+            // Staged, not written to the cache: another CTA of this launch
+            // (the chunk's first block) may not have read the old state yet.
+            // kcache_commit copies it over after this kernel.
+            float* staged = a.state_staging + (static_cast<long long>(blockIdx.z) * a.hkv + h) * 3 * D + d0;
 #pragma unroll
             for (int x = 0; x < 8; ++x) {
-                state[x] = mx[x];
-                state[D + x] = mn[x];
-                state[2 * D + x] = sum[x];
+                staged[x] = mx[x];
+                staged[D + x] = mn[x];
+                staged[2 * D + x] = sum[x];
             }
         }
         bf16* out = a.pooled_k + ((e.qblock_base + local) * a.hkv + h) * (3 * D) + d0;
@@ -332,6 +339,17 @@ __device__ void kcache_pool(const GateArgs& a, const SeqTable<MAXS>& tab) {
         *reinterpret_cast<uint4*>(out + D) = *reinterpret_cast<const uint4*>(omn);
         *reinterpret_cast<uint4*>(out + 2 * D) = *reinterpret_cast<const uint4*>(oav);
     }
+}
+
+// After kcache_pool: the partial-block state of every sequence whose chunk
+// ends inside a block (k_len not a multiple of 64) replaces the one in its
+// cache. One CTA per sequence.
+template <int D, int MAXS>
+__device__ void kcache_commit(const GateArgs& a, const SeqTable<MAXS>& tab) {
+    const SeqEntry& e = tab.seq[blockIdx.x];
+    if (e.k_len % kBlock == 0) return;
+    const float* staged = a.state_staging + static_cast<long long>(blockIdx.x) * a.hkv * 3 * D;
+    for (int x = threadIdx.x; x < a.hkv * 3 * D; x += kPoolThreads) e.kv_state[x] = staged[x];
 }
 
 // ------------------------------------------------------------- projection --
@@ -773,6 +791,12 @@ __device__ void select_rows(const GateArgs& a, const SeqTable<MAXS>& tab) {
                                                  const __grid_constant__ seer::SeqTable<S> tab) {  \
         seer::kcache_pool<D, T, S>(a, tab);                                                        \
     }
+#define SEER_KCACHE_COMMIT(D, S)                                                                   \
+    extern "C" __global__ void __launch_bounds__(seer::kPoolThreads)                              \
+        seer_gate_kcache_commit_d##D##_s##S(const seer::GateArgs a,                                \
+                                            const __grid_constant__ seer::SeqTable<S> tab) {       \
+        seer::kcache_commit<D, S>(a, tab);                                                         \
+    }
 #define SEER_KCACHE_PROJECT(D, S)                                                                  \
     extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
         seer_gate_kcache_project_d##D##_s##S(const seer::GateArgs a,                               \
@@ -792,6 +816,8 @@ __device__ void select_rows(const GateArgs& a, const SeqTable<MAXS>& tab) {
     SEER_KCACHE(64, __half, f16, S)                                                                \
     SEER_KCACHE(128, __nv_bfloat16, bf16, S)                                                       \
     SEER_KCACHE(128, __half, f16, S)                                                               \
+    SEER_KCACHE_COMMIT(64, S)                                                                      \
+    SEER_KCACHE_COMMIT(128, S)                                                                     \
     SEER_KCACHE_PROJECT(64, S)                                                                     \
     SEER_KCACHE_PROJECT(128, S)                                                                    \
     SEER_LOGITS(64, S, 1)                                                                          \

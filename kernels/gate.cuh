@@ -77,6 +77,8 @@ struct GateArgs {
     bf16* pooled_k;               // scratch [kblock_rows_padded][hkv][3D]: [max|min|avg]
     bf16* k_gate;                 // scratch [hq][kblock_rows_padded][D]: rotated projected K
     float2* rope;                 // scratch [max k_blocks][D/2]: (cos, sin) at each block start
+    float* state_staging;         // scratch [seqs][hkv][3][D]: partial-block states an update
+                                  // writes before they replace the caches' (see kcache_commit)
     const bf16* weights;          // this layer's mask_linear_k [hq][3D][D]
     int* counts;                  // mask outputs
     int* indices;
@@ -104,7 +106,7 @@ struct GateArgs {
     long long k_gate_head_stride;
     long long k_gate_row_stride;
 };
-static_assert(sizeof(GateArgs) == 1240, "GateArgs layout is shared with Rust");
+static_assert(sizeof(GateArgs) == 1248, "GateArgs layout is shared with Rust");
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

@@ -161,14 +161,52 @@ bench() {
     done
 }
 
+# The GPU test binaries under compute-sanitizer: memcheck, initcheck,
+# synccheck and racecheck must report no error and the tests must pass
+# (racecheck also reorders CTAs, which once exposed an inter-CTA race that
+# plain runs hid).
+sanitize() {
+    if [ ! -d "$stage/bin" ]; then
+        echo "no $stage/bin: run 'scripts/gpu-test.sh build' on the build machine first" >&2
+        exit 2
+    fi
+    local cs
+    cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+    if [ -z "$cs" ]; then
+        echo "compute-sanitizer not found" >&2
+        exit 2
+    fi
+    export SEERATTN_TEST_ROOT="$PWD"
+    local passed=0 failed=0
+    for bin in gpu_gate ffi_cuda; do
+        for tool in memcheck initcheck synccheck racecheck; do
+            local status=0
+            "$cs" --tool "$tool" --error-exitcode 3 "$stage/bin/$bin" --include-ignored --test-threads 1 \
+                >"$stage/sanitize-$bin-$tool.log" 2>&1 || status=$?
+            if [ "$status" -eq 0 ]; then
+                passed=$((passed + 1))
+                printf 'PASS  %-10s %s\n' "$tool" "$bin"
+            else
+                failed=$((failed + 1))
+                printf 'FAIL  %-10s %s (exit %s)\n' "$tool" "$bin" "$status"
+                grep -E 'panicked|ERROR SUMMARY|hazard|Invalid|Uninitialized' "$stage/sanitize-$bin-$tool.log" | head -n 10
+            fi
+        done
+    done
+    echo "$passed passed, $failed failed"
+    [ "$failed" -eq 0 ]
+}
+
 case "${1:-}" in
 build) build ;;
 run) run ;;
 bench) bench ;;
+sanitize) sanitize ;;
 *)
     echo "usage: scripts/gpu-test.sh build   (here: stage release test binaries in .devbuild/)" >&2
     echo "       scripts/gpu-test.sh run     (on the GPU machine: run them all, GPU tests included)" >&2
     echo "       scripts/gpu-test.sh bench   (on the GPU machine: run the benchmarks, JSON lines to \$OUT/bench.jsonl)" >&2
+    echo "       scripts/gpu-test.sh sanitize (on the GPU machine: the GPU tests under compute-sanitizer)" >&2
     exit 2
     ;;
 esac

@@ -92,6 +92,7 @@ struct GateArgs {
     pooled_k: u64,
     k_gate: u64,
     rope: u64,
+    state_staging: u64,
     weights: u64,
     counts: u64,
     indices: u64,
@@ -155,6 +156,7 @@ pub struct GatePlan {
     pooled_k_offset: usize,
     k_gate_offset: usize,
     rope_offset: usize,
+    staging_offset: usize,
     workspace_bytes: usize,
 }
 
@@ -204,7 +206,9 @@ impl GatePlan {
         let pooled_k_offset = align_up(q_gate_offset + hq * q_gate_rows * d * 2, 256);
         let k_gate_offset = align_up(pooled_k_offset + kblock_rows_padded * hkv * 3 * d * 2, 256);
         let rope_offset = align_up(k_gate_offset + hq * kblock_rows_padded * d * 2, 256);
-        let workspace_bytes = align_up(rope_offset + max_k_blocks * (d / 2) * 8, 256);
+        // K-block cache updates stage each sequence's new partial-block state here.
+        let staging_offset = align_up(rope_offset + max_k_blocks * (d / 2) * 8, 256);
+        let workspace_bytes = align_up(staging_offset + batch.len() * hkv * 3 * d * 4, 256);
         Ok(GatePlan {
             seqs,
             total_q_blocks: qblocks,
@@ -219,6 +223,7 @@ impl GatePlan {
             pooled_k_offset,
             k_gate_offset,
             rope_offset,
+            staging_offset,
             workspace_bytes,
         })
     }
@@ -454,6 +459,7 @@ impl GateArgs {
             pooled_k: workspace + plan.pooled_k_offset as u64,
             k_gate: workspace + plan.k_gate_offset as u64,
             rope: workspace + plan.rope_offset as u64,
+            state_staging: workspace + plan.staging_offset as u64,
             weights,
             counts: 0,
             indices: 0,
@@ -728,6 +734,7 @@ unsafe fn launch_update<const S: usize>(
     let fatbin = kernels::fatbin("gate")?;
     let rope = cuda::function(ctx, fatbin, &format!("seer_gate_rope_d{d}"))?;
     let pool = cuda::function(ctx, fatbin, &format!("seer_gate_kcache_pool_d{d}_{ty}_s{S}"))?;
+    let commit = cuda::function(ctx, fatbin, &format!("seer_gate_kcache_commit_d{d}_s{S}"))?;
     let project = cuda::function(ctx, fatbin, &format!("seer_gate_kcache_project_d{d}_s{S}"))?;
     let n = plan.seqs.len() as u32;
     let mut args_only: [*mut c_void; 1] = [(args as *mut GateArgs).cast()];
@@ -736,6 +743,10 @@ unsafe fn launch_update<const S: usize>(
     // One CTA per (touched block, sequence), all KV heads: the touched
     // blocks of a sequence are its query blocks.
     cuda::launch(pool, [1, plan.max_q_blocks as u32, n], [POOL_THREADS, 1, 1], 0, stream, &mut params)?;
+    // New partial-block states replace the cached ones only now: in the pool
+    // launch, a chunk's first block reads the old state while its last block
+    // produces the new one.
+    cuda::launch(commit, [n, 1, 1], [POOL_THREADS, 1, 1], 0, stream, &mut params)?;
     // pooled_k holds kblock_rows_padded >= total_q_blocks + 64 rows: every
     // 64-row tile reads inside the workspace.
     let project_x = plan.total_q_blocks.div_ceil(WIDE_TILE) as u32;
@@ -809,7 +820,7 @@ mod tests {
     fn structs_match_the_kernel_header() {
         // kernels/gate.cuh static_asserts the same sizes.
         assert_eq!(std::mem::size_of::<SeqEntry>(), 88);
-        assert_eq!(std::mem::size_of::<GateArgs>(), 1240);
+        assert_eq!(std::mem::size_of::<GateArgs>(), 1248);
         assert_eq!(std::mem::size_of::<SeqTable<16>>(), 16 + 16 * 88);
         // Large tables ride in the extended (32 KiB) kernel parameter space.
         assert!(std::mem::size_of::<SeqTable<MAX_SEQS>>() + std::mem::size_of::<GateArgs>() < 32 * 1024);
