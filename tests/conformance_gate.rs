@@ -58,6 +58,12 @@ fn gate_probabilities_match_upstream_within_bf16() {
     }
 }
 
+/// The library's mask of the case's gate layer under `params`.
+fn mask_of(case: &Case, gate: &Gate, batch: &Batch, params: &MaskParams) -> BlockMask {
+    let (q, k) = (case.get("q_nope").view3(), case.get("k_nope").view3());
+    gate.compute_block_mask(case.gate_layer(), &q, &k, batch, params).unwrap()
+}
+
 fn dense(mask: &BlockMask, layout: &MaskLayout) -> Vec<u8> {
     let mut d = vec![0u8; layout.dense_len()];
     mask.as_ref().to_dense(layout, &mut d).unwrap();
@@ -82,15 +88,7 @@ fn threshold_masks_match_upstream_except_near_threshold() {
                 threshold_compare: ThresholdCompare::Bf16,
                 ..MaskParams::from_config(gate.config())
             };
-            let ours = gate
-                .compute_block_mask(
-                    case.gate_layer(),
-                    &case.get("q_nope").view3(),
-                    &case.get("k_nope").view3(),
-                    &batch,
-                    &params,
-                )
-                .unwrap();
+            let ours = mask_of(&case, &gate, &batch, &params);
             let ours = dense(&ours, &scores.layout);
             let mut near = 0;
             for r in 0..scores.layout.rows() {
@@ -142,15 +140,7 @@ fn top_k_masks_match_upstream_except_ties() {
                     ..MaskParams::from_config(gate.config())
                 };
                 let k = params.top_k(nb);
-                let mask = gate
-                    .compute_block_mask(
-                        case.gate_layer(),
-                        &case.get("q_nope").view3(),
-                        &case.get("k_nope").view3(),
-                        &batch,
-                        &params,
-                    )
-                    .unwrap();
+                let mask = mask_of(&case, &gate, &batch, &params);
                 let ours = dense(&mask, &scores.layout);
                 let mut ties = 0;
                 for r in 0..scores.layout.rows() {

@@ -183,7 +183,24 @@ impl DeviceOutputs {
     }
 }
 
-/// Run the GPU gate and read the mask back (synchronizing the stream).
+/// Enqueue the GPU gate of `layer` over `inputs` into `out` on `stream`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn enqueue(
+    gate: &Gate,
+    device: &DeviceGate,
+    layer: usize,
+    params: &MaskParams,
+    batch: &Batch,
+    inputs: &DeviceInputs,
+    out: &DeviceOutputs,
+    stream: &Stream,
+) -> Result<()> {
+    let mask = out.mask();
+    let (ws, ws_len) = (out.workspace.ptr(), out.workspace.len());
+    compute_mask(gate, device, layer, params, batch, &inputs.q, &inputs.k, &mask, ws, ws_len, stream.raw())
+}
+
+/// Run the GPU gate of layer 1 and read the mask back (synchronizing the stream).
 #[allow(clippy::too_many_arguments)]
 fn run_gpu(
     ctx: &Ctx,
@@ -195,22 +212,7 @@ fn run_gpu(
     out: &DeviceOutputs,
     stream: &Stream,
 ) -> BlockMask {
-    unsafe {
-        compute_mask(
-            gate,
-            device,
-            1,
-            params,
-            batch,
-            &inputs.q,
-            &inputs.k,
-            &out.mask(),
-            out.workspace.ptr(),
-            out.workspace.len(),
-            stream.raw(),
-        )
-        .unwrap();
-    }
+    unsafe { enqueue(gate, device, 1, params, batch, inputs, out, stream) }.unwrap();
     stream.synchronize().unwrap();
     out.read(ctx)
 }
@@ -371,30 +373,9 @@ fn gpu_gate_matches_upstream_vectors() {
                 threshold_compare: ThresholdCompare::Bf16,
                 ..MaskParams::from_config(&c)
             };
-            // The upstream gate is layer `layer`; the GPU test helper runs layer 1.
-            assert!(layer <= 1);
-            let gpu = if layer == 1 {
-                run_gpu(&ctx, &gate, &device, &params, &batch, &inputs, &out, &stream)
-            } else {
-                unsafe {
-                    compute_mask(
-                        &gate,
-                        &device,
-                        layer,
-                        &params,
-                        &batch,
-                        &inputs.q,
-                        &inputs.k,
-                        &out.mask(),
-                        out.workspace.ptr(),
-                        out.workspace.len(),
-                        stream.raw(),
-                    )
-                    .unwrap();
-                }
-                stream.synchronize().unwrap();
-                out.read(&ctx)
-            };
+            unsafe { enqueue(&gate, &device, layer, &params, &batch, &inputs, &out, &stream) }.unwrap();
+            stream.synchronize().unwrap();
+            let gpu = out.read(&ctx);
             let mut dense = vec![0u8; out.layout.dense_len()];
             gpu.as_ref().to_dense(&out.layout, &mut dense).unwrap();
             let key = format!("mask_threshold_{}", format!("{t}").replace('.', "_"));
@@ -435,24 +416,9 @@ fn gpu_gate_graph_capture_replays_with_new_inputs() {
     let out = DeviceOutputs::new(&ctx, &c, &batch);
     // One eager run first: loading the kernel module is not capturable.
     run_gpu(&ctx, &gate, &device, &params, &batch, &inputs, &out, &stream);
-    let graph = unsafe {
-        testing::capture(&stream, || {
-            compute_mask(
-                &gate,
-                &device,
-                1,
-                &params,
-                &batch,
-                &inputs.q,
-                &inputs.k,
-                &out.mask(),
-                out.workspace.ptr(),
-                out.workspace.len(),
-                stream.raw(),
-            )
-        })
-    }
-    .unwrap();
+    let graph =
+        unsafe { testing::capture(&stream, || enqueue(&gate, &device, 1, &params, &batch, &inputs, &out, &stream)) }
+            .unwrap();
     for round in 0..3 {
         let q = structured(batch.total_q(), 8, 128, &mut rng);
         let k = structured(batch.total_k(), 2, 128, &mut rng);
@@ -537,21 +503,7 @@ fn gpu_gate_refuses_bad_device_buffers() {
     assert!(matches!(run(&inputs.q, &short, out.workspace.len()), Err(Error::BufferTooSmall(_))), "small mask");
     let misaligned = DeviceTensor { ptr: inputs.q.ptr + 2, ..inputs.q };
     assert!(matches!(run(&misaligned, &out.mask(), out.workspace.len()), Err(Error::Unsupported(_))), "misaligned");
-    let layer0 = unsafe {
-        compute_mask(
-            &gate,
-            &device,
-            0,
-            &params,
-            &batch,
-            &inputs.q,
-            &inputs.k,
-            &out.mask(),
-            out.workspace.ptr(),
-            out.workspace.len(),
-            stream.raw(),
-        )
-    };
+    let layer0 = unsafe { enqueue(&gate, &device, 0, &params, &batch, &inputs, &out, &stream) };
     assert!(matches!(layer0, Err(Error::InvalidArgument(_))), "layer without weights");
     // Nothing above was enqueued: the stream is clean and still usable.
     stream.synchronize().unwrap();

@@ -66,7 +66,6 @@ const SYMBOLS: &[&str] = &[
     "cuCtxPopCurrent_v2",
     "cuCtxGetDevice_v2",
     "cuCtxGetId",
-    "cuCtxSynchronize",
     "cuPointerGetAttributes",
     "cuModuleLoadData",
     "cuModuleGetFunction",

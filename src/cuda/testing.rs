@@ -53,14 +53,6 @@ pub fn copy_to_host(ctx: &Ctx, dst: &mut [u8], src: CUdeviceptr) -> Result<()> {
     check("cuMemcpyDtoH", unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src, dst.len()) })
 }
 
-/// Wait for all work of `ctx`.
-pub fn synchronize(ctx: &Ctx) -> Result<()> {
-    driver()?;
-    let _current = ctx.make_current()?;
-    // SAFETY: no arguments; the context is current.
-    check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
-}
-
 /// A non-blocking stream of one context, destroyed on drop.
 pub struct Stream {
     ctx: Ctx,
