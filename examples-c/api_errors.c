@@ -320,7 +320,13 @@ int main(int argc, char **argv) {
         expect("gate_workspace_size: device 7", seer_gate_workspace_size(gate, &batch, 7, &none), SEER_INVALID_ARGUMENT);
         expect_true("gate_workspace_size: out untouched on failure", none == 7);
         expect("prefill_workspace_size: CPU", seer_prefill_workspace_size(&batch, (uint32_t)hq, (uint32_t)d, SEER_DEVICE_CPU, &none), SEER_OK);
-        expect("prefill_workspace_size: CUDA", seer_prefill_workspace_size(&batch, (uint32_t)hq, (uint32_t)d, SEER_DEVICE_CUDA, &none), SEER_UNSUPPORTED);
+        if (dev == SEER_UNSUPPORTED) {
+            expect("prefill_workspace_size: CUDA without kernels", seer_prefill_workspace_size(&batch, (uint32_t)hq, (uint32_t)d, SEER_DEVICE_CUDA, &none), SEER_UNSUPPORTED);
+        } else {
+            expect("prefill_workspace_size: CUDA", seer_prefill_workspace_size(&batch, (uint32_t)hq, (uint32_t)d, SEER_DEVICE_CUDA, &none), SEER_OK);
+            expect_true("prefill_workspace_size: CUDA needs none", none == 0);
+            expect("prefill_workspace_size: CUDA head_dim 256", seer_prefill_workspace_size(&batch, (uint32_t)hq, 256, SEER_DEVICE_CUDA, &none), SEER_UNSUPPORTED);
+        }
 
         /* A gate the CUDA path does not take: gate_hidden != head_dim (it has a Q projection). */
         c2.gate_hidden = 64;

@@ -161,6 +161,21 @@ bench() {
     done
 }
 
+# The sparse prefill benchmark (bench/prefill.py, PyTorch on the GPU
+# machine): seerattn against SDPA (FlashAttention-2, cuDNN) and FlexAttention
+# on the same inputs, JSON lines to $OUT/prefill.jsonl (else
+# .devbuild/prefill.jsonl). Extra arguments go to the script.
+bench_prefill() {
+    if [ ! -f "$stage/lib/libseerattn.so" ]; then
+        echo "no $stage/lib: run 'scripts/gpu-test.sh build' on the build machine first" >&2
+        exit 2
+    fi
+    cat "$stage/MANIFEST"
+    local results=${OUT:+$OUT/prefill.jsonl}
+    results=${results:-$stage/prefill.jsonl}
+    python3 bench/prefill.py "$results" --lib "$stage/lib/libseerattn.so" "$@"
+}
+
 # The GPU test binaries under compute-sanitizer: memcheck, initcheck,
 # synccheck and racecheck must report no error and the tests must pass
 # (racecheck also reorders CTAs, which once exposed an inter-CTA race that
@@ -178,7 +193,7 @@ sanitize() {
     fi
     export SEERATTN_TEST_ROOT="$PWD"
     local passed=0 failed=0
-    for bin in gpu_gate ffi_cuda; do
+    for bin in ${SANITIZE_BINS:-gpu_gate gpu_attention ffi_cuda}; do
         for tool in memcheck initcheck synccheck racecheck; do
             local status=0
             "$cs" --tool "$tool" --error-exitcode 3 "$stage/bin/$bin" --include-ignored --test-threads 1 \
@@ -202,10 +217,15 @@ build) build ;;
 run) run ;;
 bench) bench ;;
 sanitize) sanitize ;;
+bench-prefill)
+    shift
+    bench_prefill "$@"
+    ;;
 *)
     echo "usage: scripts/gpu-test.sh build   (here: stage release test binaries in .devbuild/)" >&2
     echo "       scripts/gpu-test.sh run     (on the GPU machine: run them all, GPU tests included)" >&2
     echo "       scripts/gpu-test.sh bench   (on the GPU machine: run the benchmarks, JSON lines to \$OUT/bench.jsonl)" >&2
+    echo "       scripts/gpu-test.sh bench-prefill [args] (on the GPU machine: bench/prefill.py, \$OUT/prefill.jsonl)" >&2
     echo "       scripts/gpu-test.sh sanitize (on the GPU machine: the GPU tests under compute-sanitizer)" >&2
     exit 2
     ;;

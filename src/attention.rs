@@ -4,13 +4,19 @@
 //! mask, then runs the CPU reference ([`crate::reference::attention`], whose
 //! module doc states exactly what is computed, including the contract for
 //! query rows whose mask row selects nothing: zeros and `lse = -inf`).
+//! [`sparse_prefill_cuda`] runs the same checks on device tensors and
+//! enqueues the GPU kernel (kernels/attention.cu, host side in
+//! [`crate::gpu::attention`]), which computes the same function.
 //!
 //! Validation happens here, once, so that the reference and the kernels can
 //! index without checks: after it, every index the computation forms is in
-//! range.
+//! range (the GPU path also guards its reads of a device mask, which cannot
+//! be validated without a synchronization).
 
 use crate::batch::Batch;
+use crate::cuda::CUstream;
 use crate::error::{Error, Result};
+use crate::gpu::{DeviceMask, DeviceTensor};
 use crate::mask::{BlockMaskRef, MaskLayout};
 use crate::reference;
 use crate::tensor::{DType, Tensor3, Tensor3Mut};
@@ -66,23 +72,75 @@ pub fn sparse_prefill(
     out: &mut Tensor3Mut<'_>,
     lse: Option<&mut [f32]>,
 ) -> Result<()> {
-    check_params(params)?;
-    check_dtypes(q, k, v, out)?;
-    let [_, num_q_heads, _] = check_shapes(q, k, v, batch, out)?;
-    if let Some(lse) = lse.as_deref() {
-        let want = num_q_heads * batch.total_q();
-        if lse.len() != want {
-            return Err(Error::invalid(format!(
-                "lse holds {} values; it needs num_q_heads * total_q = {num_q_heads} * {} = {want}",
-                lse.len(),
-                batch.total_q()
-            )));
-        }
-    }
+    let num_q_heads = check_common(
+        params,
+        [q.dtype(), k.dtype(), v.dtype(), out.dtype()],
+        [q.shape(), k.shape(), v.shape(), out.shape()],
+        batch,
+        lse.as_deref().map(<[f32]>::len),
+    )?;
     let layout = MaskLayout::new(batch, num_q_heads, params.block_size)?;
     mask.validate(&layout)?;
     reference::attention::sparse_prefill(q, k, v, batch, &layout, mask, params.softmax_scale, out, lse);
     Ok(())
+}
+
+/// [`sparse_prefill`] on the GPU: the same computation and the same checks
+/// of shapes, dtypes and parameters, over tensors in device memory, enqueued
+/// on `stream` (see [`crate::gpu::attention`] for what the kernel requires
+/// of layouts: unit dim stride, 16-byte aligned rows; head_dim 64 or 128).
+/// `lse` is `(device address, length)` of `num_q_heads * total_q` f32.
+///
+/// The mask is on the device and is not validated (that would need a
+/// synchronization): the kernel reads it only inside its declared lengths
+/// and ignores entries outside the causal range.
+///
+/// # Safety
+/// The device buffers must stay valid until the work completes; `stream`
+/// must belong to their context (or be NULL).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sparse_prefill_cuda(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    batch: &Batch,
+    mask: &DeviceMask,
+    params: &AttentionParams,
+    out: &DeviceTensor,
+    lse: Option<(u64, usize)>,
+    stream: CUstream,
+) -> Result<()> {
+    check_common(
+        params,
+        [q.dtype, k.dtype, v.dtype, out.dtype],
+        [q.layout.shape, k.layout.shape, v.layout.shape, out.layout.shape],
+        batch,
+        lse.map(|(_, len)| len),
+    )?;
+    crate::gpu::attention::sparse_prefill(q, k, v, batch, mask, params, out, lse.map(|(ptr, _)| ptr), stream)
+}
+
+/// The checks both paths share; returns the number of query heads.
+fn check_common(
+    params: &AttentionParams,
+    [q, k, v, out]: [DType; 4],
+    shapes: [[usize; 3]; 4],
+    batch: &Batch,
+    lse_len: Option<usize>,
+) -> Result<usize> {
+    check_params(params)?;
+    check_dtypes(q, k, v, out)?;
+    let [_, num_q_heads, _] = check_shapes(shapes, batch)?;
+    if let Some(len) = lse_len {
+        let want = num_q_heads * batch.total_q();
+        if len != want {
+            return Err(Error::invalid(format!(
+                "lse holds {len} values; it needs num_q_heads * total_q = {num_q_heads} * {} = {want}",
+                batch.total_q()
+            )));
+        }
+    }
+    Ok(num_q_heads)
 }
 
 fn check_params(params: &AttentionParams) -> Result<()> {
@@ -102,12 +160,11 @@ fn check_params(params: &AttentionParams) -> Result<()> {
     Ok(())
 }
 
-fn check_dtypes(q: &Tensor3, k: &Tensor3, v: &Tensor3, out: &Tensor3Mut) -> Result<()> {
-    let dtype = q.dtype();
+fn check_dtypes(dtype: DType, k: DType, v: DType, out: DType) -> Result<()> {
     if !matches!(dtype, DType::BF16 | DType::F16) {
         return Err(Error::unsupported(format!("q dtype {}: only bf16 and f16 are supported", dtype.name())));
     }
-    for (name, other) in [("k", k.dtype()), ("v", v.dtype())] {
+    for (name, other) in [("k", k), ("v", v)] {
         if other != dtype {
             return Err(Error::invalid(format!(
                 "{name} dtype {} differs from q dtype {}: q, k and v must share one dtype",
@@ -116,10 +173,10 @@ fn check_dtypes(q: &Tensor3, k: &Tensor3, v: &Tensor3, out: &Tensor3Mut) -> Resu
             )));
         }
     }
-    if out.dtype() != dtype && out.dtype() != DType::F32 {
+    if out != dtype && out != DType::F32 {
         return Err(Error::unsupported(format!(
             "out dtype {} with {} inputs: out must be {} or f32",
-            out.dtype().name(),
+            out.name(),
             dtype.name(),
             dtype.name()
         )));
@@ -128,9 +185,9 @@ fn check_dtypes(q: &Tensor3, k: &Tensor3, v: &Tensor3, out: &Tensor3Mut) -> Resu
 }
 
 /// Checks shapes and returns q's `[total_q, num_q_heads, head_dim]`.
-fn check_shapes(q: &Tensor3, k: &Tensor3, v: &Tensor3, batch: &Batch, out: &Tensor3Mut) -> Result<[usize; 3]> {
-    let [q_tokens, num_q_heads, head_dim] = q.shape();
-    let [k_tokens, num_kv_heads, k_dim] = k.shape();
+fn check_shapes([q, k, v, out]: [[usize; 3]; 4], batch: &Batch) -> Result<[usize; 3]> {
+    let [q_tokens, num_q_heads, head_dim] = q;
+    let [k_tokens, num_kv_heads, k_dim] = k;
     if q_tokens != batch.total_q() {
         return Err(Error::invalid(format!("q has {q_tokens} tokens; the batch has total_q = {}", batch.total_q())));
     }
@@ -151,16 +208,16 @@ fn check_shapes(q: &Tensor3, k: &Tensor3, v: &Tensor3, batch: &Batch, out: &Tens
     if k_dim != head_dim {
         return Err(Error::invalid(format!("k head_dim {k_dim} differs from q head_dim {head_dim}")));
     }
-    if v.shape() != k.shape() {
-        return Err(Error::invalid(format!("v shape {:?} differs from k shape {:?}", v.shape(), k.shape())));
+    if v != k {
+        return Err(Error::invalid(format!("v shape {v:?} differs from k shape {k:?}")));
     }
     if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
         return Err(Error::unsupported(format!("head_dim {head_dim}: supported are {SUPPORTED_HEAD_DIMS:?}")));
     }
-    if out.shape() != q.shape() {
-        return Err(Error::invalid(format!("out shape {:?} differs from q shape {:?}", out.shape(), q.shape())));
+    if out != q {
+        return Err(Error::invalid(format!("out shape {out:?} differs from q shape {q:?}")));
     }
-    Ok(q.shape())
+    Ok(q)
 }
 
 #[cfg(test)]

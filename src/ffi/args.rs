@@ -5,7 +5,7 @@
 
 use super::status::{FfiError, FfiResult, SeerStatus};
 use crate::batch::Batch;
-use crate::gpu::gate::{DeviceMask, DeviceTensor};
+use crate::gpu::{DeviceMask, DeviceTensor};
 use crate::mask::BlockMaskRef;
 use crate::tensor::{DType, Layout3, Tensor3, Tensor3Mut};
 use std::ffi::c_void;

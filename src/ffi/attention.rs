@@ -1,8 +1,9 @@
 //! Sparse prefill: block-sparse causal attention over a block mask.
 
-use super::args::{self, invalid, SeerBatch, SeerBlockMask, SeerTensor};
-use super::status::SeerStatus;
-use crate::attention::{sparse_prefill, AttentionParams};
+use super::args::{self, invalid, SeerBatch, SeerBlockMask, SeerDevice, SeerTensor};
+use super::status::{FfiResult, SeerStatus};
+use crate::attention::{sparse_prefill, sparse_prefill_cuda, AttentionParams};
+use crate::batch::Batch;
 use std::ffi::c_void;
 
 /// Parameters of `seer_sparse_prefill`. Initialise with `seer_prefill_params_default`.
@@ -48,6 +49,20 @@ pub unsafe extern "C" fn seer_prefill_params_default(out: *mut SeerPrefillParams
 /// natural-log sum of exponentials of the scaled scores, `[num_q_heads, total_q]`
 /// f32, `lse_len` entries. A query whose row selects no block gets an output
 /// of zeros and an lse of -infinity, never NaN.
+///
+/// The device of `q` picks the path; `k`, `v`, `out` and `mask` must be on
+/// the same device, and `maybe_lse` in the same memory.
+/// - `SEER_DEVICE_CPU`: the CPU reference; the mask is validated first
+///   (sorted, causal, within its rows).
+/// - `SEER_DEVICE_CUDA`: the GPU kernel, enqueued on `params->cuda_stream`
+///   with no allocation, no host-device copy and no synchronization (graph
+///   capturable). It needs head_dim 64 or 128, unit dim strides and 16-byte
+///   aligned rows (`SEER_UNSUPPORTED` otherwise, saying which), device
+///   memory of one context. The device mask cannot be validated without a
+///   synchronization: the kernel reads only inside the declared array
+///   lengths, clamps each count to its row and skips indices outside the
+///   causal range, so a malformed mask gives wrong output, never an
+///   out-of-bounds access. No workspace is needed.
 #[no_mangle]
 pub unsafe extern "C" fn seer_sparse_prefill(
     params: *const SeerPrefillParams,
@@ -63,6 +78,14 @@ pub unsafe extern "C" fn seer_sparse_prefill(
     ffi_call!("seer_sparse_prefill", {
         let p = args::read_sized("params", params)?;
         let batch = args::batch(batch)?;
+        let device = args::device_of("q", args::deref("q", q)?.device)?;
+        for (name, t) in [("k", k), ("v", v), ("out", out)] {
+            args::require_same_device(name, args::deref(name, t)?.device, device, "q")?;
+        }
+        args::require_same_device("mask", args::deref("mask", mask)?.device, device, "q")?;
+        if device == SeerDevice::SEER_DEVICE_CUDA {
+            return prefill_cuda(&p, &batch, q, k, v, mask, out, maybe_lse, lse_len);
+        }
         let q = args::tensor("q", q)?;
         let k = args::tensor("k", k)?;
         let v = args::tensor("v", v)?;
@@ -75,12 +98,7 @@ pub unsafe extern "C" fn seer_sparse_prefill(
         writes.extend(lse.as_ref().map(|l| l.region));
         args::check_disjoint(&writes, &reads)?;
 
-        let head_dim = q.layout.shape[2];
-        if !(p.softmax_scale.is_finite() && p.softmax_scale >= 0.0) {
-            return Err(invalid(format!("params->softmax_scale = {} must be finite and >= 0", p.softmax_scale)));
-        }
-        let softmax_scale = if p.softmax_scale == 0.0 { 1.0 / (head_dim as f32).sqrt() } else { p.softmax_scale };
-        let attn = AttentionParams { softmax_scale, block_size: p.block_size as usize };
+        let attn = attention_params(&p, q.layout.shape[2])?;
         let mut out_view = o.view_mut("out")?;
         sparse_prefill(
             &q.view("q")?,
@@ -94,4 +112,58 @@ pub unsafe extern "C" fn seer_sparse_prefill(
         )?;
         Ok(())
     })
+}
+
+/// The parameters of the call, with scale 0 resolved to `1/sqrt(head_dim)`.
+fn attention_params(p: &SeerPrefillParams, head_dim: usize) -> FfiResult<AttentionParams> {
+    if !(p.softmax_scale.is_finite() && p.softmax_scale >= 0.0) {
+        return Err(invalid(format!("params->softmax_scale = {} must be finite and >= 0", p.softmax_scale)));
+    }
+    let softmax_scale = if p.softmax_scale == 0.0 { 1.0 / (head_dim as f32).sqrt() } else { p.softmax_scale };
+    Ok(AttentionParams { softmax_scale, block_size: p.block_size as usize })
+}
+
+/// The CUDA path of `seer_sparse_prefill`: descriptors checked on the host
+/// (shapes, overlap), then the GPU code checks the pointers against the
+/// driver and enqueues the kernel on the caller's stream.
+#[allow(clippy::too_many_arguments)]
+unsafe fn prefill_cuda(
+    p: &SeerPrefillParams,
+    batch: &Batch,
+    q: *const SeerTensor,
+    k: *const SeerTensor,
+    v: *const SeerTensor,
+    mask: *const SeerBlockMask,
+    out: *const SeerTensor,
+    maybe_lse: *mut f32,
+    lse_len: usize,
+) -> FfiResult {
+    let q = args::device_tensor("q", q)?;
+    let k = args::device_tensor("k", k)?;
+    let v = args::device_tensor("v", v)?;
+    let m = args::device_mask("mask", mask)?;
+    let o = args::device_tensor("out", out)?;
+    let lse = if maybe_lse.is_null() {
+        None
+    } else {
+        Some(args::device_region("maybe_lse", maybe_lse as usize, lse_len, std::mem::size_of::<f32>())?)
+    };
+    let mut reads = vec![q.region, k.region, v.region];
+    reads.extend(m.regions);
+    let mut writes = vec![o.region];
+    writes.extend(lse);
+    args::check_disjoint(&writes, &reads)?;
+    let attn = attention_params(p, q.tensor.layout.shape[2])?;
+    sparse_prefill_cuda(
+        &q.tensor,
+        &k.tensor,
+        &v.tensor,
+        batch,
+        &m.mask,
+        &attn,
+        &o.tensor,
+        lse.map(|_| (maybe_lse as u64, lse_len)),
+        crate::cuda::stream_from_raw(p.cuda_stream),
+    )?;
+    Ok(())
 }

@@ -60,9 +60,11 @@ pub unsafe extern "C" fn seer_mask_sizes(
 }
 
 /// Scratch bytes that `seer_sparse_prefill` needs in `params->workspace`
-/// for this batch on `device` (a `SeerDevice`). The CPU path needs none and
-/// reports 0; sparse prefill has no CUDA path yet (`SEER_UNSUPPORTED`). The
-/// gate's workspace is `seer_gate_workspace_size`.
+/// for this batch on `device` (a `SeerDevice`). Both paths need none today
+/// and report 0 (the query exists so that a future split-KV schedule can
+/// ask for scratch without an ABI change: pass what it reports). On CUDA,
+/// `SEER_UNSUPPORTED` in a build without kernels or for a head_dim the
+/// kernel is not built for. The gate's workspace is `seer_gate_workspace_size`.
 #[no_mangle]
 pub unsafe extern "C" fn seer_prefill_workspace_size(
     batch: *const SeerBatch,
@@ -77,11 +79,21 @@ pub unsafe extern "C" fn seer_prefill_workspace_size(
             return Err(invalid("head_dim is 0"));
         }
         if args::device_of("device", device)? == args::SeerDevice::SEER_DEVICE_CUDA {
-            return Err(FfiError::new(
-                SeerStatus::SEER_UNSUPPORTED,
-                "sparse prefill has no CUDA path yet (its CPU reference path needs no workspace; the CUDA gate's \
-                 workspace is seer_gate_workspace_size)",
-            ));
+            if !crate::cuda::cuda_enabled() {
+                return Err(FfiError::new(
+                    SeerStatus::SEER_UNSUPPORTED,
+                    "this build of seerattn has no CUDA kernels (no nvcc at build time)",
+                ));
+            }
+            if !crate::gpu::attention::CUDA_HEAD_DIMS.contains(&(head_dim as usize)) {
+                return Err(FfiError::new(
+                    SeerStatus::SEER_UNSUPPORTED,
+                    format!(
+                        "head_dim {head_dim}: the CUDA prefill is built for {:?}",
+                        crate::gpu::attention::CUDA_HEAD_DIMS
+                    ),
+                ));
+            }
         }
         args::out_ptr("out_bytes", out_bytes)?.write(0);
         Ok(())

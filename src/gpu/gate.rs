@@ -24,13 +24,14 @@
 //! inputs whose rows are 16-byte aligned, up to [`MAX_SEQS`] sequences.
 //! Anything else is `Unsupported` with the reason; the CPU reference covers it.
 
+pub use super::{DeviceMask, DeviceTensor};
 use crate::batch::Batch;
 use crate::config::{EmptyRowPolicy, GateConfig, GateType, MaskParams, SparsityMethod, ThresholdCompare};
 use crate::cuda::{self, kernels, CUstream, Ctx, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::gate::Gate;
 use crate::mask::MaskLayout;
-use crate::tensor::{DType, Layout3};
+use crate::tensor::DType;
 use std::ffi::c_void;
 
 /// Sequences one launch can carry in its parameter table.
@@ -278,32 +279,6 @@ impl DeviceGate {
             None => Err(Error::invalid(format!("layer {layer} out of range (the gate has {} layers)", self.layers.len()))),
         }
     }
-}
-
-/// A tensor in device memory: address, element type and layout.
-#[derive(Clone, Copy, Debug)]
-pub struct DeviceTensor {
-    pub ptr: u64,
-    pub dtype: DType,
-    pub layout: Layout3,
-}
-
-impl DeviceTensor {
-    /// Bytes from `ptr` to one past the last addressed element.
-    pub fn span_bytes(&self, name: &str) -> Result<usize> {
-        Ok(self.layout.span(name)? * self.dtype.size())
-    }
-}
-
-/// The mask arrays in device memory.
-#[derive(Clone, Copy, Debug)]
-pub struct DeviceMask {
-    pub counts: u64,
-    pub counts_len: usize,
-    pub indices: u64,
-    pub indices_len: usize,
-    pub row_offsets: u64,
-    pub row_offsets_len: usize,
 }
 
 /// The pool kernel reads rows as 16-byte vectors.

@@ -1,0 +1,357 @@
+#!/usr/bin/env python3
+"""Sparse prefill benchmark: seerattn against its anchors, one run, same inputs.
+
+Runs on the GPU machine (needs PyTorch with CUDA; FlexAttention for the
+flex anchor). Loads the library staged by `scripts/gpu-test.sh build`
+(.devbuild/lib/libseerattn.so) through ctypes and times, for each sequence
+length and mask density, on the same q, k, v tensors:
+
+  seerattn_prefill  seer_sparse_prefill on the 64x64 block mask
+  flex_block64      torch FlexAttention with the same block mask
+                    (kernel_options BLOCK_M = BLOCK_N = 64), compiled
+  sdpa_flash        dense causal SDPA, FlashAttention-2 backend (density 1)
+  sdpa_cudnn        dense causal SDPA, cuDNN backend (density 1)
+
+Shape: one sequence, 32 q heads, 8 kv heads, head_dim 128, bf16, causal.
+Masks: for each query block row, the diagonal block plus randomly chosen
+earlier blocks, round(density * (row + 1)) blocks in all (density 1 is the
+full causal map). FLOPs are counted on computed blocks: 4 * 64 * 64 * D per
+selected block, half of that for diagonal blocks (the causal half), so that
+density 1 counts what dense causal attention counts (2 * N^2 * D per head,
+up to the diagonal's rounding).
+
+Before timing, each seerattn output is checked against the anchor on the
+same inputs (flex at that density; SDPA flash at density 1): relative error
+at most 2e-2 or the benchmark fails.
+
+Timing: CUDA events around each call, warm-up first, median of the repeats,
+three input sets rotated so repeated calls do not measure L2-resident data.
+
+Usage: python3 bench/prefill.py OUT.jsonl [--seqs 8192,32768,65536]
+           [--densities 1,0.5,0.2,0.1,0.05] [--lib .devbuild/lib/libseerattn.so]
+"""
+import argparse
+import ctypes
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+BLOCK = 64
+HQ, HKV, D = 32, 8, 128
+
+
+# ---------------------------------------------------------------- library
+
+
+class SeerTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("dtype", ctypes.c_uint32),
+        ("device", ctypes.c_uint32),
+        ("shape", ctypes.c_int64 * 3),
+        ("strides", ctypes.c_int64 * 3),
+    ]
+
+
+class SeerBatch(ctypes.Structure):
+    _fields_ = [
+        ("num_seqs", ctypes.c_uint32),
+        ("cu_seqlens_q", ctypes.POINTER(ctypes.c_int32)),
+        ("cu_seqlens_k", ctypes.POINTER(ctypes.c_int32)),
+    ]
+
+
+class SeerBlockMask(ctypes.Structure):
+    _fields_ = [
+        ("counts", ctypes.c_void_p),
+        ("counts_len", ctypes.c_size_t),
+        ("indices", ctypes.c_void_p),
+        ("indices_len", ctypes.c_size_t),
+        ("row_offsets", ctypes.c_void_p),
+        ("row_offsets_len", ctypes.c_size_t),
+        ("device", ctypes.c_uint32),
+    ]
+
+
+class SeerPrefillParams(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("softmax_scale", ctypes.c_float),
+        ("block_size", ctypes.c_uint32),
+        ("cuda_stream", ctypes.c_void_p),
+        ("workspace", ctypes.c_void_p),
+        ("workspace_bytes", ctypes.c_size_t),
+    ]
+
+
+DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+def descriptor(t):
+    assert t.dim() == 3 and t.is_cuda
+    return SeerTensor(t.data_ptr(), DTYPES[t.dtype], 1, (ctypes.c_int64 * 3)(*t.shape), (ctypes.c_int64 * 3)(*t.stride()))
+
+
+class Library:
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(path)
+        self.lib.seer_last_error_message.restype = ctypes.c_char_p
+        self.lib.seer_prefill_params_default.argtypes = [ctypes.POINTER(SeerPrefillParams)]
+        self.lib.seer_sparse_prefill.argtypes = [
+            ctypes.POINTER(SeerPrefillParams),
+            ctypes.POINTER(SeerBatch),
+            ctypes.POINTER(SeerTensor),
+            ctypes.POINTER(SeerTensor),
+            ctypes.POINTER(SeerTensor),
+            ctypes.POINTER(SeerBlockMask),
+            ctypes.POINTER(SeerTensor),
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+        ]
+
+    def check(self, status, what):
+        if status != 0:
+            raise RuntimeError(f"{what}: status {status}: {self.lib.seer_last_error_message().decode()}")
+
+    def prefill_call(self, q, k, v, mask, out):
+        """A closure that enqueues seer_sparse_prefill on the current stream
+        (descriptors built once, as an engine would)."""
+        n = q.shape[0]
+        cu = (ctypes.c_int32 * 2)(0, n)
+        batch = SeerBatch(1, cu, cu)
+        params = SeerPrefillParams()
+        self.check(self.lib.seer_prefill_params_default(ctypes.byref(params)), "params")
+        params.cuda_stream = torch.cuda.current_stream().cuda_stream
+        counts, indices, offsets = mask
+        m = SeerBlockMask(
+            counts.data_ptr(), counts.numel(), indices.data_ptr(), indices.numel(), offsets.data_ptr(), offsets.numel(), 1
+        )
+        tq, tk, tv, to = descriptor(q), descriptor(k), descriptor(v), descriptor(out)
+        keep = (cu, batch, params, m, tq, tk, tv, to)
+
+        def call():
+            _ = keep
+            self.check(
+                self.lib.seer_sparse_prefill(
+                    ctypes.byref(params), ctypes.byref(batch), ctypes.byref(tq), ctypes.byref(tk), ctypes.byref(tv),
+                    ctypes.byref(m), ctypes.byref(to), None, 0,
+                ),
+                "seer_sparse_prefill",
+            )
+
+        return call
+
+
+# ---------------------------------------------------------------- masks
+
+
+def block_mask(nb, density, gen):
+    """Dense bool [HQ, nb, nb]: per row the diagonal plus random earlier
+    blocks, round(density * (row + 1)) in all."""
+    rows = torch.arange(nb, device="cuda")
+    want = torch.clamp(torch.round(density * (rows + 1).double()).long(), min=1)
+    score = torch.rand(HQ, nb, nb, device="cuda", generator=gen)
+    causal = rows[None, :] <= rows[:, None]
+    score = torch.where(causal, score, torch.full_like(score, -1.0))
+    score[:, rows, rows] = 2.0  # the diagonal first
+    rank = torch.argsort(torch.argsort(score, dim=-1, descending=True), dim=-1)
+    return (rank < want[None, :, None]) & causal
+
+
+def index_list(dense):
+    """The library's index-list mask (rows head-major, each row's capacity
+    its causal length) from a dense [HQ, nb, nb] map."""
+    h, nb, _ = dense.shape
+    counts = dense.sum(-1).to(torch.int32).reshape(-1)
+    cap = torch.arange(1, nb + 1, device="cuda", dtype=torch.int64).repeat(h)
+    offsets = torch.zeros(h * nb + 1, device="cuda", dtype=torch.int64)
+    offsets[1:] = torch.cumsum(cap, 0)
+    pos = dense.to(torch.int64).cumsum(-1) - 1
+    hh, ii, jj = torch.nonzero(dense, as_tuple=True)
+    slot = offsets[hh * nb + ii] + pos[hh, ii, jj]
+    indices = torch.full((int(offsets[-1]),), -1, device="cuda", dtype=torch.int32)
+    indices[slot] = jj.to(torch.int32)
+    return counts, indices, offsets
+
+
+def flex_block_mask(dense, n):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nb = dense.shape[1]
+    rows = torch.arange(nb, device="cuda")
+    diag = torch.zeros_like(dense)
+    diag[:, rows, rows] = True
+    full = dense & ~diag
+    partial = dense & diag
+
+    def lists(m):
+        num = m.sum(-1).to(torch.int32)
+        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num[None], idx[None]
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    kv_num, kv_idx = lists(partial)
+    full_num, full_idx = lists(full)
+    try:
+        return BlockMask.from_kv_blocks(
+            kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=causal, seq_lengths=(n, n))
+    except TypeError:  # releases without seq_lengths
+        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=causal)
+
+
+def computed_flops(dense):
+    nb = dense.shape[1]
+    rows = torch.arange(nb, device="cuda")
+    diag = int(dense[:, rows, rows].sum())
+    total = int(dense.sum())
+    return (total - diag) * 4 * BLOCK * BLOCK * D + diag * 2 * BLOCK * BLOCK * D
+
+
+# ---------------------------------------------------------------- timing
+
+
+def time_ms(calls, warmup, reps):
+    """Median ms of `reps` timed calls, rotating over `calls` (input sets)."""
+    for i in range(warmup):
+        calls[i % len(calls)]()
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        calls[i % len(calls)]()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--seqs", default="8192,32768,65536")
+    ap.add_argument("--densities", default="1,0.5,0.2,0.1,0.05")
+    ap.add_argument("--lib", default=".devbuild/lib/libseerattn.so")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+
+    lib = Library(os.path.abspath(args.lib))
+    dev = torch.cuda.get_device_name()
+    date = datetime.date.today().isoformat()
+    out_file = open(args.out, "a")
+    table = []
+
+    def emit(impl, n, density, ms, flops, **extra):
+        rec = dict(impl=impl, seq_len=n, density=round(density, 4), ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1),
+                   device=dev, date=date, q_heads=HQ, kv_heads=HKV, head_dim=D, dtype="bf16", **extra)
+        if args.tag:
+            rec["tag"] = args.tag
+        out_file.write(json.dumps(rec) + "\n")
+        out_file.flush()
+        table.append(rec)
+        print(f"{impl:18s} {n:6d} {density:6.3f} {ms:9.3f} ms {rec['tflops']:7.1f} TFLOP/s", flush=True)
+
+    flex = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(0)
+    for n in [int(s) for s in args.seqs.split(",")]:
+        nb = n // BLOCK
+        reps = 20 if n <= 8192 else 10 if n <= 32768 else 5
+        sets = []
+        for _ in range(3):
+            q = torch.randn(n, HQ, D, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(n, HKV, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(n, HKV, D, device="cuda", dtype=torch.bfloat16)
+            sets.append((q, k, v))
+        bhsd = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731  [1, H, S, D] view
+        dense_flops = 2 * n * n * D * HQ
+
+        # Dense anchors.
+        for name, backend in [("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)]:
+            try:
+                with sdpa_kernel([backend]):
+                    def call(s):
+                        q, k, v = s
+                        torch.nn.functional.scaled_dot_product_attention(
+                            bhsd(q), bhsd(k), bhsd(v), is_causal=True, enable_gqa=True)
+                    calls = [lambda s=s, c=call: c(s) for s in sets]
+                    ms = time_ms(calls, 2, reps)
+                emit(name, n, 1.0, ms, dense_flops)
+            except Exception as e:  # a backend that refuses the shape is reported, not fatal
+                print(f"{name} at {n}: unavailable: {e}", file=sys.stderr)
+
+        for density in [float(x) for x in args.densities.split(",")]:
+            dense = block_mask(nb, density, gen)
+            mask = index_list(dense)
+            real_density = float(dense.sum()) / (HQ * nb * (nb + 1) / 2)
+            flops = computed_flops(dense)
+            outs = [torch.empty_like(s[0]) for s in sets]
+            seer_calls = [lib.prefill_call(q, k, v, mask, o) for (q, k, v), o in zip(sets, outs)]
+            # Correctness against the anchor on the same inputs first.
+            seer_calls[0]()
+            torch.cuda.synchronize()
+            bm = None
+            if flex is not None:
+                try:
+                    bm = flex_block_mask(dense, n)
+                    q, k, v = sets[0]
+                    ref = flex(bhsd(q), bhsd(k), bhsd(v), block_mask=bm, enable_gqa=True,
+                               kernel_options={"BLOCK_M": BLOCK, "BLOCK_N": BLOCK})
+                except Exception as e:  # reported, and the flex line is missing from the results
+                    print(f"flex_block64 at {n}, density {density}: unavailable: {e!r}", file=sys.stderr)
+                    bm = None
+            if bm is not None:
+                err = rel_err(bhsd(outs[0]), ref)
+                print(f"  check vs flex at density {real_density:.3f}: relative error {err:.2e}")
+                if not err <= 2e-2:
+                    raise SystemExit(f"seerattn disagrees with flex at n={n} density={density}: {err}")
+            if density == 1.0:
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                    q, k, v = sets[0]
+                    ref = torch.nn.functional.scaled_dot_product_attention(
+                        bhsd(q), bhsd(k), bhsd(v), is_causal=True, enable_gqa=True)
+                err = rel_err(bhsd(outs[0]), ref)
+                print(f"  check vs sdpa_flash at density 1: relative error {err:.2e}")
+                if not err <= 2e-2:
+                    raise SystemExit(f"seerattn disagrees with SDPA at n={n}: {err}")
+            ms = time_ms(seer_calls, 3, reps)
+            emit("seerattn_prefill", n, real_density, ms, flops, computed_blocks=int(dense.sum()))
+            if bm is not None:
+                flex_calls = []
+                for (q, k, v) in sets:
+                    flex_calls.append(lambda q=q, k=k, v=v: flex(
+                        bhsd(q), bhsd(k), bhsd(v), block_mask=bm, enable_gqa=True,
+                        kernel_options={"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}))
+                ms = time_ms(flex_calls, 3, reps)
+                emit("flex_block64", n, real_density, ms, flops, computed_blocks=int(dense.sum()))
+            del outs, seer_calls, mask
+        del sets
+        torch.cuda.empty_cache()
+
+    print("\n| impl | seq | density | ms | TFLOP/s |\n|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['impl']} | {r['seq_len']} | {r['density']:.3f} | {r['ms']:.3f} | {r['tflops']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

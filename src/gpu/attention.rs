@@ -1,0 +1,334 @@
+//! Host side of `kernels/attention.cu`: block-sparse prefill on the GPU.
+//!
+//! [`sparse_prefill`] checks every device buffer (dtype, layout the kernel
+//! can read, device memory of one context, sizes), plans the launches and
+//! enqueues them on the caller's stream. No allocation, no host-device
+//! copy, no synchronization: the call is capturable in a CUDA graph.
+//!
+//! Launch plan: one CTA per mask row (sequence, query head, query block),
+//! heads fastest (the query heads of a KV group run side by side and share
+//! its K/V tiles in L2), sequences longest first and each sequence's query
+//! blocks last to first, so the longest causal rows start first and the
+//! short ones fill the tail. Batches of more than [`MAX_SEQS`] sequences take
+//! several launches (their outputs are disjoint).
+//!
+//! The mask lives on the device (the gate writes it on the same stream), so
+//! it cannot be validated here without a synchronization: the kernel reads
+//! counts, offsets and indices only inside the lengths the caller declared,
+//! clamps counts to the row and skips indices outside the causal range.
+//! A malformed mask gives wrong attention, never an out-of-bounds access.
+
+use crate::attention::AttentionParams;
+use crate::batch::Batch;
+use crate::cuda::{self, kernels, CUstream, Ctx};
+use crate::error::{Error, Result};
+use crate::gpu::{DeviceMask, DeviceTensor};
+use crate::mask::MaskLayout;
+use crate::tensor::DType;
+use std::ffi::c_void;
+
+/// Sequences one launch carries in its parameter table.
+pub const MAX_SEQS: usize = 256;
+/// Table capacity of the small kernel variants.
+const SMALL_SEQS: usize = 16;
+const BLOCK: usize = 64;
+const THREADS: u32 = 128;
+/// Head dimensions the CUDA kernel is built for.
+pub const CUDA_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// `seer::attn::AttnArgs` (kernels/attention.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AttnArgs {
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    lse: u64,
+    q_row_stride: i64,
+    q_head_stride: i64,
+    k_row_stride: i64,
+    k_head_stride: i64,
+    v_row_stride: i64,
+    v_head_stride: i64,
+    o_row_stride: i64,
+    o_head_stride: i64,
+    lse_head_stride: i64,
+    counts: u64,
+    indices: u64,
+    row_offsets: u64,
+    counts_len: i64,
+    indices_len: i64,
+    row_offsets_len: i64,
+    scale_log2: f32,
+    hq: i32,
+    group: i32,
+    reserved: i32,
+}
+
+/// `seer::attn::SeqEntry`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SeqEntry {
+    q_off: i64,
+    k_off: i64,
+    row_base: i64,
+    unit_base: i64,
+    q_len: i32,
+    k_len: i32,
+    q_start: i32,
+    first_q_block: i32,
+    q_blocks: i32,
+    reserved: i32,
+}
+
+/// `seer::attn::SeqTable<S>`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SeqTable<const S: usize> {
+    num_seqs: i32,
+    reserved: i32,
+    seq: [SeqEntry; S],
+}
+
+/// The launches of one batch: sequences in launch order (longest first),
+/// cut into tables of at most [`MAX_SEQS`].
+#[derive(Clone, Debug)]
+struct Plan {
+    launches: Vec<Vec<SeqEntry>>,
+}
+
+impl Plan {
+    fn new(batch: &Batch, hq: usize) -> Result<Self> {
+        let layout = MaskLayout::new(batch, hq, BLOCK)?;
+        let mut seqs: Vec<(usize, SeqEntry)> = batch
+            .seqs(BLOCK)
+            .enumerate()
+            .map(|(s, sq)| {
+                let entry = SeqEntry {
+                    q_off: sq.q_offset as i64,
+                    k_off: sq.k_offset as i64,
+                    row_base: layout.row(s, 0, 0) as i64,
+                    unit_base: 0,
+                    q_len: sq.q_len as i32,
+                    k_len: sq.k_len as i32,
+                    q_start: sq.q_start as i32,
+                    first_q_block: sq.first_q_block as i32,
+                    q_blocks: sq.q_blocks as i32,
+                    reserved: 0,
+                };
+                (sq.k_blocks, entry)
+            })
+            .collect();
+        // Longest rows first (stable: equal sequences keep batch order).
+        seqs.sort_by_key(|&(k_blocks, _)| std::cmp::Reverse(k_blocks));
+        let mut launches = Vec::new();
+        for chunk in seqs.chunks(MAX_SEQS) {
+            let mut units = 0i64;
+            let mut table = Vec::with_capacity(chunk.len());
+            for (_, e) in chunk {
+                table.push(SeqEntry { unit_base: units, ..*e });
+                units += e.q_blocks as i64;
+            }
+            // The grid's x dimension holds units * hq CTAs.
+            if units.checked_mul(hq as i64).map_or(true, |ctas| ctas > i32::MAX as i64) {
+                return Err(Error::unsupported(format!(
+                    "{units} query blocks x {hq} heads exceed one launch's grid (split the batch)"
+                )));
+            }
+            launches.push(table);
+        }
+        Ok(Plan { launches })
+    }
+}
+
+/// The kernel reads 16-byte vectors of every row: unit dim stride, 16-byte
+/// aligned base and token/head strides.
+fn check_rows_aligned(name: &str, t: &DeviceTensor) -> Result<()> {
+    let [row, head, dim] = t.layout.strides;
+    let size = t.dtype.size();
+    if dim == 1 && t.ptr % 16 == 0 && (row * size) % 16 == 0 && (head * size) % 16 == 0 {
+        return Ok(());
+    }
+    Err(Error::unsupported(format!(
+        "{name}: the CUDA prefill reads 16-byte vectors: it needs dim stride 1, a 16-byte aligned pointer and \
+         token/head strides that are multiples of 16 bytes (strides {:?} elements, pointer {:#x})",
+        t.layout.strides, t.ptr
+    )))
+}
+
+/// Device memory of context `ctx`, `bytes` long from `ptr`.
+fn check_buffer(ctx: &Ctx, name: &str, ptr: u64, bytes: usize) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    cuda::check_device_pointer(name, ptr, bytes)?;
+    if cuda::context_of(ptr)?.id() != ctx.id() {
+        return Err(Error::invalid(format!("{name} lives in another CUDA context than q")));
+    }
+    Ok(())
+}
+
+/// Block-sparse causal attention of `batch` on the GPU, enqueued on
+/// `stream`. Shapes, dtypes and `params` must already have passed
+/// [`crate::attention::sparse_prefill_cuda`]'s checks (the public entry);
+/// this checks what the kernel needs of device memory and enqueues it.
+///
+/// `lse`, when given, is a device address of `hq * total_q` f32 values.
+///
+/// # Safety
+/// The buffers must stay valid until the work completes; `stream` must
+/// belong to the context of the buffers (or be NULL, the legacy stream).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sparse_prefill(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    batch: &Batch,
+    mask: &DeviceMask,
+    params: &AttentionParams,
+    out: &DeviceTensor,
+    lse: Option<u64>,
+    stream: CUstream,
+) -> Result<()> {
+    if !cuda::cuda_enabled() {
+        return Err(Error::unsupported("this build of seerattn has no CUDA kernels (no nvcc at build time)"));
+    }
+    let [total_q, hq, d] = q.layout.shape;
+    let hkv = k.layout.shape[1];
+    if !CUDA_HEAD_DIMS.contains(&d) {
+        return Err(Error::unsupported(format!(
+            "head_dim {d}: the CUDA prefill is built for {CUDA_HEAD_DIMS:?} (the CPU path takes 256)"
+        )));
+    }
+    for (name, t) in [("q", q), ("k", k), ("v", v), ("out", out)] {
+        check_rows_aligned(name, t)?;
+    }
+    let ctx = cuda::context_of(q.ptr)?;
+    for (name, t) in [("q", q), ("k", k), ("v", v), ("out", out)] {
+        check_buffer(&ctx, name, t.ptr, t.span_bytes(name)?)?;
+    }
+    let layout = MaskLayout::new(batch, hq, BLOCK)?;
+    let need = [
+        ("mask->counts", mask.counts, mask.counts_len, layout.rows(), 4),
+        ("mask->row_offsets", mask.row_offsets, mask.row_offsets_len, layout.rows() + 1, 8),
+    ];
+    for (name, ptr, len, want, size) in need {
+        if len < want {
+            return Err(Error::BufferTooSmall(format!("{name} holds {len} entries, this batch needs {want}")));
+        }
+        check_buffer(&ctx, name, ptr, want * size)?;
+    }
+    check_buffer(&ctx, "mask->indices", mask.indices, mask.indices_len * 4)?;
+    if let Some(lse) = lse {
+        if lse % 4 != 0 {
+            return Err(Error::invalid("lse is not aligned to 4 bytes"));
+        }
+        check_buffer(&ctx, "lse", lse, hq * total_q * 4)?;
+    }
+
+    let plan = Plan::new(batch, hq)?;
+    let input = match q.dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => {
+            return Err(Error::unsupported(format!("q dtype {}: the CUDA prefill takes bf16 or f16", other.name())))
+        }
+    };
+    let output = if out.dtype == DType::F32 { "f32" } else { input };
+    let mut args = AttnArgs {
+        q: q.ptr,
+        k: k.ptr,
+        v: v.ptr,
+        out: out.ptr,
+        lse: lse.unwrap_or(0),
+        q_row_stride: q.layout.strides[0] as i64,
+        q_head_stride: q.layout.strides[1] as i64,
+        k_row_stride: k.layout.strides[0] as i64,
+        k_head_stride: k.layout.strides[1] as i64,
+        v_row_stride: v.layout.strides[0] as i64,
+        v_head_stride: v.layout.strides[1] as i64,
+        o_row_stride: out.layout.strides[0] as i64,
+        o_head_stride: out.layout.strides[1] as i64,
+        lse_head_stride: total_q as i64,
+        counts: mask.counts,
+        indices: mask.indices,
+        row_offsets: mask.row_offsets,
+        counts_len: mask.counts_len as i64,
+        indices_len: mask.indices_len as i64,
+        row_offsets_len: mask.row_offsets_len as i64,
+        scale_log2: params.softmax_scale * std::f32::consts::LOG2_E,
+        hq: hq as i32,
+        group: (hq / hkv) as i32,
+        reserved: 0,
+    };
+    let smem = (5 * BLOCK * d * 2) as u32;
+    let fatbin = kernels::fatbin("attention")?;
+    for table in &plan.launches {
+        let units: i64 = table.iter().map(|e| e.q_blocks as i64).sum();
+        let grid = [(units * hq as i64) as u32, 1, 1];
+        if table.len() <= SMALL_SEQS {
+            let f = cuda::function(&ctx, fatbin, &format!("seer_attn_fwd_d{d}_{input}_{output}_s{SMALL_SEQS}"))?;
+            launch::<SMALL_SEQS>(f, table, &mut args, grid, smem, stream)?;
+        } else {
+            let f = cuda::function(&ctx, fatbin, &format!("seer_attn_fwd_d{d}_{input}_{output}_s{MAX_SEQS}"))?;
+            launch::<MAX_SEQS>(f, table, &mut args, grid, smem, stream)?;
+        }
+    }
+    Ok(())
+}
+
+unsafe fn launch<const S: usize>(
+    f: cuda::CUfunction,
+    seqs: &[SeqEntry],
+    args: &mut AttnArgs,
+    grid: [u32; 3],
+    smem: u32,
+    stream: CUstream,
+) -> Result<()> {
+    let mut table = SeqTable::<S> { num_seqs: seqs.len() as i32, reserved: 0, seq: [SeqEntry::default(); S] };
+    table.seq[..seqs.len()].copy_from_slice(seqs);
+    let mut params: [*mut c_void; 2] = [(args as *mut AttnArgs).cast(), (&mut table as *mut SeqTable<S>).cast()];
+    cuda::launch(f, grid, [THREADS, 1, 1], smem, stream, &mut params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn structs_match_the_kernel_header() {
+        // kernels/attention.cuh static_asserts the same sizes.
+        assert_eq!(std::mem::size_of::<AttnArgs>(), 176);
+        assert_eq!(std::mem::size_of::<SeqEntry>(), 56);
+        assert_eq!(std::mem::size_of::<SeqTable<16>>(), 8 + 16 * 56);
+        assert!(std::mem::size_of::<SeqTable<MAX_SEQS>>() + std::mem::size_of::<AttnArgs>() < 32 * 1024);
+    }
+
+    #[test]
+    fn plan_orders_longest_first_and_numbers_units() {
+        let batch = Batch::from_lens(&[(100, 100), (1000, 1000), (64, 700)]).unwrap();
+        let plan = Plan::new(&batch, 4).unwrap();
+        assert_eq!(plan.launches.len(), 1);
+        let t = &plan.launches[0];
+        // k_blocks: 2, 16, 11 -> order 1, 2, 0.
+        assert_eq!(t.iter().map(|e| e.k_len).collect::<Vec<_>>(), [1000, 700, 100]);
+        // Units: 16 blocks, then seq 2's q blocks (700 - 64 = 636 -> blocks 9..=10: 2), then 2.
+        assert_eq!(t.iter().map(|e| e.unit_base).collect::<Vec<_>>(), [0, 16, 18]);
+        assert_eq!((t[1].first_q_block, t[1].q_blocks, t[1].q_start), (9, 2, 636));
+        // Mask rows keep batch order: seq 0 has 4 heads * 2 blocks.
+        assert_eq!(t[2].row_base, 0);
+        assert_eq!(t[0].row_base, 8);
+        assert_eq!(t[1].row_base, 8 + 4 * 16);
+    }
+
+    #[test]
+    fn plan_splits_large_batches() {
+        let lens: Vec<(usize, usize)> = (0..MAX_SEQS * 2 + 3).map(|i| (1 + i % 70, 1 + i % 70)).collect();
+        let plan = Plan::new(&Batch::from_lens(&lens).unwrap(), 2).unwrap();
+        assert_eq!(plan.launches.iter().map(Vec::len).collect::<Vec<_>>(), [MAX_SEQS, MAX_SEQS, 3]);
+        for t in &plan.launches {
+            assert_eq!(t[0].unit_base, 0);
+        }
+    }
+}
