@@ -245,6 +245,7 @@ def main():
     ap.add_argument("--densities", default="1,0.5,0.2,0.1,0.05")
     ap.add_argument("--lib", default=".devbuild/lib/libseerattn.so")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-anchors", action="store_true", help="time seerattn only (tuning runs)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
@@ -265,7 +266,7 @@ def main():
         print(f"{impl:18s} {n:6d} {density:6.3f} {ms:9.3f} ms {rec['tflops']:7.1f} TFLOP/s", flush=True)
 
     flex = None
-    if not args.no_flex:
+    if not args.no_flex and not args.no_anchors:
         from torch.nn.attention.flex_attention import flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False)
@@ -287,7 +288,9 @@ def main():
         dense_flops = 2 * n * n * D * HQ
 
         # Dense anchors.
-        for name, backend in [("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)]:
+        anchors = [] if args.no_anchors else [("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                                               ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)]
+        for name, backend in anchors:
             try:
                 with sdpa_kernel([backend]):
                     def call(s):

@@ -46,8 +46,6 @@ namespace seer::attn {
 using namespace seer::tile;
 
 constexpr int kBlock = 64;  // mask block = query tile = key tile
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
 
 // The sequence that owns work unit `unit` (sequences in launch order).
 template <int S>
@@ -100,36 +98,182 @@ __device__ __forceinline__ MaskRow read_mask_row(const AttnArgs& a, long long ro
 
 // Copy a 64-row tile of one head into swizzled shared memory: row r is
 // token `token0 + r` when `r` is in [r_begin, r_end), zeros otherwise.
-template <int D, typename T>
+// Thread t owns chunk t % kChunks of rows t / kChunks + j * kRowsPerPass:
+// a fixed trip count, so the loop unrolls and each copy costs one 64-bit
+// add for its source (the address arithmetic was the busiest pipe).
+template <int D, int kThreads, typename T>
 __device__ __forceinline__ void load_tile(uint32_t dst, const T* base, long long row_stride, long long token0,
                                           int r_begin, int r_end) {
     using Tile = Swizzled<D * 2>;
     constexpr int kChunks = Tile::kChunks;
+    constexpr int kRowsPerPass = kThreads / kChunks;
+    static_assert(kThreads % kChunks == 0 && kBlock % kRowsPerPass == 0, "whole rows per pass");
+    const int c = threadIdx.x % kChunks;
+    const int r0 = threadIdx.x / kChunks;
+    const T* src = base + (token0 + r0) * row_stride + c * 8;
+    const long long step = kRowsPerPass * row_stride;
 #pragma unroll
-    for (int i = threadIdx.x; i < kBlock * kChunks; i += kThreads) {
-        const int r = i / kChunks, c = i % kChunks;
+    for (int j = 0; j < kBlock / kRowsPerPass; ++j) {
+        const int r = r0 + j * kRowsPerPass;
         const bool valid = r >= r_begin && r < r_end;
-        const T* src = valid ? base + (token0 + r) * row_stride + c * 8 : base;
-        cp_async16(dst + Tile::offset(r, c), src, valid);
+        cp_async16(dst + Tile::offset(r, c), valid ? src + j * step : base, valid);
     }
 }
 
-template <int D, typename T, typename O, int S>
-__device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>& tab) {
+// One warp's share of a 64-row query tile: M m16 tiles (16 * M rows) and
+// their running softmax state.
+template <int D, int M>
+struct WarpRows {
+    static constexpr int kDTiles = D / 8;  // n8 tiles of O
+    float o[M][kDTiles][4];
+    float row_max[M][2];  // of the raw scores q.k; -inf until a key is seen
+    float row_sum[M][2];  // this thread's share; the quad's sum is the row's
+
+    __device__ __forceinline__ void init() {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+#pragma unroll
+            for (int n = 0; n < kDTiles; ++n) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
+            row_max[m][0] = row_max[m][1] = -CUDART_INF_F;
+            row_sum[m][0] = row_sum[m][1] = 0.f;
+        }
+    }
+};
+
+// S = Q K^T for one warp: M x 8 tiles of m16n8 (16 * M rows, 64 keys). Q's A
+// fragments are read from shared memory per k16 step (registers hold O and
+// S; caching Q too would not fit), K's B fragments once per step and reused
+// by all M row tiles.
+template <int D, int M, typename T>
+__device__ __forceinline__ void qk_tile(float (&s)[M][8][4], uint32_t sQ, uint32_t sK, int row0, int lane) {
     using Tile = Swizzled<D * 2>;
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int n = 0; n < 8; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        uint32_t qa[M][4];
+#pragma unroll
+        for (int m = 0; m < M; ++m) ldmatrix_x4(qa[m], sQ + Tile::offset(row0 + m * 16 + lane % 16, ks * 2 + lane / 16));
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            uint32_t b[4];
+            ldmatrix_x4(b, sK + Tile::offset(np * 16 + lane % 8 + (lane / 16) * 8, ks * 2 + (lane / 8) % 2));
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                mma_16816<T>(s[m][2 * np], qa[m], b[0], b[1]);
+                mma_16816<T>(s[m][2 * np + 1], qa[m], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// Online softmax over one key tile. The running max is kept on the raw
+// scores (the scale is positive, so the max commutes with it) and the scale
+// folds into the exponent: p = exp2(s * scale_log2 - max * scale_log2), one
+// FFMA and one MUFU per score. The causal mask is applied only in the
+// diagonal block (keys past the query: -inf, so p = 0).
+template <int D, int M>
+__device__ __forceinline__ void softmax_tile(float (&s)[M][8][4], WarpRows<D, M>& w, float scale_log2, bool diagonal,
+                                             int row0, int lane) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        // Keys past the query (diagonal block only): a column limit per row.
+        const int limit = diagonal ? row0 + m * 16 + lane / 4 - 2 * (lane % 4) : kBlock;
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (n * 8 + (j & 1) > limit + (j >> 1) * 8) s[m][n][j] = -CUDART_INF_F;
+        float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+            tile_max[0] = fmaxf(tile_max[0], fmaxf(s[m][n][0], s[m][n][1]));
+            tile_max[1] = fmaxf(tile_max[1], fmaxf(s[m][n][2], s[m][n][3]));
+        }
+        float base[2], corr[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+            const float new_max = fmaxf(w.row_max[m][h], tile_max[h]);
+            // A row with nothing unmasked yet keeps max -inf: subtract 0
+            // instead, so that exp2 gives 0, not NaN.
+            base[h] = new_max == -CUDART_INF_F ? 0.f : new_max * scale_log2;
+            corr[h] = exp2f(w.row_max[m][h] * scale_log2 - base[h]);
+            w.row_max[m][h] = new_max;
+            w.row_sum[m][h] *= corr[h];
+        }
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float p = exp2f(fmaf(s[m][n][j], scale_log2, -base[j >> 1]));
+                s[m][n][j] = p;
+                w.row_sum[m][j >> 1] += p;
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < WarpRows<D, M>::kDTiles; ++n) {
+            w.o[m][n][0] *= corr[0];
+            w.o[m][n][1] *= corr[0];
+            w.o[m][n][2] *= corr[1];
+            w.o[m][n][3] *= corr[1];
+        }
+    }
+}
+
+// O += P V for one warp: P's C fragments, packed to 16 bits, are the A
+// fragments of four k16 steps; V's B fragments (ldmatrix.trans) are loaded
+// once per step and reused by all M row tiles.
+template <int D, int M, typename T>
+__device__ __forceinline__ void pv_tile(WarpRows<D, M>& w, const float (&s)[M][8][4], uint32_t sV, int lane) {
+    using Tile = Swizzled<D * 2>;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        uint32_t p[M][4];
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            p[m][0] = pack2<T>(s[m][2 * kk][0], s[m][2 * kk][1]);
+            p[m][1] = pack2<T>(s[m][2 * kk][2], s[m][2 * kk][3]);
+            p[m][2] = pack2<T>(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
+            p[m][3] = pack2<T>(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, sV + Tile::offset(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                mma_16816<T>(w.o[m][2 * dp], p[m], b[0], b[1]);
+                mma_16816<T>(w.o[m][2 * dp + 1], p[m], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// The kernel body. M: m16 row tiles per warp; the CTA has 4 / M warps for
+// its 64 query rows. Shared memory holds one Q, one K and one V tile; the
+// loads are interleaved with the math as in FlashAttention-2: V_j is fetched
+// while S_j = Q K_j^T and its softmax run, K_{j+1} while O += P_j V_j runs.
+template <int D, int M, typename T, typename O, int S>
+__device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>& tab) {
+    constexpr int kWarps = 4 / M;
+    constexpr int kThreads = kWarps * 32;
     constexpr int kTileBytes = kBlock * D * 2;
-    constexpr int kDTiles = D / 8;   // n8 tiles of O
-    constexpr int kDSteps = D / 16;  // k16 steps of Q K^T
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t sQ = smem_addr(smem);
-    const uint32_t sK = sQ + kTileBytes;      // stage s at sK + s * kTileBytes
-    const uint32_t sV = sK + 2 * kTileBytes;  // stage s at sV + s * kTileBytes
+    const uint32_t sK = sQ + kTileBytes;
+    const uint32_t sV = sK + kTileBytes;
 
-    // Work unit: blockIdx.x = unit * hq + head (the heads of a unit, and so
-    // the query heads sharing a KV head, run side by side); each sequence's
-    // query blocks run last to first, longest rows first.
-    const int head = static_cast<int>(blockIdx.x % static_cast<unsigned>(a.hq));
-    const long long unit = blockIdx.x / static_cast<unsigned>(a.hq);
+    // Work unit: blockIdx.x = head * units + unit. Head-major, so that the
+    // CTAs in flight share one KV head's K and V (an L2-sized working set;
+    // the query heads of a GQA group follow each other and reuse it); within
+    // a head, each sequence's query blocks run last to first, longest rows
+    // first.
+    const int head = static_cast<int>(blockIdx.x / static_cast<unsigned>(a.units));
+    const long long unit = blockIdx.x % static_cast<unsigned>(a.units);
     const SeqEntry& e = tab.seq[seq_of_unit(tab, unit)];
     const int i = e.q_blocks - 1 - static_cast<int>(unit - e.unit_base);
     const int qb = e.first_q_block + i;
@@ -139,166 +283,88 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
     const int r_begin = max(e.q_start - qb * kBlock, 0);
     const int r_end = min(e.k_len - qb * kBlock, kBlock);
     const long long q_token0 = e.q_off + (static_cast<long long>(qb) * kBlock - e.q_start);
-    const long long k_token0 = e.k_off;  // + key block * 64
 
     const T* q = static_cast<const T*>(a.q) + head * a.q_head_stride;
     const T* k = static_cast<const T*>(a.k) + kv_head * a.k_head_stride;
     const T* v = static_cast<const T*>(a.v) + kv_head * a.v_head_stride;
+    auto key_rows = [&](int block) { return min(e.k_len - block * kBlock, kBlock); };
+    auto key_token0 = [&](int block) { return e.k_off + static_cast<long long>(block) * kBlock; };
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row0 = warp * 16 * M;  // this warp's first query row in the tile
     const MaskRow mask = read_mask_row(a, row, qb);
 
-    float o[kDTiles][4];
-#pragma unroll
-    for (int n = 0; n < kDTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
-    float row_sum[2] = {0.f, 0.f};  // this thread's share; the quad's sum is the row's
-
+    WarpRows<D, M> w;
+    w.init();
     int kb = -1;
     int slot = mask.next(0, kb);
     if (slot < mask.count) {
-        // ---- prologue: Q and the first K/V tiles
-        load_tile<D>(sQ, q, a.q_row_stride, q_token0, r_begin, r_end);
-        const int k_rows = min(e.k_len - kb * kBlock, kBlock);
-        load_tile<D>(sK, k, a.k_row_stride, k_token0 + static_cast<long long>(kb) * kBlock, 0, k_rows);
-        load_tile<D>(sV, v, a.v_row_stride, k_token0 + static_cast<long long>(kb) * kBlock, 0, k_rows);
+        load_tile<D, kThreads>(sQ, q, a.q_row_stride, q_token0, r_begin, r_end);
+        load_tile<D, kThreads>(sK, k, a.k_row_stride, key_token0(kb), 0, key_rows(kb));
         cp_async_commit();
-        cp_async_wait<0>();
-        __syncthreads();
-        uint32_t qf[kDSteps][4];
-#pragma unroll
-        for (int ks = 0; ks < kDSteps; ++ks) ldmatrix_x4(qf[ks], sQ + Tile::offset(warp * 16 + lane % 16, ks * 2 + lane / 16));
-
-        // ---- main loop over the row's key blocks
-        int stage = 0;
-        const int r0 = warp * 16 + lane / 4;  // this thread's rows: r0 and r0 + 8
         while (true) {
+            // K_j (and Q) landed; every warp is done with V_{j-1}.
+            cp_async_wait<0>();
+            __syncthreads();
+            load_tile<D, kThreads>(sV, v, a.v_row_stride, key_token0(kb), 0, key_rows(kb));
+            cp_async_commit();
+
+            float s[M][8][4];
+            qk_tile<D, M, T>(s, sQ, sK, row0, lane);
+            softmax_tile<D, M>(s, w, a.scale_log2, kb == qb, row0, lane);
+
+            // V_j landed; every warp is done with K_j.
+            cp_async_wait<0>();
+            __syncthreads();
             int next_kb = -1;
             const int next_slot = mask.next(slot + 1, next_kb);
             if (next_slot < mask.count) {
-                const int rows = min(e.k_len - next_kb * kBlock, kBlock);
-                const long long t0 = k_token0 + static_cast<long long>(next_kb) * kBlock;
-                load_tile<D>(sK + (stage ^ 1) * kTileBytes, k, a.k_row_stride, t0, 0, rows);
-                load_tile<D>(sV + (stage ^ 1) * kTileBytes, v, a.v_row_stride, t0, 0, rows);
+                load_tile<D, kThreads>(sK, k, a.k_row_stride, key_token0(next_kb), 0, key_rows(next_kb));
+                cp_async_commit();
             }
-            cp_async_commit();
-
-            // S = Q K^T: 16 rows x 64 keys per warp.
-            float s[8][4];
-#pragma unroll
-            for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-            const uint32_t kTile = sK + stage * kTileBytes;
-#pragma unroll
-            for (int ks = 0; ks < kDSteps; ++ks) {
-#pragma unroll
-                for (int np = 0; np < 4; ++np) {
-                    uint32_t b[4];
-                    ldmatrix_x4(b, kTile + Tile::offset(np * 16 + lane % 8 + (lane / 16) * 8, ks * 2 + (lane / 8) % 2));
-                    mma_16816<T>(s[2 * np], qf[ks], b[0], b[1]);
-                    mma_16816<T>(s[2 * np + 1], qf[ks], b[2], b[3]);
-                }
-            }
-
-            // Online softmax in the log2 domain; causal mask in the diagonal block.
-            const bool diagonal = kb == qb;
-            float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
-#pragma unroll
-            for (int n = 0; n < 8; ++n) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int col = n * 8 + 2 * (lane % 4) + (j & 1);
-                    const int r = r0 + (j >> 1) * 8;
-                    float x = s[n][j] * a.scale_log2;
-                    if (diagonal && col > r) x = -CUDART_INF_F;
-                    s[n][j] = x;
-                    tile_max[j >> 1] = fmaxf(tile_max[j >> 1], x);
-                }
-            }
-            float base[2], corr[2];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-                tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-                const float new_max = fmaxf(row_max[h], tile_max[h]);
-                // A row with nothing unmasked yet keeps max -inf: subtract 0
-                // instead, so that exp2 gives 0, not NaN.
-                base[h] = new_max == -CUDART_INF_F ? 0.f : new_max;
-                corr[h] = exp2f(row_max[h] - base[h]);
-                row_max[h] = new_max;
-                row_sum[h] *= corr[h];
-            }
-#pragma unroll
-            for (int n = 0; n < 8; ++n) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const float p = exp2f(s[n][j] - base[j >> 1]);
-                    s[n][j] = p;
-                    row_sum[j >> 1] += p;
-                }
-            }
-#pragma unroll
-            for (int n = 0; n < kDTiles; ++n) {
-                o[n][0] *= corr[0];
-                o[n][1] *= corr[0];
-                o[n][2] *= corr[1];
-                o[n][3] *= corr[1];
-            }
-
-            // O += P V: P's C fragments are the A fragments of four k16 steps.
-            const uint32_t vTile = sV + stage * kTileBytes;
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk) {
-                uint32_t p[4];
-                p[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-                p[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-                p[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                p[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-                for (int dp = 0; dp < kDTiles / 2; ++dp) {
-                    uint32_t b[4];
-                    ldmatrix_x4_trans(b, vTile + Tile::offset(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
-                    mma_16816<T>(o[2 * dp], p, b[0], b[1]);
-                    mma_16816<T>(o[2 * dp + 1], p, b[2], b[3]);
-                }
-            }
-
-            // The next tiles have landed, and every warp is done with this
-            // stage before the next iteration's prefetch overwrites it.
-            cp_async_wait<0>();
-            __syncthreads();
+            pv_tile<D, M, T>(w, s, sV, lane);
             if (next_slot >= mask.count) break;
             slot = next_slot;
             kb = next_kb;
-            stage ^= 1;
         }
+        // Every warp is done with V before the epilogue reuses shared memory.
+        __syncthreads();
     }
 
-    // ---- epilogue: normalise, stage O in shared memory (over the K tiles,
-    // free now), write whole 16-byte chunks of the rows that hold queries.
+    // ---- epilogue: normalise, stage O in shared memory (over the K and V
+    // tiles, free now), write whole 16-byte chunks of the rows that hold queries.
     using OutTile = Swizzled<D * sizeof(O)>;
-    const int r0 = warp * 16 + lane / 4;
-    float inv[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
-        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
-        inv[h] = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
-    }
+    static_assert(kBlock * D * sizeof(O) <= 2 * kTileBytes, "O is staged over the K and V tiles");
     unsigned char* staged = smem + kTileBytes;
 #pragma unroll
-    for (int n = 0; n < kDTiles; ++n) {
-        const int byte = (n * 8 + 2 * (lane % 4)) * static_cast<int>(sizeof(O));
-        store2<O>(staged + OutTile::byte_offset(r0, byte), o[n][0] * inv[0], o[n][1] * inv[0]);
-        store2<O>(staged + OutTile::byte_offset(r0 + 8, byte), o[n][2] * inv[1], o[n][3] * inv[1]);
-    }
-    if (a.lse != nullptr && lane % 4 == 0) {
-        constexpr float kLn2 = 0.693147180559945309f;
+    for (int m = 0; m < M; ++m) {
+        const int r0 = row0 + m * 16 + lane / 4;
+        float inv[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int r = r0 + 8 * h;
-            if (r >= r_begin && r < r_end) {
-                const float lse = row_sum[h] > 0.f ? (row_max[h] + log2f(row_sum[h])) * kLn2 : -CUDART_INF_F;
-                a.lse[head * a.lse_head_stride + q_token0 + r] = lse;
+            float sum = w.row_sum[m][h];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            w.row_sum[m][h] = sum;
+            inv[h] = sum > 0.f ? 1.f / sum : 0.f;
+        }
+#pragma unroll
+        for (int n = 0; n < WarpRows<D, M>::kDTiles; ++n) {
+            const int byte = (n * 8 + 2 * (lane % 4)) * static_cast<int>(sizeof(O));
+            store2<O>(staged + OutTile::byte_offset(r0, byte), w.o[m][n][0] * inv[0], w.o[m][n][1] * inv[0]);
+            store2<O>(staged + OutTile::byte_offset(r0 + 8, byte), w.o[m][n][2] * inv[1], w.o[m][n][3] * inv[1]);
+        }
+        if (a.lse != nullptr && lane % 4 == 0) {
+            constexpr float kLn2 = 0.693147180559945309f;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = r0 + 8 * h;
+                if (r >= r_begin && r < r_end) {
+                    const float sum = w.row_sum[m][h];
+                    const float lse =
+                        sum > 0.f ? (w.row_max[m][h] * a.scale_log2 + log2f(sum)) * kLn2 : -CUDART_INF_F;
+                    a.lse[head * a.lse_head_stride + q_token0 + r] = lse;
+                }
             }
         }
     }
@@ -317,27 +383,29 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
 
 }  // namespace seer::attn
 
-// Shared memory of one CTA: Q, and two stages of K and V.
-#define SEER_ATTN_SMEM(D) (5 * 64 * (D) * 2)
-
-// One extern "C" symbol per (head_dim, input dtype, output dtype, table
-// capacity): seer_attn_fwd_d{D}_{in}_{out}_s{S}.
-#define SEER_ATTN(D, T, TN, O, ON, S)                                                                        \
-    extern "C" __global__ void __launch_bounds__(seer::attn::kThreads, 2)                                    \
-        seer_attn_fwd_d##D##_##TN##_##ON##_s##S(const __grid_constant__ seer::attn::AttnArgs a,             \
-                                                 const __grid_constant__ seer::attn::SeqTable<S> tab) {      \
-        seer::attn::sparse_fwd<D, T, O, S>(a, tab);                                                          \
+// One extern "C" symbol per (head_dim, row tiles per warp, input dtype,
+// output dtype, table capacity): seer_attn_fwd_d{D}_m{M}_{in}_{out}_s{S};
+// the CTA has 4 / M warps and 3 * 64 * D * 2 bytes of dynamic shared memory.
+#define SEER_ATTN(D, M, T, TN, O, ON, S)                                                                     \
+    extern "C" __global__ void __launch_bounds__(4 / M * 32)                                                \
+        seer_attn_fwd_d##D##_m##M##_##TN##_##ON##_s##S(const __grid_constant__ seer::attn::AttnArgs a,      \
+                                                        const __grid_constant__ seer::attn::SeqTable<S> tab) { \
+        seer::attn::sparse_fwd<D, M, T, O, S>(a, tab);                                                       \
     }
 
-#define SEER_ATTN_OUTS(D, T, TN, S)  \
-    SEER_ATTN(D, T, TN, T, TN, S)    \
-    SEER_ATTN(D, T, TN, float, f32, S)
+#define SEER_ATTN_OUTS(D, M, T, TN, S) \
+    SEER_ATTN(D, M, T, TN, T, TN, S)   \
+    SEER_ATTN(D, M, T, TN, float, f32, S)
 
-#define SEER_ATTN_ALL(S)                              \
-    SEER_ATTN_OUTS(64, __nv_bfloat16, bf16, S)        \
-    SEER_ATTN_OUTS(64, __half, f16, S)                \
-    SEER_ATTN_OUTS(128, __nv_bfloat16, bf16, S)       \
-    SEER_ATTN_OUTS(128, __half, f16, S)
+#define SEER_ATTN_TYPES(D, M, S)                 \
+    SEER_ATTN_OUTS(D, M, __nv_bfloat16, bf16, S) \
+    SEER_ATTN_OUTS(D, M, __half, f16, S)
+
+#define SEER_ATTN_ALL(S)       \
+    SEER_ATTN_TYPES(64, 1, S)  \
+    SEER_ATTN_TYPES(64, 2, S)  \
+    SEER_ATTN_TYPES(128, 1, S) \
+    SEER_ATTN_TYPES(128, 2, S)
 
 SEER_ATTN_ALL(16)
 SEER_ATTN_ALL(256)

@@ -29,7 +29,7 @@ struct AttnArgs {
     float scale_log2;           // softmax_scale * log2(e)
     int hq;
     int group;                  // hq / hkv
-    int reserved;
+    int units;                  // query blocks in this launch's table (CTAs per head)
 };
 static_assert(sizeof(AttnArgs) == 176, "AttnArgs layout is shared with Rust");
 

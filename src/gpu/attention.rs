@@ -6,10 +6,12 @@
 //! copy, no synchronization: the call is capturable in a CUDA graph.
 //!
 //! Launch plan: one CTA per mask row (sequence, query head, query block),
-//! heads fastest (the query heads of a KV group run side by side and share
-//! its K/V tiles in L2), sequences longest first and each sequence's query
-//! blocks last to first, so the longest causal rows start first and the
-//! short ones fill the tail. Batches of more than [`MAX_SEQS`] sequences take
+//! head-major: the CTAs in flight work on one KV head, whose K and V (16 MB
+//! at 32k tokens, head_dim 128, bf16) stay in L2 while the query heads of its
+//! GQA group pass over them (heads fastest, measured: 51% L2 hit rate and
+//! DRAM traffic). Within a head, sequences go longest first and each
+//! sequence's query blocks last to first, so long rows start early and short
+//! ones fill the tail. Batches of more than [`MAX_SEQS`] sequences take
 //! several launches (their outputs are disjoint).
 //!
 //! The mask lives on the device (the gate writes it on the same stream), so
@@ -32,7 +34,6 @@ pub const MAX_SEQS: usize = 256;
 /// Table capacity of the small kernel variants.
 const SMALL_SEQS: usize = 16;
 const BLOCK: usize = 64;
-const THREADS: u32 = 128;
 /// Head dimensions the CUDA kernel is built for.
 pub const CUDA_HEAD_DIMS: [usize; 2] = [64, 128];
 
@@ -63,7 +64,8 @@ struct AttnArgs {
     scale_log2: f32,
     hq: i32,
     group: i32,
-    reserved: i32,
+    /// Query blocks of the launch's table: CTAs per head.
+    units: i32,
 }
 
 /// `seer::attn::SeqEntry`.
@@ -260,22 +262,40 @@ pub(crate) unsafe fn sparse_prefill(
         scale_log2: params.softmax_scale * std::f32::consts::LOG2_E,
         hq: hq as i32,
         group: (hq / hkv) as i32,
-        reserved: 0,
+        units: 0,
     };
-    let smem = (5 * BLOCK * d * 2) as u32;
+    // One Q, one K and one V tile of 64 rows in shared memory.
+    let smem = (3 * BLOCK * d * 2) as u32;
+    let m = row_tiles_per_warp();
+    let threads = (4 / m * 32) as u32;
     let fatbin = kernels::fatbin("attention")?;
     for table in &plan.launches {
         let units: i64 = table.iter().map(|e| e.q_blocks as i64).sum();
         let grid = [(units * hq as i64) as u32, 1, 1];
+        args.units = units as i32;
+        let name = |s: usize| format!("seer_attn_fwd_d{d}_m{m}_{input}_{output}_s{s}");
         if table.len() <= SMALL_SEQS {
-            let f = cuda::function(&ctx, fatbin, &format!("seer_attn_fwd_d{d}_{input}_{output}_s{SMALL_SEQS}"))?;
-            launch::<SMALL_SEQS>(f, table, &mut args, grid, smem, stream)?;
+            let f = cuda::function(&ctx, fatbin, &name(SMALL_SEQS))?;
+            launch::<SMALL_SEQS>(f, table, &mut args, grid, threads, smem, stream)?;
         } else {
-            let f = cuda::function(&ctx, fatbin, &format!("seer_attn_fwd_d{d}_{input}_{output}_s{MAX_SEQS}"))?;
-            launch::<MAX_SEQS>(f, table, &mut args, grid, smem, stream)?;
+            let f = cuda::function(&ctx, fatbin, &name(MAX_SEQS))?;
+            launch::<MAX_SEQS>(f, table, &mut args, grid, threads, smem, stream)?;
         }
     }
     Ok(())
+}
+
+/// m16 row tiles per warp: 1 (CTAs of 4 warps, the default: measured
+/// faster on H100, see kernels/NOTES.md) or 2 (CTAs of 2 warps, each K/V
+/// fragment feeding two row tiles: less shared-memory traffic per mma, but
+/// at the register limit). `SEERATTN_PREFILL_ROW_TILES` (1 or 2) overrides
+/// it for benchmarking; read once.
+fn row_tiles_per_warp() -> usize {
+    static M: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *M.get_or_init(|| match std::env::var("SEERATTN_PREFILL_ROW_TILES").ok().as_deref() {
+        Some("2") => 2,
+        _ => 1,
+    })
 }
 
 unsafe fn launch<const S: usize>(
@@ -283,13 +303,14 @@ unsafe fn launch<const S: usize>(
     seqs: &[SeqEntry],
     args: &mut AttnArgs,
     grid: [u32; 3],
+    threads: u32,
     smem: u32,
     stream: CUstream,
 ) -> Result<()> {
     let mut table = SeqTable::<S> { num_seqs: seqs.len() as i32, reserved: 0, seq: [SeqEntry::default(); S] };
     table.seq[..seqs.len()].copy_from_slice(seqs);
     let mut params: [*mut c_void; 2] = [(args as *mut AttnArgs).cast(), (&mut table as *mut SeqTable<S>).cast()];
-    cuda::launch(f, grid, [THREADS, 1, 1], smem, stream, &mut params)
+    cuda::launch(f, grid, [threads, 1, 1], smem, stream, &mut params)
 }
 
 #[cfg(test)]
