@@ -266,14 +266,14 @@ pub(crate) unsafe fn sparse_prefill(
     };
     // One Q, one K and one V tile of 64 rows in shared memory.
     let smem = (3 * BLOCK * d * 2) as u32;
-    let m = row_tiles_per_warp();
-    let threads = (4 / m * 32) as u32;
+    let (m, n) = WARP_LAYOUT;
+    let threads = (4 / m * n * 32) as u32;
     let fatbin = kernels::fatbin("attention")?;
     for table in &plan.launches {
         let units: i64 = table.iter().map(|e| e.q_blocks as i64).sum();
         let grid = [(units * hq as i64) as u32, 1, 1];
         args.units = units as i32;
-        let name = |s: usize| format!("seer_attn_fwd_d{d}_m{m}_{input}_{output}_s{s}");
+        let name = |s: usize| format!("seer_attn_fwd_d{d}_m{m}n{n}_{input}_{output}_s{s}");
         if table.len() <= SMALL_SEQS {
             let f = cuda::function(&ctx, fatbin, &name(SMALL_SEQS))?;
             launch::<SMALL_SEQS>(f, table, &mut args, grid, threads, smem, stream)?;
@@ -285,18 +285,11 @@ pub(crate) unsafe fn sparse_prefill(
     Ok(())
 }
 
-/// m16 row tiles per warp: 1 (CTAs of 4 warps, the default: measured
-/// faster on H100, see kernels/NOTES.md) or 2 (CTAs of 2 warps, each K/V
-/// fragment feeding two row tiles: less shared-memory traffic per mma, but
-/// at the register limit). `SEERATTN_PREFILL_ROW_TILES` (1 or 2) overrides
-/// it for benchmarking; read once.
-fn row_tiles_per_warp() -> usize {
-    static M: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *M.get_or_init(|| match std::env::var("SEERATTN_PREFILL_ROW_TILES").ok().as_deref() {
-        Some("2") => 2,
-        _ => 1,
-    })
-}
+/// The warp layout of the built kernels, `(m, n)`: each warp owns `16 * m`
+/// query rows and `64 / n` keys of every tile; a CTA has `(4 / m) * n` warps.
+/// (1, 1), four warps of 16 rows, measured fastest on H100 (kernels/NOTES.md
+/// compares it with (2, 1) and (2, 2), which kernels/attention.cu can express).
+const WARP_LAYOUT: (usize, usize) = (1, 1);
 
 unsafe fn launch<const S: usize>(
     f: cuda::CUfunction,
