@@ -247,41 +247,6 @@ typedef struct SeerBlockMask {
   uint32_t device;
 } SeerBlockMask;
 
-// Everything that defines a gate apart from its weights. Initialise with
-// `seer_gate_config_default`, then set the model's fields.
-typedef struct SeerGateConfig {
-  // `sizeof(SeerGateConfig)`, set by the caller.
-  size_t struct_size;
-  uint32_t num_layers;
-  uint32_t num_q_heads;
-  uint32_t num_kv_heads;
-  uint32_t head_dim;
-  // Width of the gate's projected Q and K.
-  uint32_t gate_hidden;
-  // Tokens per block; 64 is supported.
-  uint32_t block_size;
-  // `SeerPool` bits of the gate type's Q pooling (released: AVG).
-  uint32_t q_pools;
-  // `SeerPool` bits of the gate type's K pooling (released: MAX|MIN|AVG).
-  uint32_t k_pools;
-  // 1: a Q projection even where the gate type needs none (upstream `force_double`).
-  uint32_t force_double;
-  // A `SeerRopeScaling` value.
-  uint32_t rope_scaling;
-  double rope_theta;
-  // Linear and llama3 scaling factor.
-  double rope_factor;
-  double rope_low_freq_factor;
-  double rope_high_freq_factor;
-  double rope_original_max_position_embeddings;
-  // A `SeerSparsityMethod` value: the default rule of `seer_mask_params_default`.
-  uint32_t sparsity_method;
-  float threshold;
-  float nz_ratio;
-  // 1: the last two query-block rows of each sequence are dense.
-  uint32_t last_block_dense;
-} SeerGateConfig;
-
 // Parameters of `seer_gate_compute_mask`. Initialise with `seer_mask_params_default`.
 typedef struct SeerMaskParams {
   // `sizeof(SeerMaskParams)`, set by the caller.
@@ -327,6 +292,41 @@ typedef struct SeerMaskParams {
   size_t num_kblock_caches;
 } SeerMaskParams;
 
+// Everything that defines a gate apart from its weights. Initialise with
+// `seer_gate_config_default`, then set the model's fields.
+typedef struct SeerGateConfig {
+  // `sizeof(SeerGateConfig)`, set by the caller.
+  size_t struct_size;
+  uint32_t num_layers;
+  uint32_t num_q_heads;
+  uint32_t num_kv_heads;
+  uint32_t head_dim;
+  // Width of the gate's projected Q and K.
+  uint32_t gate_hidden;
+  // Tokens per block; 64 is supported.
+  uint32_t block_size;
+  // `SeerPool` bits of the gate type's Q pooling (released: AVG).
+  uint32_t q_pools;
+  // `SeerPool` bits of the gate type's K pooling (released: MAX|MIN|AVG).
+  uint32_t k_pools;
+  // 1: a Q projection even where the gate type needs none (upstream `force_double`).
+  uint32_t force_double;
+  // A `SeerRopeScaling` value.
+  uint32_t rope_scaling;
+  double rope_theta;
+  // Linear and llama3 scaling factor.
+  double rope_factor;
+  double rope_low_freq_factor;
+  double rope_high_freq_factor;
+  double rope_original_max_position_embeddings;
+  // A `SeerSparsityMethod` value: the default rule of `seer_mask_params_default`.
+  uint32_t sparsity_method;
+  float threshold;
+  float nz_ratio;
+  // 1: the last two query-block rows of each sequence are dense.
+  uint32_t last_block_dense;
+} SeerGateConfig;
+
 // Buffer sizes of a block mask for one batch shape (`seer_mask_sizes`).
 typedef struct SeerMaskSizes {
   // `sizeof(SeerMaskSizes)`, set by the caller.
@@ -340,6 +340,9 @@ typedef struct SeerMaskSizes {
   // Bytes of the dense map: per sequence `[num_q_heads, q_blocks, k_blocks]`, concatenated.
   size_t dense_bytes;
 } SeerMaskSizes;
+
+// Head dimensions the CUDA kernel is built for.
+#define CUDA_HEAD_DIMS { 64, 128, }
 
 #ifdef __cplusplus
 extern "C" {
@@ -373,8 +376,55 @@ SeerStatus seer_prefill_params_default(struct SeerPrefillParams *out);
 // natural-log sum of exponentials of the scaled scores, `[num_q_heads, total_q]`
 // f32, `lse_len` entries. A query whose row selects no block gets an output
 // of zeros and an lse of -infinity, never NaN.
+//
+// The device of `q` picks the path; `k`, `v`, `out` and `mask` must be on
+// the same device, and `maybe_lse` in the same memory.
+// - `SEER_DEVICE_CPU`: the CPU reference; the mask is validated first
+//   (sorted, causal, within its rows).
+// - `SEER_DEVICE_CUDA`: the GPU kernel, enqueued on `params->cuda_stream`
+//   with no allocation, no host-device copy and no synchronization (graph
+//   capturable). It needs head_dim 64 or 128, unit dim strides and 16-byte
+//   aligned rows (`SEER_UNSUPPORTED` otherwise, saying which), device
+//   memory of one context. The device mask cannot be validated without a
+//   synchronization: the kernel reads only inside the declared array
+//   lengths, clamps each count to its row and skips indices outside the
+//   causal range, so a malformed mask gives wrong output, never an
+//   out-of-bounds access. No workspace is needed.
 SeerStatus seer_sparse_prefill(const struct SeerPrefillParams *params,
                                const struct SeerBatch *batch,
+                               const struct SeerTensor *q,
+                               const struct SeerTensor *k,
+                               const struct SeerTensor *v,
+                               const struct SeerBlockMask *mask,
+                               const struct SeerTensor *out,
+                               float *maybe_lse,
+                               size_t lse_len);
+
+// Gate and sparse prefill of one layer in one call: `seer_gate_compute_mask`
+// of layer `mask_params->layer` from the pre-RoPE `q_nope` / `k_nope` into
+// `mask` (caller-owned arrays sized by `seer_mask_sizes`), then
+// `seer_sparse_prefill` of the post-RoPE `q`, `k`, `v` over that mask into
+// `out` (and `maybe_lse`). Every argument is as for those two calls; in
+// addition:
+// - all tensors and the mask are on one device (`SEER_INVALID_ARGUMENT`
+//   otherwise), and on CUDA both parameter blocks name the same
+//   `cuda_stream`: the two launches are ordered on it, nothing is
+//   synchronized, and the pair can be captured into a CUDA graph;
+// - the gate's workspace (`mask_params->workspace`) must not overlap `q`,
+//   `k`, `v`, `out` or `maybe_lse` (the prefill reads what the gate has not
+//   written);
+// - `mask` is scratch the caller can read afterwards: it holds the mask the
+//   prefill used.
+//
+// On failure nothing has been enqueued when the error is in the arguments;
+// an error of the second half after a successful first half leaves the
+// mask computed (the message names which half failed).
+SeerStatus seer_gate_attention(const struct SeerGate *gate,
+                               const struct SeerMaskParams *mask_params,
+                               const struct SeerPrefillParams *prefill_params,
+                               const struct SeerBatch *batch,
+                               const struct SeerTensor *q_nope,
+                               const struct SeerTensor *k_nope,
                                const struct SeerTensor *q,
                                const struct SeerTensor *k,
                                const struct SeerTensor *v,
@@ -567,9 +617,11 @@ SeerStatus seer_mask_sizes(const struct SeerBatch *batch,
                            struct SeerMaskSizes *out);
 
 // Scratch bytes that `seer_sparse_prefill` needs in `params->workspace`
-// for this batch on `device` (a `SeerDevice`). The CPU path needs none and
-// reports 0; sparse prefill has no CUDA path yet (`SEER_UNSUPPORTED`). The
-// gate's workspace is `seer_gate_workspace_size`.
+// for this batch on `device` (a `SeerDevice`). Both paths need none today
+// and report 0 (the query exists so that a future split-KV schedule can
+// ask for scratch without an ABI change: pass what it reports). On CUDA,
+// `SEER_UNSUPPORTED` in a build without kernels or for a head_dim the
+// kernel is not built for. The gate's workspace is `seer_gate_workspace_size`.
 SeerStatus seer_prefill_workspace_size(const struct SeerBatch *batch,
                                        uint32_t num_q_heads,
                                        uint32_t head_dim,

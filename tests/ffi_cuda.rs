@@ -16,6 +16,9 @@ mod common;
 use common::*;
 use seerattn::cuda::{self, testing, testing::Stream, Ctx, DeviceBuffer};
 use seerattn::ffi::args::{SeerBatch, SeerBlockMask, SeerDevice, SeerTensor};
+use seerattn::ffi::attention::{
+    seer_gate_attention, seer_prefill_params_default, seer_sparse_prefill, SeerPrefillParams,
+};
 use seerattn::ffi::gate::{
     seer_gate_compute_mask, seer_gate_config_default, seer_gate_create, seer_gate_destroy, seer_gate_get_config,
     seer_gate_load, seer_gate_set_layer_weights, seer_gate_upload, seer_gate_workspace_size, seer_kblock_cache_size,
@@ -1284,4 +1287,273 @@ fn gpu_c_api_kblock_cache_chunked_prefill_matches_one_shot() {
         2,
         &[vec![(0, 300), (1, 64)], vec![(1, 500), (0, 64)], vec![(0, 1), (1, 436)], vec![(0, 635)]],
     );
+}
+
+// ------------------------------------------------ gate + prefill in one call
+
+/// Prefill parameters with the given stream.
+fn prefill_params(stream: *mut c_void) -> SeerPrefillParams {
+    let mut p = MaybeUninit::<SeerPrefillParams>::uninit();
+    assert_status(unsafe { seer_prefill_params_default(p.as_mut_ptr()) }, SeerStatus::SEER_OK, "prefill defaults");
+    SeerPrefillParams { cuda_stream: stream, ..unsafe { p.assume_init() } }
+}
+
+#[test]
+fn gate_attention_on_the_cpu_equals_the_two_calls() {
+    let case = Case::load("gqa4_s1000");
+    let gate = load(&case.gate_dir());
+    let n = 300;
+    let l = Lens::new(&[(n, n)]);
+    let b = l.batch();
+    let c = config_of(&gate);
+    let (hq, d) = (c.num_q_heads as usize, c.head_dim as usize);
+    let mut mp = mask_params(&gate);
+    mp.layer = case.gate_layer() as u32;
+    let pp = prefill_params(std::ptr::null_mut());
+    let host = |name: &str, tokens: usize| {
+        let (bytes, shape) = rows(case.get(name), tokens);
+        desc(bytes.as_ptr() as u64, DType::BF16, CPU, shape)
+    };
+    let (qn, kn, q, k, v) = (host("q_nope", n), host("k_nope", n), host("q", n), host("k", n), host("v", n));
+    let s = sizes(&b, hq as u32);
+    let run = |combined: bool| {
+        let mut m = BlockMask {
+            counts: vec![0; s.rows],
+            indices: vec![0; s.indices_len],
+            row_offsets: vec![0; s.row_offsets_len],
+        };
+        let md = mask_desc(
+            m.counts.as_mut_ptr() as u64,
+            m.indices.as_mut_ptr() as u64,
+            m.row_offsets.as_mut_ptr() as u64,
+            &s,
+            CPU,
+        );
+        let mut out = vec![0xffu8; n * hq * d * 2];
+        let mut lse = vec![0f32; n * hq];
+        let od = desc(out.as_mut_ptr() as u64, DType::BF16, CPU, [n, hq, d]);
+        let status = unsafe {
+            if combined {
+                seer_gate_attention(gate.0, &mp, &pp, &b, &qn, &kn, &q, &k, &v, &md, &od, lse.as_mut_ptr(), lse.len())
+            } else {
+                let s1 = seer_gate_compute_mask(gate.0, &mp, &b, &qn, &kn, &md);
+                assert_status(s1, SeerStatus::SEER_OK, "compute_mask");
+                seer_sparse_prefill(&pp, &b, &q, &k, &v, &md, &od, lse.as_mut_ptr(), lse.len())
+            }
+        };
+        assert_status(status, SeerStatus::SEER_OK, if combined { "seer_gate_attention" } else { "prefill" });
+        (m, out, lse)
+    };
+    let (m1, o1, l1) = run(true);
+    let (m2, o2, l2) = run(false);
+    assert_eq!(m1, m2, "the combined call's mask");
+    assert_eq!(o1, o2, "the combined call's output");
+    assert!(l1.iter().zip(&l2).all(|(a, b)| a.to_bits() == b.to_bits()), "the combined call's lse");
+
+    // Devices must agree across the two halves; the gate half's errors are named.
+    let cuda_q = SeerTensor { device: CUDA, ..q };
+    let mut out = vec![0u8; n * hq * d * 2];
+    let od = desc(out.as_mut_ptr() as u64, DType::BF16, CPU, [n, hq, d]);
+    let mut m =
+        BlockMask { counts: vec![0; s.rows], indices: vec![0; s.indices_len], row_offsets: vec![0; s.row_offsets_len] };
+    let md = mask_desc(
+        m.counts.as_mut_ptr() as u64,
+        m.indices.as_mut_ptr() as u64,
+        m.row_offsets.as_mut_ptr() as u64,
+        &s,
+        CPU,
+    );
+    let status = unsafe {
+        seer_gate_attention(gate.0, &mp, &pp, &b, &qn, &kn, &cuda_q, &k, &v, &md, &od, std::ptr::null_mut(), 0)
+    };
+    let msg = assert_status(status, SeerStatus::SEER_INVALID_ARGUMENT, "q on another device than q_nope");
+    assert!(msg.contains("q"), "{msg}");
+    let mut bad = mp;
+    bad.layer = 99;
+    let status =
+        unsafe { seer_gate_attention(gate.0, &bad, &pp, &b, &qn, &kn, &q, &k, &v, &md, &od, std::ptr::null_mut(), 0) };
+    let msg = assert_status(status, SeerStatus::SEER_INVALID_ARGUMENT, "bad layer");
+    assert!(msg.starts_with("seer_gate_attention: the gate half"), "{msg}");
+    let status = unsafe {
+        seer_gate_attention(std::ptr::null(), &mp, &pp, &b, &qn, &kn, &q, &k, &v, &md, &od, std::ptr::null_mut(), 0)
+    };
+    assert_status(status, SeerStatus::SEER_NULL_POINTER, "NULL gate");
+    let status = unsafe {
+        seer_gate_attention(gate.0, &mp, std::ptr::null(), &b, &qn, &kn, &q, &k, &v, &md, &od, std::ptr::null_mut(), 0)
+    };
+    assert_status(status, SeerStatus::SEER_NULL_POINTER, "NULL prefill params");
+}
+
+#[test]
+fn gate_attention_refuses_two_streams_and_a_workspace_over_the_inputs() {
+    // Fake device addresses: refused on the host before anything reads them.
+    let gate = bundled();
+    let c = config_of(&gate);
+    let (hq, hkv, d) = (c.num_q_heads as usize, c.num_kv_heads as usize, c.head_dim as usize);
+    let n = 128;
+    let l = Lens::new(&[(n, n)]);
+    let b = l.batch();
+    let s = sizes(&b, hq as u32);
+    let base = 0x7f00_0000_0000u64;
+    let at = |i: u64| base + i * 0x100_0000;
+    let (qn, kn) = (desc(at(1), DType::BF16, CUDA, [n, hq, d]), desc(at(2), DType::BF16, CUDA, [n, hkv, d]));
+    let (q, k, v) = (
+        desc(at(3), DType::BF16, CUDA, [n, hq, d]),
+        desc(at(4), DType::BF16, CUDA, [n, hkv, d]),
+        desc(at(5), DType::BF16, CUDA, [n, hkv, d]),
+    );
+    let out = desc(at(6), DType::BF16, CUDA, [n, hq, d]);
+    let md = mask_desc(at(7), at(8), at(9), &s, CUDA);
+    let mut mp = mask_params(&gate);
+    mp.workspace = at(10) as *mut c_void;
+    mp.workspace_bytes = 1 << 20;
+    mp.cuda_stream = 0x10 as *mut c_void;
+    let pp = prefill_params(0x20 as *mut c_void);
+    let call = |mp: &SeerMaskParams, pp: &SeerPrefillParams| unsafe {
+        seer_gate_attention(gate.0, mp, pp, &b, &qn, &kn, &q, &k, &v, &md, &out, std::ptr::null_mut(), 0)
+    };
+    let msg = assert_status(call(&mp, &pp), SeerStatus::SEER_INVALID_ARGUMENT, "two streams");
+    assert!(msg.contains("cuda_stream"), "{msg}");
+    let pp = prefill_params(0x10 as *mut c_void);
+    let over = SeerMaskParams { workspace: at(3) as *mut c_void, ..mp };
+    let msg = assert_status(call(&over, &pp), SeerStatus::SEER_INVALID_ARGUMENT, "workspace over q");
+    assert!(msg.contains("workspace"), "{msg}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_c_api_gate_attention_matches_the_two_calls_the_cpu_and_a_graph() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let case = Case::load("gqa4_s1000");
+    let gate = load(&case.gate_dir());
+    assert_status(unsafe { seer_gate_upload(gate.0) }, SeerStatus::SEER_OK, "upload");
+    let c = config_of(&gate);
+    let (hq, d) = (c.num_q_heads as usize, c.head_dim as usize);
+    let n = case.usize("seq_len");
+    let l = Lens::new(&[(n, n)]);
+    let b = l.batch();
+    let bufs: Vec<DeviceBuffer> =
+        ["q_nope", "k_nope", "q", "k", "v"].iter().map(|name| to_device(&ctx, &case.get(name).bytes)).collect();
+    let dev =
+        |i: usize, name: &str| desc(bufs[i].ptr(), DType::BF16, CUDA, case.get(name).shape.clone().try_into().unwrap());
+    let (qn, kn, q, k, v) = (dev(0, "q_nope"), dev(1, "k_nope"), dev(2, "q"), dev(3, "k"), dev(4, "v"));
+    let mut base = mask_params(&gate);
+    base.layer = case.gate_layer() as u32;
+    let pp = prefill_params(stream.raw() as *mut c_void);
+    let outs: Vec<(DeviceOut, DeviceBuffer, DeviceBuffer)> = (0..2)
+        .map(|_| {
+            let m = DeviceOut::new(&ctx, &gate, &b);
+            (m, to_device(&ctx, &vec![0xffu8; n * hq * d * 2]), to_device(&ctx, &vec![0xffu8; n * hq * 4]))
+        })
+        .collect();
+    let combined = |i: usize| {
+        let (m, o, lse) = &outs[i];
+        let od = desc(o.ptr(), DType::BF16, CUDA, [n, hq, d]);
+        let mp = m.params(base, &stream);
+        unsafe {
+            seer_gate_attention(
+                gate.0,
+                &mp,
+                &pp,
+                &b,
+                &qn,
+                &kn,
+                &q,
+                &k,
+                &v,
+                &m.desc(),
+                &od,
+                lse.ptr() as *mut f32,
+                n * hq,
+            )
+        }
+    };
+    assert_status(combined(0), SeerStatus::SEER_OK, "seer_gate_attention on CUDA");
+    {
+        let (m, o, lse) = &outs[1];
+        let od = desc(o.ptr(), DType::BF16, CUDA, [n, hq, d]);
+        let mp = m.params(base, &stream);
+        assert_status(
+            unsafe { seer_gate_compute_mask(gate.0, &mp, &b, &qn, &kn, &m.desc()) },
+            SeerStatus::SEER_OK,
+            "mask",
+        );
+        let status = unsafe { seer_sparse_prefill(&pp, &b, &q, &k, &v, &m.desc(), &od, lse.ptr() as *mut f32, n * hq) };
+        assert_status(status, SeerStatus::SEER_OK, "prefill");
+    }
+    stream.synchronize().unwrap();
+    let (mask0, out0, lse0) = (outs[0].0.read(&ctx), read_back(&ctx, &outs[0].1), read_back(&ctx, &outs[0].2));
+    assert_eq!(mask0, outs[1].0.read(&ctx), "mask: combined vs two calls");
+    assert_eq!(out0, read_back(&ctx, &outs[1].1), "out: combined vs two calls");
+    assert_eq!(lse0, read_back(&ctx, &outs[1].2), "lse: combined vs two calls");
+
+    // Against the CPU path of the same library on the GPU's mask.
+    let mut cpu_out = vec![0u8; n * hq * d * 4];
+    {
+        let host = |name: &str| {
+            let st = case.get(name);
+            desc(st.bytes.as_ptr() as u64, DType::BF16, CPU, st.shape.clone().try_into().unwrap())
+        };
+        let mut m = mask0.clone();
+        let s = sizes(&b, hq as u32);
+        let md = mask_desc(
+            m.counts.as_mut_ptr() as u64,
+            m.indices.as_mut_ptr() as u64,
+            m.row_offsets.as_mut_ptr() as u64,
+            &s,
+            CPU,
+        );
+        let od = desc(cpu_out.as_mut_ptr() as u64, DType::F32, CPU, [n, hq, d]);
+        let status = unsafe {
+            seer_sparse_prefill(
+                &prefill_params(std::ptr::null_mut()),
+                &b,
+                &host("q"),
+                &host("k"),
+                &host("v"),
+                &md,
+                &od,
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        assert_status(status, SeerStatus::SEER_OK, "CPU prefill");
+    }
+    let gpu: Vec<f32> = out0.chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+    let cpu: Vec<f32> = cpu_out.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, c) in gpu.iter().zip(&cpu) {
+        assert!(g.is_finite(), "GPU output not finite");
+        num += ((g - c) as f64).powi(2);
+        den += (*c as f64).powi(2);
+    }
+    let rel = (num / den).sqrt();
+    assert!(rel <= 1e-2, "GPU vs CPU relative error {rel:.2e}");
+
+    // Two "layers" (the gate's layer twice, into two output sets) captured
+    // into one graph and replayed: identical to the eager runs.
+    let graph = unsafe {
+        testing::capture(&stream, || {
+            for i in 0..2 {
+                match combined(i) {
+                    SeerStatus::SEER_OK => {}
+                    s => return Err(Error::Cuda(format!("{s:?} during capture: {}", last_error()))),
+                }
+            }
+            Ok(())
+        })
+    }
+    .unwrap();
+    for (_, o, lse) in &outs {
+        testing::copy_to_device(&ctx, o.ptr(), &vec![0xffu8; o.len()]).unwrap();
+        testing::copy_to_device(&ctx, lse.ptr(), &vec![0xffu8; lse.len()]).unwrap();
+    }
+    graph.launch(&stream).unwrap();
+    stream.synchronize().unwrap();
+    for (m, o, lse) in &outs {
+        assert_eq!(m.read(&ctx), mask0, "replayed mask");
+        assert_eq!(read_back(&ctx, o), out0, "replayed output");
+        assert_eq!(read_back(&ctx, lse), lse0, "replayed lse");
+    }
 }

@@ -61,6 +61,7 @@ fn header_declares_the_whole_v1_api() {
         "seer_mask_to_dense",
         "seer_prefill_params_default",
         "seer_sparse_prefill",
+        "seer_gate_attention",
         "seer_cuda_device_info",
         "typedef struct SeerGate SeerGate",
         "SEER_ABI_VERSION 1",

@@ -1,6 +1,7 @@
 //! Sparse prefill: block-sparse causal attention over a block mask.
 
 use super::args::{self, invalid, SeerBatch, SeerBlockMask, SeerDevice, SeerTensor};
+use super::gate::{compute_mask, SeerGate, SeerMaskParams};
 use super::status::{FfiResult, SeerStatus};
 use crate::attention::{sparse_prefill, sparse_prefill_cuda, AttentionParams};
 use crate::batch::Batch;
@@ -75,42 +76,124 @@ pub unsafe extern "C" fn seer_sparse_prefill(
     maybe_lse: *mut f32,
     lse_len: usize,
 ) -> SeerStatus {
-    ffi_call!("seer_sparse_prefill", {
-        let p = args::read_sized("params", params)?;
-        let batch = args::batch(batch)?;
-        let device = args::device_of("q", args::deref("q", q)?.device)?;
-        for (name, t) in [("k", k), ("v", v), ("out", out)] {
-            args::require_same_device(name, args::deref(name, t)?.device, device, "q")?;
-        }
-        args::require_same_device("mask", args::deref("mask", mask)?.device, device, "q")?;
-        if device == SeerDevice::SEER_DEVICE_CUDA {
-            return prefill_cuda(&p, &batch, q, k, v, mask, out, maybe_lse, lse_len);
-        }
-        let q = args::tensor("q", q)?;
-        let k = args::tensor("k", k)?;
-        let v = args::tensor("v", v)?;
-        let m = args::mask("mask", mask)?;
-        let o = args::tensor("out", out)?;
-        let lse = if maybe_lse.is_null() { None } else { Some(args::raw_slice("maybe_lse", maybe_lse, lse_len)?) };
-        let mut reads = vec![q.bytes.region, k.bytes.region, v.bytes.region];
-        reads.extend(m.regions());
-        let mut writes = vec![o.bytes.region];
-        writes.extend(lse.as_ref().map(|l| l.region));
-        args::check_disjoint(&writes, &reads)?;
+    ffi_call!("seer_sparse_prefill", { sparse_prefill_call(params, batch, q, k, v, mask, out, maybe_lse, lse_len) })
+}
 
-        let attn = attention_params(&p, q.layout.shape[2])?;
-        let mut out_view = o.view_mut("out")?;
-        sparse_prefill(
-            &q.view("q")?,
-            &k.view("k")?,
-            &v.view("v")?,
-            &batch,
-            m.view(),
-            &attn,
-            &mut out_view,
-            lse.as_ref().map(|l| l.get_mut()),
-        )?;
-        Ok(())
+/// The body of `seer_sparse_prefill` (also the second half of `seer_gate_attention`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn sparse_prefill_call(
+    params: *const SeerPrefillParams,
+    batch: *const SeerBatch,
+    q: *const SeerTensor,
+    k: *const SeerTensor,
+    v: *const SeerTensor,
+    mask: *const SeerBlockMask,
+    out: *const SeerTensor,
+    maybe_lse: *mut f32,
+    lse_len: usize,
+) -> FfiResult {
+    let p = args::read_sized("params", params)?;
+    let batch = args::batch(batch)?;
+    let device = args::device_of("q", args::deref("q", q)?.device)?;
+    for (name, t) in [("k", k), ("v", v), ("out", out)] {
+        args::require_same_device(name, args::deref(name, t)?.device, device, "q")?;
+    }
+    args::require_same_device("mask", args::deref("mask", mask)?.device, device, "q")?;
+    if device == SeerDevice::SEER_DEVICE_CUDA {
+        return prefill_cuda(&p, &batch, q, k, v, mask, out, maybe_lse, lse_len);
+    }
+    let q = args::tensor("q", q)?;
+    let k = args::tensor("k", k)?;
+    let v = args::tensor("v", v)?;
+    let m = args::mask("mask", mask)?;
+    let o = args::tensor("out", out)?;
+    let lse = if maybe_lse.is_null() { None } else { Some(args::raw_slice("maybe_lse", maybe_lse, lse_len)?) };
+    let mut reads = vec![q.bytes.region, k.bytes.region, v.bytes.region];
+    reads.extend(m.regions());
+    let mut writes = vec![o.bytes.region];
+    writes.extend(lse.as_ref().map(|l| l.region));
+    args::check_disjoint(&writes, &reads)?;
+
+    let attn = attention_params(&p, q.layout.shape[2])?;
+    let mut out_view = o.view_mut("out")?;
+    sparse_prefill(
+        &q.view("q")?,
+        &k.view("k")?,
+        &v.view("v")?,
+        &batch,
+        m.view(),
+        &attn,
+        &mut out_view,
+        lse.as_ref().map(|l| l.get_mut()),
+    )?;
+    Ok(())
+}
+
+/// Gate and sparse prefill of one layer in one call: `seer_gate_compute_mask`
+/// of layer `mask_params->layer` from the pre-RoPE `q_nope` / `k_nope` into
+/// `mask` (caller-owned arrays sized by `seer_mask_sizes`), then
+/// `seer_sparse_prefill` of the post-RoPE `q`, `k`, `v` over that mask into
+/// `out` (and `maybe_lse`). Every argument is as for those two calls; in
+/// addition:
+/// - all tensors and the mask are on one device (`SEER_INVALID_ARGUMENT`
+///   otherwise), and on CUDA both parameter blocks name the same
+///   `cuda_stream`: the two launches are ordered on it, nothing is
+///   synchronized, and the pair can be captured into a CUDA graph;
+/// - the gate's workspace (`mask_params->workspace`) must not overlap `q`,
+///   `k`, `v`, `out` or `maybe_lse` (the prefill reads what the gate has not
+///   written);
+/// - `mask` is scratch the caller can read afterwards: it holds the mask the
+///   prefill used.
+///
+/// On failure nothing has been enqueued when the error is in the arguments;
+/// an error of the second half after a successful first half leaves the
+/// mask computed (the message names which half failed).
+#[no_mangle]
+pub unsafe extern "C" fn seer_gate_attention(
+    gate: *const SeerGate,
+    mask_params: *const SeerMaskParams,
+    prefill_params: *const SeerPrefillParams,
+    batch: *const SeerBatch,
+    q_nope: *const SeerTensor,
+    k_nope: *const SeerTensor,
+    q: *const SeerTensor,
+    k: *const SeerTensor,
+    v: *const SeerTensor,
+    mask: *const SeerBlockMask,
+    out: *const SeerTensor,
+    maybe_lse: *mut f32,
+    lse_len: usize,
+) -> SeerStatus {
+    ffi_call!("seer_gate_attention", {
+        // Checks across the two halves first, so that a bad pairing is
+        // refused before anything is enqueued.
+        let mp = SeerMaskParams::read(mask_params)?;
+        let pp = args::read_sized("prefill_params", prefill_params)?;
+        let device = args::device_of("q_nope", args::deref("q_nope", q_nope)?.device)?;
+        for (name, t) in [("q", q), ("k", k), ("v", v), ("out", out)] {
+            args::require_same_device(name, args::deref(name, t)?.device, device, "q_nope")?;
+        }
+        args::require_same_device("mask", args::deref("mask", mask)?.device, device, "q_nope")?;
+        if device == SeerDevice::SEER_DEVICE_CUDA {
+            if mp.cuda_stream != pp.cuda_stream {
+                return Err(invalid(
+                    "mask_params->cuda_stream and prefill_params->cuda_stream differ: the prefill must follow the \
+                     gate on one stream",
+                ));
+            }
+            let ws = args::device_region("mask_params->workspace", mp.workspace as usize, mp.workspace_bytes, 1)?;
+            let mut others = Vec::new();
+            for (name, t) in [("q", q), ("k", k), ("v", v), ("out", out)] {
+                others.push(args::device_tensor(name, t)?.region);
+            }
+            if !maybe_lse.is_null() {
+                others.push(args::device_region("maybe_lse", maybe_lse as usize, lse_len, 4)?);
+            }
+            args::check_disjoint(&[ws], &others)?;
+        }
+        compute_mask(gate, mask_params, batch, q_nope, k_nope, mask).map_err(|e| e.context("the gate half (mask)"))?;
+        sparse_prefill_call(prefill_params, batch, q, k, v, mask, out, maybe_lse, lse_len)
+            .map_err(|e| e.context("the prefill half"))
     })
 }
 

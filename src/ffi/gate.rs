@@ -250,7 +250,7 @@ impl SeerMaskParams {
     }
 
     /// Read the caller's params, of this release or the first one.
-    unsafe fn read(ptr: *const SeerMaskParams) -> FfiResult<Self> {
+    pub(crate) unsafe fn read(ptr: *const SeerMaskParams) -> FfiResult<Self> {
         args::read_versioned("params", ptr, &[Self::v1_size()], Self::appended_defaults())
     }
 
@@ -715,38 +715,48 @@ pub unsafe extern "C" fn seer_gate_compute_mask(
     k_nope: *const SeerTensor,
     out_mask: *const SeerBlockMask,
 ) -> SeerStatus {
-    ffi_call!("seer_gate_compute_mask", {
-        let handle = gate_handle(gate)?;
-        let params = SeerMaskParams::read(params)?;
-        let rule = params.to_params()?;
-        let batch = args::batch(batch)?;
-        let caches = params.kblock_caches(&batch)?;
-        let device = args::device_of("q_nope", args::deref("q_nope", q_nope)?.device)?;
-        if device == SeerDevice::SEER_DEVICE_CUDA {
-            return compute_mask_cuda(handle, &params, &rule, &batch, q_nope, k_nope, caches, out_mask);
-        }
-        if caches.is_some() {
-            return Err(invalid(
-                "params->maybe_kblock_caches is set but q_nope is SEER_DEVICE_CPU: K-block caches are a CUDA path \
-                 feature (the CPU path reads every key from k_nope; set maybe_kblock_caches = NULL)",
-            ));
-        }
-        args::require_same_device("k_nope", args::deref("k_nope", k_nope)?.device, device, "q_nope")?;
-        args::require_same_device("out_mask", args::deref("out_mask", out_mask)?.device, device, "q_nope")?;
-        let q = args::tensor("q_nope", q_nope)?;
-        let k = args::tensor("k_nope", k_nope)?;
-        let out = args::mask("out_mask", out_mask)?;
-        args::check_disjoint(&out.regions(), &[q.bytes.region, k.bytes.region])?;
-        let g = read_gate(handle);
-        let layout = MaskLayout::new(&batch, g.config().num_q_heads, g.config().block_size)?;
-        check_mask_capacity(&layout, out.counts.len, out.indices.len, out.row_offsets.len)?;
-        let mask =
-            g.compute_block_mask(params.layer as usize, &q.view("q_nope")?, &k.view("k_nope")?, &batch, &rule)?;
-        out.counts.get_mut().copy_from_slice(&mask.counts);
-        out.row_offsets.get_mut().copy_from_slice(&mask.row_offsets);
-        out.indices.get_mut()[..mask.indices.len()].copy_from_slice(&mask.indices);
-        Ok(())
-    })
+    ffi_call!("seer_gate_compute_mask", { compute_mask(gate, params, batch, q_nope, k_nope, out_mask) })
+}
+
+/// The body of `seer_gate_compute_mask` (also the first half of
+/// `seer_gate_attention`).
+pub(crate) unsafe fn compute_mask(
+    gate: *const SeerGate,
+    params: *const SeerMaskParams,
+    batch: *const SeerBatch,
+    q_nope: *const SeerTensor,
+    k_nope: *const SeerTensor,
+    out_mask: *const SeerBlockMask,
+) -> FfiResult {
+    let handle = gate_handle(gate)?;
+    let params = SeerMaskParams::read(params)?;
+    let rule = params.to_params()?;
+    let batch = args::batch(batch)?;
+    let caches = params.kblock_caches(&batch)?;
+    let device = args::device_of("q_nope", args::deref("q_nope", q_nope)?.device)?;
+    if device == SeerDevice::SEER_DEVICE_CUDA {
+        return compute_mask_cuda(handle, &params, &rule, &batch, q_nope, k_nope, caches, out_mask);
+    }
+    if caches.is_some() {
+        return Err(invalid(
+            "params->maybe_kblock_caches is set but q_nope is SEER_DEVICE_CPU: K-block caches are a CUDA path \
+             feature (the CPU path reads every key from k_nope; set maybe_kblock_caches = NULL)",
+        ));
+    }
+    args::require_same_device("k_nope", args::deref("k_nope", k_nope)?.device, device, "q_nope")?;
+    args::require_same_device("out_mask", args::deref("out_mask", out_mask)?.device, device, "q_nope")?;
+    let q = args::tensor("q_nope", q_nope)?;
+    let k = args::tensor("k_nope", k_nope)?;
+    let out = args::mask("out_mask", out_mask)?;
+    args::check_disjoint(&out.regions(), &[q.bytes.region, k.bytes.region])?;
+    let g = read_gate(handle);
+    let layout = MaskLayout::new(&batch, g.config().num_q_heads, g.config().block_size)?;
+    check_mask_capacity(&layout, out.counts.len, out.indices.len, out.row_offsets.len)?;
+    let mask = g.compute_block_mask(params.layer as usize, &q.view("q_nope")?, &k.view("k_nope")?, &batch, &rule)?;
+    out.counts.get_mut().copy_from_slice(&mask.counts);
+    out.row_offsets.get_mut().copy_from_slice(&mask.row_offsets);
+    out.indices.get_mut()[..mask.indices.len()].copy_from_slice(&mask.indices);
+    Ok(())
 }
 
 /// The device copy for a CUDA call with gate `g` (read under the handle's

@@ -44,6 +44,11 @@ impl FfiError {
     pub fn new(status: SeerStatus, message: impl Into<String>) -> Self {
         FfiError { status, message: message.into() }
     }
+
+    /// The same error, its message prefixed with where it happened.
+    pub fn context(self, what: &str) -> Self {
+        FfiError { status: self.status, message: format!("{what}: {}", self.message) }
+    }
 }
 
 impl From<Error> for FfiError {
