@@ -39,6 +39,8 @@
 #include "attention.cuh"
 #include "tile.cuh"
 
+#include <type_traits>
+
 #include <math_constants.h>
 
 namespace seer::attn {
@@ -144,10 +146,9 @@ struct WarpRows {
 // from key col0). Q's A fragments are read from shared memory per k16 step
 // (registers hold O and S; caching Q too would not fit), K's B fragments
 // once per step and reused by all M row tiles.
-template <int D, int M, int NT, typename T>
+template <int D, int M, int NT, typename T, typename Tile>
 __device__ __forceinline__ void qk_tile(float (&s)[M][NT][4], uint32_t sQ, uint32_t sK, int row0, int col0,
                                         int lane) {
-    using Tile = Swizzled<D * 2>;
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -229,10 +230,9 @@ __device__ __forceinline__ void softmax_tile(float (&s)[M][NT][4], WarpRows<D, M
 // O += P V for one warp: P's C fragments, packed to 16 bits, are the A
 // fragments of four k16 steps; V's B fragments (ldmatrix.trans) are loaded
 // once per step and reused by all M row tiles.
-template <int D, int M, int NT, typename T>
+template <int D, int M, int NT, typename T, typename Tile>
 __device__ __forceinline__ void pv_tile(WarpRows<D, M>& w, const float (&s)[M][NT][4], uint32_t sV, int col0,
                                         int lane) {
-    using Tile = Swizzled<D * 2>;
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
         uint32_t p[M][4];
@@ -265,17 +265,26 @@ __device__ __forceinline__ void pv_tile(WarpRows<D, M>& w, const float (&s)[M][N
 // Shared memory holds one Q, one K and one V tile; the loads are
 // interleaved with the math as in FlashAttention-2: V_j is fetched while
 // S_j = Q K_j^T and its softmax run, K_{j+1} while O += P_j V_j runs.
-template <int D, int M, int N, typename T, typename O, int S>
-__device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>& tab) {
+// kTma (sm_90): one thread brings each tile with TMA bulk tensor copies
+// (map_q, map_k, map_v) completing on mbarriers, in TMA's 128-byte swizzle
+// layout; otherwise every thread issues 16-byte cp.async copies (sm_80).
+template <int D, int M, int N, bool kTma, typename T, typename O, int S>
+__device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>& tab, const TensorMap* map_q,
+                                           const TensorMap* map_k, const TensorMap* map_v) {
     constexpr int kRowWarps = 4 / M;
     constexpr int kWarps = kRowWarps * N;
     constexpr int kThreads = kWarps * 32;
     constexpr int kNT = 8 / N;  // n8 key tiles per warp
     constexpr int kTileBytes = kBlock * D * 2;
-    extern __shared__ __align__(128) unsigned char smem[];
+    using Tile = std::conditional_t<kTma, Boxes128<D>, Swizzled<D * 2>>;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    // TMA's 128-byte swizzle needs 1024-byte aligned boxes (the host adds
+    // the slack to the dynamic shared memory size).
+    unsigned char* smem = kTma ? smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023) : smem_raw;
     const uint32_t sQ = smem_addr(smem);
     const uint32_t sK = sQ + kTileBytes;
     const uint32_t sV = sK + kTileBytes;
+    const uint32_t barQ = sV + kTileBytes, barK = barQ + 8, barV = barQ + 16;
 
     // Work unit: blockIdx.x = head * units + unit. Head-major, so that the
     // CTAs in flight share one KV head's K and V (an L2-sized working set;
@@ -310,7 +319,68 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
     w.init();
     int kb = -1;
     int slot = mask.next(0, kb);
-    if (slot < mask.count) {
+    if constexpr (kTma) {
+        if (slot < mask.count) {
+            const bool issuer = threadIdx.x == 0;
+            // Loads one tile (D / 64 boxes) of `map` at (head, token0).
+            auto tma_tile = [&](uint32_t dst, const TensorMap* map, int which, int h, long long token0, uint32_t bar) {
+                const bool token_major = (a.tma_token_major >> which) & 1;
+                const int c1 = token_major ? static_cast<int>(token0) : h;
+                const int c2 = token_major ? h : static_cast<int>(token0);
+                mbar_expect_tx(bar, kTileBytes);
+#pragma unroll
+                for (int b = 0; b < D / 64; ++b) tma_load_3d(dst + b * 64 * 128, map, b * 64, c1, c2, bar);
+            };
+            if (issuer) {
+                mbar_init(barQ, 1);
+                mbar_init(barK, 1);
+                mbar_init(barV, 1);
+                fence_mbar_init();
+            }
+            __syncthreads();
+            if (issuer) {
+                // Rows outside [r_begin, r_end) hold other tokens (or TMA's
+                // zeros past the tensor): their outputs are never stored.
+                tma_tile(sQ, map_q, 0, head, q_token0, barQ);
+                tma_tile(sK, map_k, 1, kv_head, key_token0(kb), barK);
+            }
+            mbar_wait(barQ, 0);
+            uint32_t phase = 0;
+            while (true) {
+                mbar_wait(barK, phase);  // K_j landed
+                __syncthreads();         // every warp is done with V_{j-1}
+                if (issuer) tma_tile(sV, map_v, 2, kv_head, key_token0(kb), barV);
+
+                float s[M][kNT][4];
+                qk_tile<D, M, kNT, T, Tile>(s, sQ, sK, row0, col0, lane);
+                softmax_tile<D, M, kNT>(s, w, a.scale_log2, kb == qb, row0, col0, lane);
+
+                mbar_wait(barV, phase);  // V_j landed
+                const int rows = key_rows(kb);
+                if (rows < kBlock) {
+                    // Keys past the sequence (the next sequence's, or
+                    // anything): P is 0 there, but 0 * inf or NaN is NaN, so
+                    // their V rows are zeroed.
+                    for (int idx = threadIdx.x; idx < (kBlock - rows) * Tile::kChunks; idx += kThreads) {
+                        const int r = rows + idx / Tile::kChunks, c = idx % Tile::kChunks;
+                        *reinterpret_cast<uint4*>(smem + 2 * kTileBytes + Tile::offset(r, c)) = make_uint4(0, 0, 0, 0);
+                    }
+                    fence_proxy_async();  // before TMA writes this buffer again
+                }
+                __syncthreads();  // every warp is done with K_j; V's zeros are visible
+                int next_kb = -1;
+                const int next_slot = mask.next(slot + 1, next_kb);
+                if (next_slot < mask.count && issuer) tma_tile(sK, map_k, 1, kv_head, key_token0(next_kb), barK);
+                pv_tile<D, M, kNT, T, Tile>(w, s, sV, col0, lane);
+                if (next_slot >= mask.count) break;
+                slot = next_slot;
+                kb = next_kb;
+                phase ^= 1;
+            }
+            // Every warp is done with V before the epilogue reuses shared memory.
+            __syncthreads();
+        }
+    } else if (slot < mask.count) {
         load_tile<D, kThreads>(sQ, q, a.q_row_stride, q_token0, r_begin, r_end);
         load_tile<D, kThreads>(sK, k, a.k_row_stride, key_token0(kb), 0, key_rows(kb));
         cp_async_commit();
@@ -322,7 +392,7 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
             cp_async_commit();
 
             float s[M][kNT][4];
-            qk_tile<D, M, kNT, T>(s, sQ, sK, row0, col0, lane);
+            qk_tile<D, M, kNT, T, Tile>(s, sQ, sK, row0, col0, lane);
             softmax_tile<D, M, kNT>(s, w, a.scale_log2, kb == qb, row0, col0, lane);
 
             // V_j landed; every warp is done with K_j.
@@ -334,7 +404,7 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
                 load_tile<D, kThreads>(sK, k, a.k_row_stride, key_token0(next_kb), 0, key_rows(next_kb));
                 cp_async_commit();
             }
-            pv_tile<D, M, kNT, T>(w, s, sV, col0, lane);
+            pv_tile<D, M, kNT, T, Tile>(w, s, sV, col0, lane);
             if (next_slot >= mask.count) break;
             slot = next_slot;
             kb = next_kb;
@@ -451,28 +521,51 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
 
 // One extern "C" symbol per (head_dim, warp layout, input dtype, output
 // dtype, table capacity): seer_attn_fwd_d{D}_m{M}n{N}_{in}_{out}_s{S}; the
-// CTA has (4 / M) * N warps and 3 * 64 * D * 2 bytes of dynamic shared memory.
-#define SEER_ATTN(D, M, N, T, TN, O, ON, S)                                                                        \
+// CTA has (4 / M) * N warps and 3 * 64 * D * 2 bytes of dynamic shared
+// memory. The _tma variants (sm_90 and later; a trap on older GPUs, which
+// the host never selects) take the Q, K and V tensor maps and 1024 + 64
+// more bytes (alignment slack and the mbarriers).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define SEER_IF_SM90(...) __trap();
+#else
+#define SEER_IF_SM90(...) __VA_ARGS__
+#endif
+
+#define SEER_ATTN_CPASYNC(D, M, N, T, TN, O, ON, S)                                                                \
     extern "C" __global__ void __launch_bounds__(4 / M * N * 32)                                                  \
         seer_attn_fwd_d##D##_m##M##n##N##_##TN##_##ON##_s##S(const __grid_constant__ seer::attn::AttnArgs a,     \
                                                               const __grid_constant__ seer::attn::SeqTable<S> tab) { \
-        seer::attn::sparse_fwd<D, M, N, T, O, S>(a, tab);                                                          \
+        seer::attn::sparse_fwd<D, M, N, false, T, O, S>(a, tab, nullptr, nullptr, nullptr);                        \
     }
 
-#define SEER_ATTN_OUTS(D, M, N, T, TN, S) \
-    SEER_ATTN(D, M, N, T, TN, T, TN, S)   \
-    SEER_ATTN(D, M, N, T, TN, float, f32, S)
+#define SEER_ATTN_TMA(D, M, N, T, TN, O, ON, S)                                                                    \
+    extern "C" __global__ void __launch_bounds__(4 / M * N * 32)                                                  \
+        seer_attn_fwd_tma_d##D##_m##M##n##N##_##TN##_##ON##_s##S(                                                  \
+            const __grid_constant__ seer::attn::AttnArgs a, const __grid_constant__ seer::attn::SeqTable<S> tab,   \
+            const __grid_constant__ seer::tile::TensorMap tq, const __grid_constant__ seer::tile::TensorMap tk,    \
+            const __grid_constant__ seer::tile::TensorMap tv) {                                                     \
+        SEER_IF_SM90(seer::attn::sparse_fwd<D, M, N, true, T, O, S>(a, tab, &tq, &tk, &tv);)                       \
+    }
 
-#define SEER_ATTN_TYPES(D, M, N, S)                 \
-    SEER_ATTN_OUTS(D, M, N, __nv_bfloat16, bf16, S) \
-    SEER_ATTN_OUTS(D, M, N, __half, f16, S)
+#define SEER_ATTN_OUTS(KIND, D, M, N, T, TN, S) \
+    KIND(D, M, N, T, TN, T, TN, S)              \
+    KIND(D, M, N, T, TN, float, f32, S)
 
-// Built: the m1n1 layout (4 warps x 16 rows), the fastest measured on H100
-// (kernels/NOTES.md: m2n1 spills at 255 registers, m2n2 runs 2 CTAs/SM and
-// was 7-11% slower). The other layouts stay expressible for experiments.
-#define SEER_ATTN_ALL(S)          \
-    SEER_ATTN_TYPES(64, 1, 1, S)  \
-    SEER_ATTN_TYPES(128, 1, 1, S)
+#define SEER_ATTN_TYPES(KIND, D, M, N, S)                 \
+    SEER_ATTN_OUTS(KIND, D, M, N, __nv_bfloat16, bf16, S) \
+    SEER_ATTN_OUTS(KIND, D, M, N, __half, f16, S)
+
+// Built: cp.async with the m1n1 layout (4 warps x 16 rows), the fastest
+// measured on H100 (kernels/NOTES.md); TMA with m1n1 and m2n1 (2 warps x 32
+// rows, FA2's per-warp shape, which cp.async could not afford: its copy
+// addresses pushed it past 255 registers).
+#define SEER_ATTN_ALL(S)                              \
+    SEER_ATTN_TYPES(SEER_ATTN_CPASYNC, 64, 1, 1, S)   \
+    SEER_ATTN_TYPES(SEER_ATTN_CPASYNC, 128, 1, 1, S)  \
+    SEER_ATTN_TYPES(SEER_ATTN_TMA, 64, 1, 1, S)       \
+    SEER_ATTN_TYPES(SEER_ATTN_TMA, 64, 2, 1, S)       \
+    SEER_ATTN_TYPES(SEER_ATTN_TMA, 128, 1, 1, S)      \
+    SEER_ATTN_TYPES(SEER_ATTN_TMA, 128, 2, 1, S)
 
 SEER_ATTN_ALL(16)
 SEER_ATTN_ALL(256)

@@ -30,8 +30,11 @@ struct AttnArgs {
     int hq;
     int group;                  // hq / hkv
     int units;                  // query blocks in this launch's table (CTAs per head)
+    int tma_token_major;        // TMA kernels: bit 0 q, bit 1 k, bit 2 v: the map's
+                                // coordinates are (dim, token, head), else (dim, head, token)
+    int reserved;
 };
-static_assert(sizeof(AttnArgs) == 176, "AttnArgs layout is shared with Rust");
+static_assert(sizeof(AttnArgs) == 184, "AttnArgs layout is shared with Rust");
 
 // One sequence of the launch. The host orders sequences longest first;
 // `unit_base` numbers their query blocks in that order.

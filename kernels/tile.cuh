@@ -119,3 +119,79 @@ __device__ __forceinline__ void store2<__half>(unsigned char* p, float lo, float
 }
 
 }  // namespace seer::tile
+
+// ---------------------------------------------------------------- Hopper (sm_90)
+//
+// Tiles brought by the tensor memory accelerator (TMA): one thread issues a
+// bulk tensor copy per 64-column box, completion is counted in bytes on an
+// mbarrier that every thread waits on. The shared-memory layout is TMA's
+// 128-byte swizzle (the one wgmma reads, too).
+
+namespace seer::tile {
+
+// A [64 rows][D] tile of 16-bit elements as TMA writes it with 128-byte
+// swizzle and 64-element boxes: D / 64 boxes of [64 rows][128 bytes], each
+// 1024-byte aligned; inside a box the 16-byte chunk index is XORed with
+// (row % 8) (address bits 4-6 with bits 7-9).
+template <int D>
+struct Boxes128 {
+    static constexpr int kChunks = D / 8;
+    __device__ __forceinline__ static uint32_t offset(int row, int chunk) {
+        return static_cast<uint32_t>((chunk >> 3) * (64 * 128) + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
+    }
+};
+
+// A CUtensorMap (128 bytes, 64-byte aligned), opaque; built on the host by
+// cuTensorMapEncodeTiled and passed by value as a __grid_constant__ kernel
+// parameter.
+struct alignas(64) TensorMap {
+    unsigned long long opaque[16];
+};
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void fence_mbar_init() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::);
+#endif
+}
+// Arrive once and announce `bytes` of transactions to come.
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes));
+#endif
+}
+// Wait until phase `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "wait_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra wait_%=;\n"
+        "}\n" ::"r"(bar),
+        "r"(parity));
+#endif
+}
+// Order this thread's earlier generic-proxy shared-memory writes before
+// later async-proxy (TMA) accesses of the same memory.
+__device__ __forceinline__ void fence_proxy_async() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;\n" ::);
+#endif
+}
+// One box of a 3-D tensor map (coordinates innermost first) into shared
+// memory at `dst`, completing on `bar`.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const TensorMap* map, int c0, int c1, int c2, uint32_t bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+#endif
+}
+
+}  // namespace seer::tile

@@ -27,6 +27,7 @@ pub mod kernels;
 mod memory;
 mod module;
 pub mod testing;
+pub mod tma;
 
 pub use context::{check_device_pointer, context_of, current_context, device_name, Ctx, CurrentGuard};
 pub use cudarc::driver::sys::{CUcontext, CUdevice, CUdeviceptr, CUfunction, CUstream};
@@ -94,6 +95,7 @@ const SYMBOLS: &[&str] = &[
     "cuGraphLaunch",
     "cuGraphExecDestroy",
     "cuGraphDestroy",
+    "cuTensorMapEncodeTiled",
 ];
 
 /// Load and initialise the CUDA driver, once per process. Errors:

@@ -22,6 +22,7 @@
 
 use crate::attention::AttentionParams;
 use crate::batch::Batch;
+use crate::cuda::tma::{self, TensorMap};
 use crate::cuda::{self, kernels, CUstream, Ctx};
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceMask, DeviceTensor};
@@ -66,6 +67,9 @@ struct AttnArgs {
     group: i32,
     /// Query blocks of the launch's table: CTAs per head.
     units: i32,
+    /// TMA kernels: bit 0 q, bit 1 k, bit 2 v: map coordinates (dim, token, head).
+    tma_token_major: i32,
+    reserved: i32,
 }
 
 /// `seer::attn::SeqEntry`.
@@ -263,47 +267,102 @@ pub(crate) unsafe fn sparse_prefill(
         hq: hq as i32,
         group: (hq / hkv) as i32,
         units: 0,
+        tma_token_major: 0,
+        reserved: 0,
     };
-    // One Q, one K and one V tile of 64 rows in shared memory.
-    let smem = (3 * BLOCK * d * 2) as u32;
-    let (m, n) = WARP_LAYOUT;
+    let kernel = Kernel::choose(&ctx, q, k, v)?;
+    if let Kernel::Tma { token_major, .. } = &kernel {
+        args.tma_token_major = token_major.iter().enumerate().map(|(i, &t)| (t as i32) << i).sum();
+    }
+    // One Q, one K and one V tile of 64 rows in shared memory; the TMA
+    // kernels align it to 1024 bytes and keep three mbarriers after it.
+    let tiles = (3 * BLOCK * d * 2) as u32;
+    let (m, n, smem, prefix) = match &kernel {
+        Kernel::CpAsync => (1usize, 1usize, tiles, "seer_attn_fwd"),
+        Kernel::Tma { m, .. } => (*m, 1, tiles + 1024 + 64, "seer_attn_fwd_tma"),
+    };
     let threads = (4 / m * n * 32) as u32;
     let fatbin = kernels::fatbin("attention")?;
     for table in &plan.launches {
         let units: i64 = table.iter().map(|e| e.q_blocks as i64).sum();
         let grid = [(units * hq as i64) as u32, 1, 1];
         args.units = units as i32;
-        let name = |s: usize| format!("seer_attn_fwd_d{d}_m{m}n{n}_{input}_{output}_s{s}");
+        let name = |s: usize| format!("{prefix}_d{d}_m{m}n{n}_{input}_{output}_s{s}");
+        let maps = match &kernel {
+            Kernel::CpAsync => None,
+            Kernel::Tma { maps, .. } => Some(maps),
+        };
         if table.len() <= SMALL_SEQS {
             let f = cuda::function(&ctx, fatbin, &name(SMALL_SEQS))?;
-            launch::<SMALL_SEQS>(f, table, &mut args, grid, threads, smem, stream)?;
+            launch::<SMALL_SEQS>(f, table, &mut args, maps, grid, threads, smem, stream)?;
         } else {
             let f = cuda::function(&ctx, fatbin, &name(MAX_SEQS))?;
-            launch::<MAX_SEQS>(f, table, &mut args, grid, threads, smem, stream)?;
+            launch::<MAX_SEQS>(f, table, &mut args, maps, grid, threads, smem, stream)?;
         }
     }
     Ok(())
 }
 
-/// The warp layout of the built kernels, `(m, n)`: each warp owns `16 * m`
-/// query rows and `64 / n` keys of every tile; a CTA has `(4 / m) * n` warps.
-/// (1, 1), four warps of 16 rows, measured fastest on H100 (kernels/NOTES.md
-/// compares it with (2, 1) and (2, 2), which kernels/attention.cu can express).
-const WARP_LAYOUT: (usize, usize) = (1, 1);
+/// Which kernel runs: TMA copies on sm_90 and later when the driver accepts
+/// tensor maps of q, k and v (it may refuse unusual strides), else cp.async.
+#[allow(clippy::large_enum_variant)] // one value per call, on the stack
+enum Kernel {
+    CpAsync,
+    Tma { maps: [TensorMap; 3], token_major: [bool; 3], m: usize },
+}
 
+impl Kernel {
+    fn choose(ctx: &Ctx, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<Kernel> {
+        let (major, _) = ctx.compute_capability();
+        let forced = kernel_override();
+        if major < 9 || forced == Some("cpasync") {
+            return Ok(Kernel::CpAsync);
+        }
+        let map = |t: &DeviceTensor| {
+            let [row, head, _] = t.layout.strides;
+            tma::map_3d(t.ptr, t.dtype, t.layout.shape, row, head, BLOCK as u32, 64)
+        };
+        let (Ok(mq), Ok(mk), Ok(mv)) = (map(q), map(k), map(v)) else {
+            return Ok(Kernel::CpAsync);
+        };
+        let m = if forced == Some("tma_m1n1") { 1 } else { 2 };
+        Ok(Kernel::Tma { maps: [mq.0, mk.0, mv.0], token_major: [mq.1, mk.1, mv.1], m })
+    }
+}
+
+/// `SEERATTN_PREFILL_KERNEL` (`cpasync`, `tma_m1n1`, `tma_m2n1`) overrides
+/// the choice, for benchmarking the variants against each other; read once.
+fn kernel_override() -> Option<&'static str> {
+    static KERNEL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    KERNEL.get_or_init(|| std::env::var("SEERATTN_PREFILL_KERNEL").ok()).as_deref()
+}
+
+#[allow(clippy::too_many_arguments)]
 unsafe fn launch<const S: usize>(
     f: cuda::CUfunction,
     seqs: &[SeqEntry],
     args: &mut AttnArgs,
+    maps: Option<&[TensorMap; 3]>,
     grid: [u32; 3],
     threads: u32,
     smem: u32,
     stream: CUstream,
 ) -> Result<()> {
+    let with_maps = maps.is_some();
     let mut table = SeqTable::<S> { num_seqs: seqs.len() as i32, reserved: 0, seq: [SeqEntry::default(); S] };
     table.seq[..seqs.len()].copy_from_slice(seqs);
-    let mut params: [*mut c_void; 2] = [(args as *mut AttnArgs).cast(), (&mut table as *mut SeqTable<S>).cast()];
-    cuda::launch(f, grid, [threads, 1, 1], smem, stream, &mut params)
+    let mut maps = maps.copied().unwrap_or([TensorMap([0; 16]); 3]);
+    let [mq, mk, mv] = &mut maps;
+    let mut params: [*mut c_void; 5] = [
+        (args as *mut AttnArgs).cast(),
+        (&mut table as *mut SeqTable<S>).cast(),
+        (mq as *mut TensorMap).cast(),
+        (mk as *mut TensorMap).cast(),
+        (mv as *mut TensorMap).cast(),
+    ];
+    // The cp.async kernels take the first two.
+    let count = if with_maps { 5 } else { 2 };
+    cuda::launch(f, grid, [threads, 1, 1], smem, stream, &mut params[..count])
 }
 
 #[cfg(test)]
@@ -313,7 +372,7 @@ mod tests {
     #[test]
     fn structs_match_the_kernel_header() {
         // kernels/attention.cuh static_asserts the same sizes.
-        assert_eq!(std::mem::size_of::<AttnArgs>(), 176);
+        assert_eq!(std::mem::size_of::<AttnArgs>(), 184);
         assert_eq!(std::mem::size_of::<SeqEntry>(), 56);
         assert_eq!(std::mem::size_of::<SeqTable<16>>(), 8 + 16 * 56);
         assert!(std::mem::size_of::<SeqTable<MAX_SEQS>>() + std::mem::size_of::<AttnArgs>() < 32 * 1024);
