@@ -204,7 +204,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[M][NT][4], WarpRows<D, M
             // A row with nothing unmasked yet keeps max -inf: subtract 0
             // instead, so that exp2 gives 0, not NaN.
             base[h] = new_max == -CUDART_INF_F ? 0.f : new_max * scale_log2;
-            corr[h] = exp2f(w.row_max[m][h] * scale_log2 - base[h]);
+            corr[h] = fast_exp2(w.row_max[m][h] * scale_log2 - base[h]);
             w.row_max[m][h] = new_max;
             w.row_sum[m][h] *= corr[h];
         }
@@ -212,7 +212,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[M][NT][4], WarpRows<D, M
         for (int n = 0; n < NT; ++n) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const float p = exp2f(fmaf(s[m][n][j], scale_log2, -base[j >> 1]));
+                const float p = fast_exp2(fmaf(s[m][n][j], scale_log2, -base[j >> 1]));
                 s[m][n][j] = p;
                 w.row_sum[m][j >> 1] += p;
             }
@@ -268,7 +268,7 @@ __device__ __forceinline__ void pv_tile(WarpRows<D, M>& w, const float (&s)[M][N
 // kTma (sm_90): one thread brings each tile with TMA bulk tensor copies
 // (map_q, map_k, map_v) completing on mbarriers, in TMA's 128-byte swizzle
 // layout; otherwise every thread issues 16-byte cp.async copies (sm_80).
-template <int D, int M, int N, bool kTma, typename T, typename O, int S>
+template <int D, int M, int N, bool kTma, int kKStages, typename T, typename O, int S>
 __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>& tab, const TensorMap* map_q,
                                            const TensorMap* map_k, const TensorMap* map_v) {
     constexpr int kRowWarps = 4 / M;
@@ -281,10 +281,12 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
     // TMA's 128-byte swizzle needs 1024-byte aligned boxes (the host adds
     // the slack to the dynamic shared memory size).
     unsigned char* smem = kTma ? smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023) : smem_raw;
+    static_assert(kKStages == 1 || (kTma && kKStages == 2), "two K stages only with TMA");
     const uint32_t sQ = smem_addr(smem);
-    const uint32_t sK = sQ + kTileBytes;
-    const uint32_t sV = sK + kTileBytes;
-    const uint32_t barQ = sV + kTileBytes, barK = barQ + 8, barV = barQ + 16;
+    const uint32_t sK = sQ + kTileBytes;  // stage s at sK + s * kTileBytes
+    const uint32_t sV = sK + kKStages * kTileBytes;
+    // mbarriers: Q, V, then one per K stage.
+    const uint32_t barQ = sV + kTileBytes, barV = barQ + 8, barK = barQ + 16;
 
     // Work unit: blockIdx.x = head * units + unit. Head-major, so that the
     // CTAs in flight share one KV head's K and V (an L2-sized working set;
@@ -333,8 +335,8 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
             };
             if (issuer) {
                 mbar_init(barQ, 1);
-                mbar_init(barK, 1);
                 mbar_init(barV, 1);
+                for (int st = 0; st < kKStages; ++st) mbar_init(barK + 8 * st, 1);
                 fence_mbar_init();
             }
             __syncthreads();
@@ -345,17 +347,30 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
                 tma_tile(sK, map_k, 1, kv_head, key_token0(kb), barK);
             }
             mbar_wait(barQ, 0);
-            uint32_t phase = 0;
+            uint32_t v_phase = 0, k_phases = 0;  // bit st: parity of K stage st
+            int stage = 0;
             while (true) {
-                mbar_wait(barK, phase);  // K_j landed
-                __syncthreads();         // every warp is done with V_{j-1}
-                if (issuer) tma_tile(sV, map_v, 2, kv_head, key_token0(kb), barV);
+                // The next block: read now with two K stages (its copy starts
+                // this iteration), after S with one (fewer live registers).
+                int next_kb = -1, next_slot = mask.count;
+                if (kKStages == 2) next_slot = mask.next(slot + 1, next_kb);
+                mbar_wait(barK + 8 * stage, (k_phases >> stage) & 1);  // K_j landed
+                k_phases ^= 1u << stage;
+                // Every warp is done with V_{j-1} (and, with two K stages,
+                // with the other stage, read by S_{j-1}).
+                __syncthreads();
+                if (issuer) {
+                    tma_tile(sV, map_v, 2, kv_head, key_token0(kb), barV);
+                    if (kKStages == 2 && next_slot < mask.count)
+                        tma_tile(sK + (stage ^ 1) * kTileBytes, map_k, 1, kv_head, key_token0(next_kb), barK + 8 * (stage ^ 1));
+                }
 
                 float s[M][kNT][4];
-                qk_tile<D, M, kNT, T, Tile>(s, sQ, sK, row0, col0, lane);
+                qk_tile<D, M, kNT, T, Tile>(s, sQ, sK + stage * kTileBytes, row0, col0, lane);
                 softmax_tile<D, M, kNT>(s, w, a.scale_log2, kb == qb, row0, col0, lane);
 
-                mbar_wait(barV, phase);  // V_j landed
+                mbar_wait(barV, v_phase);  // V_j landed
+                v_phase ^= 1;
                 const int rows = key_rows(kb);
                 if (rows < kBlock) {
                     // Keys past the sequence (the next sequence's, or
@@ -363,19 +378,22 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
                     // their V rows are zeroed.
                     for (int idx = threadIdx.x; idx < (kBlock - rows) * Tile::kChunks; idx += kThreads) {
                         const int r = rows + idx / Tile::kChunks, c = idx % Tile::kChunks;
-                        *reinterpret_cast<uint4*>(smem + 2 * kTileBytes + Tile::offset(r, c)) = make_uint4(0, 0, 0, 0);
+                        *reinterpret_cast<uint4*>(smem + (sV - sQ) + Tile::offset(r, c)) = make_uint4(0, 0, 0, 0);
                     }
                     fence_proxy_async();  // before TMA writes this buffer again
                 }
-                __syncthreads();  // every warp is done with K_j; V's zeros are visible
-                int next_kb = -1;
-                const int next_slot = mask.next(slot + 1, next_kb);
-                if (next_slot < mask.count && issuer) tma_tile(sK, map_k, 1, kv_head, key_token0(next_kb), barK);
+                // One K stage: every warp is done with K_j before it is
+                // overwritten. Always: the zeros are visible before P V.
+                if (kKStages == 1 || rows < kBlock) __syncthreads();
+                if (kKStages == 1) {
+                    next_slot = mask.next(slot + 1, next_kb);
+                    if (next_slot < mask.count && issuer) tma_tile(sK, map_k, 1, kv_head, key_token0(next_kb), barK);
+                }
                 pv_tile<D, M, kNT, T, Tile>(w, s, sV, col0, lane);
                 if (next_slot >= mask.count) break;
                 slot = next_slot;
                 kb = next_kb;
-                phase ^= 1;
+                if (kKStages == 2) stage ^= 1;
             }
             // Every warp is done with V before the epilogue reuses shared memory.
             __syncthreads();
@@ -454,8 +472,8 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
                     const float other_sum = xfer[(kVals + m * 4 + 2 + h) * (kRowWarps * 32) + t];
                     const float new_max = fmaxf(w.row_max[m][h], other_max);
                     const float base = new_max == -CUDART_INF_F ? 0.f : new_max * a.scale_log2;
-                    f_mine[h] = exp2f(w.row_max[m][h] * a.scale_log2 - base);
-                    f_other[h] = exp2f(other_max * a.scale_log2 - base);
+                    f_mine[h] = fast_exp2(w.row_max[m][h] * a.scale_log2 - base);
+                    f_other[h] = fast_exp2(other_max * a.scale_log2 - base);
                     w.row_sum[m][h] = w.row_sum[m][h] * f_mine[h] + other_sum * f_other[h];
                     w.row_max[m][h] = new_max;
                 }
@@ -535,17 +553,20 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
     extern "C" __global__ void __launch_bounds__(4 / M * N * 32)                                                  \
         seer_attn_fwd_d##D##_m##M##n##N##_##TN##_##ON##_s##S(const __grid_constant__ seer::attn::AttnArgs a,     \
                                                               const __grid_constant__ seer::attn::SeqTable<S> tab) { \
-        seer::attn::sparse_fwd<D, M, N, false, T, O, S>(a, tab, nullptr, nullptr, nullptr);                        \
+        seer::attn::sparse_fwd<D, M, N, false, 1, T, O, S>(a, tab, nullptr, nullptr, nullptr);                     \
     }
 
-#define SEER_ATTN_TMA(D, M, N, T, TN, O, ON, S)                                                                    \
+#define SEER_ATTN_TMA_K(D, M, N, KS, T, TN, O, ON, S)                                                              \
     extern "C" __global__ void __launch_bounds__(4 / M * N * 32)                                                  \
-        seer_attn_fwd_tma_d##D##_m##M##n##N##_##TN##_##ON##_s##S(                                                  \
+        seer_attn_fwd_tma_k##KS##_d##D##_m##M##n##N##_##TN##_##ON##_s##S(                                          \
             const __grid_constant__ seer::attn::AttnArgs a, const __grid_constant__ seer::attn::SeqTable<S> tab,   \
             const __grid_constant__ seer::tile::TensorMap tq, const __grid_constant__ seer::tile::TensorMap tk,    \
             const __grid_constant__ seer::tile::TensorMap tv) {                                                     \
-        SEER_IF_SM90(seer::attn::sparse_fwd<D, M, N, true, T, O, S>(a, tab, &tq, &tk, &tv);)                       \
+        SEER_IF_SM90(seer::attn::sparse_fwd<D, M, N, true, KS, T, O, S>(a, tab, &tq, &tk, &tv);)                   \
     }
+// One K stage: two (the next K tile fetched a whole iteration ahead) spilled
+// at 255 registers and cost a CTA per SM: 16% slower (kernels/NOTES.md).
+#define SEER_ATTN_TMA(D, M, N, T, TN, O, ON, S) SEER_ATTN_TMA_K(D, M, N, 1, T, TN, O, ON, S)
 
 #define SEER_ATTN_OUTS(KIND, D, M, N, T, TN, S) \
     KIND(D, M, N, T, TN, T, TN, S)              \
@@ -562,9 +583,7 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
 #define SEER_ATTN_ALL(S)                              \
     SEER_ATTN_TYPES(SEER_ATTN_CPASYNC, 64, 1, 1, S)   \
     SEER_ATTN_TYPES(SEER_ATTN_CPASYNC, 128, 1, 1, S)  \
-    SEER_ATTN_TYPES(SEER_ATTN_TMA, 64, 1, 1, S)       \
     SEER_ATTN_TYPES(SEER_ATTN_TMA, 64, 2, 1, S)       \
-    SEER_ATTN_TYPES(SEER_ATTN_TMA, 128, 1, 1, S)      \
     SEER_ATTN_TYPES(SEER_ATTN_TMA, 128, 2, 1, S)
 
 SEER_ATTN_ALL(16)

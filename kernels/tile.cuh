@@ -88,6 +88,16 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 2^x in one MUFU.EX2, subnormal results flushed to zero. exp2f() without
+// --use_fast_math wraps the same instruction in a range check and two
+// predicated multiplies (3 extra instructions per softmax score); softmax
+// weights below 2^-126 of the row maximum are zero either way in 16-bit P.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // Two floats rounded to T and packed into one 32-bit register (lo first).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);

@@ -276,10 +276,10 @@ pub(crate) unsafe fn sparse_prefill(
     }
     // One Q, one K and one V tile of 64 rows in shared memory; the TMA
     // kernels align it to 1024 bytes and keep three mbarriers after it.
-    let tiles = (3 * BLOCK * d * 2) as u32;
+    let tile = (BLOCK * d * 2) as u32;
     let (m, n, smem, prefix) = match &kernel {
-        Kernel::CpAsync => (1usize, 1usize, tiles, "seer_attn_fwd"),
-        Kernel::Tma { m, .. } => (*m, 1, tiles + 1024 + 64, "seer_attn_fwd_tma"),
+        Kernel::CpAsync => (1usize, 1usize, 3 * tile, "seer_attn_fwd"),
+        Kernel::Tma { .. } => (2, 1, 3 * tile + 1024 + 64, "seer_attn_fwd_tma_k1"),
     };
     let threads = (4 / m * n * 32) as u32;
     let fatbin = kernels::fatbin("attention")?;
@@ -308,7 +308,8 @@ pub(crate) unsafe fn sparse_prefill(
 #[allow(clippy::large_enum_variant)] // one value per call, on the stack
 enum Kernel {
     CpAsync,
-    Tma { maps: [TensorMap; 3], token_major: [bool; 3], m: usize },
+    /// 2 warps of 32 rows, one K buffer (kernels/NOTES.md: two spilled).
+    Tma { maps: [TensorMap; 3], token_major: [bool; 3] },
 }
 
 impl Kernel {
@@ -325,13 +326,12 @@ impl Kernel {
         let (Ok(mq), Ok(mk), Ok(mv)) = (map(q), map(k), map(v)) else {
             return Ok(Kernel::CpAsync);
         };
-        let m = if forced == Some("tma_m1n1") { 1 } else { 2 };
-        Ok(Kernel::Tma { maps: [mq.0, mk.0, mv.0], token_major: [mq.1, mk.1, mv.1], m })
+        Ok(Kernel::Tma { maps: [mq.0, mk.0, mv.0], token_major: [mq.1, mk.1, mv.1] })
     }
 }
 
-/// `SEERATTN_PREFILL_KERNEL` (`cpasync`, `tma_m1n1`, `tma_m2n1`) overrides
-/// the choice, for benchmarking the variants against each other; read once.
+/// `SEERATTN_PREFILL_KERNEL=cpasync` forces the cp.async kernel on sm_90
+/// too (to compare the two in one run, and to test it on Hopper); read once.
 fn kernel_override() -> Option<&'static str> {
     static KERNEL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     KERNEL.get_or_init(|| std::env::var("SEERATTN_PREFILL_KERNEL").ok()).as_deref()
