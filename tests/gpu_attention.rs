@@ -204,9 +204,23 @@ impl OnDevice {
     }
 }
 
+/// The kernel these tests must exercise: TMA on sm_90 and later, cp.async
+/// before, or when `SEERATTN_PREFILL_KERNEL=cpasync` forces it
+/// (`scripts/gpu-test.sh run` runs this file both ways on Hopper).
+fn expected_kernel(ctx: &Ctx) -> &'static str {
+    let forced = std::env::var("SEERATTN_PREFILL_KERNEL").ok();
+    if ctx.compute_capability().0 >= 9 && forced.as_deref() != Some("cpasync") {
+        "tma"
+    } else {
+        "cpasync"
+    }
+}
+
 /// Run `p` on the GPU (poisoned outputs), return output and lse.
 fn run_gpu(ctx: &Ctx, p: &Problem, out_dtype: DType) -> (Vec<f32>, Vec<f32>) {
     let dev = OnDevice::new(ctx, p, out_dtype);
+    let kernel = seerattn::gpu::attention::selected_kernel(ctx, &dev.q, &dev.k, &dev.v).unwrap();
+    assert_eq!(kernel, expected_kernel(ctx), "the kernel path under test");
     dev.poison_outputs(ctx);
     let stream = Stream::new(ctx).unwrap();
     unsafe { dev.enqueue(p, &stream) }.unwrap();

@@ -23,9 +23,12 @@ pub struct TensorMap(pub [u64; 16]);
 /// The driver wants strides that grow with the dimension: the map's middle
 /// dimension is whichever of heads and tokens has the smaller stride.
 /// Returns the map and `true` when that is tokens (coordinates
-/// `(dim, token, head)`), `false` for `(dim, head, token)`. An error when
-/// the driver refuses the layout (the caller then uses plain copies).
+/// `(dim, token, head)`), `false` for `(dim, head, token)`; `None` when the
+/// driver refuses the layout (`CUDA_ERROR_INVALID_VALUE`: the caller then
+/// uses plain copies); an error for anything else. The driver wants a
+/// current context: `ctx` is made current for the call.
 pub fn map_3d(
+    ctx: &super::Ctx,
     ptr: u64,
     dtype: DType,
     shape: [usize; 3],
@@ -33,8 +36,9 @@ pub fn map_3d(
     head_stride: usize,
     box_tokens: u32,
     box_dim: u32,
-) -> Result<(TensorMap, bool)> {
+) -> Result<Option<(TensorMap, bool)>> {
     driver()?;
+    let _current = ctx.make_current()?;
     let data_type = match dtype {
         DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         DType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
@@ -70,8 +74,11 @@ pub fn map_3d(
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
     };
+    if r == sys::CUresult::CUDA_ERROR_INVALID_VALUE {
+        return Ok(None);
+    }
     check("cuTensorMapEncodeTiled", r)?;
-    Ok((map, token_major))
+    Ok(Some((map, token_major)))
 }
 
 #[cfg(test)]

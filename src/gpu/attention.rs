@@ -309,7 +309,10 @@ pub(crate) unsafe fn sparse_prefill(
 enum Kernel {
     CpAsync,
     /// 2 warps of 32 rows, one K buffer (kernels/NOTES.md: two spilled).
-    Tma { maps: [TensorMap; 3], token_major: [bool; 3] },
+    Tma {
+        maps: [TensorMap; 3],
+        token_major: [bool; 3],
+    },
 }
 
 impl Kernel {
@@ -321,13 +324,25 @@ impl Kernel {
         }
         let map = |t: &DeviceTensor| {
             let [row, head, _] = t.layout.strides;
-            tma::map_3d(t.ptr, t.dtype, t.layout.shape, row, head, BLOCK as u32, 64)
+            tma::map_3d(ctx, t.ptr, t.dtype, t.layout.shape, row, head, BLOCK as u32, 64)
         };
-        let (Ok(mq), Ok(mk), Ok(mv)) = (map(q), map(k), map(v)) else {
+        // A layout the driver will not map (None) takes the cp.async kernel;
+        // any other driver error is an error.
+        let (Some(mq), Some(mk), Some(mv)) = (map(q)?, map(k)?, map(v)?) else {
             return Ok(Kernel::CpAsync);
         };
         Ok(Kernel::Tma { maps: [mq.0, mk.0, mv.0], token_major: [mq.1, mk.1, mv.1] })
     }
+}
+
+/// The kernel [`sparse_prefill`] would launch for these tensors on `ctx`:
+/// `"tma"` (sm_90 and later) or `"cpasync"`. For tests, which must know
+/// which path they exercised.
+pub fn selected_kernel(ctx: &Ctx, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<&'static str> {
+    Ok(match Kernel::choose(ctx, q, k, v)? {
+        Kernel::CpAsync => "cpasync",
+        Kernel::Tma { .. } => "tma",
+    })
 }
 
 /// `SEERATTN_PREFILL_KERNEL=cpasync` forces the cp.async kernel on sm_90
