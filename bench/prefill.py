@@ -118,15 +118,27 @@ class Library:
         if status != 0:
             raise RuntimeError(f"{what}: status {status}: {self.lib.seer_last_error_message().decode()}")
 
-    def prefill_call(self, q, k, v, mask, out):
+    def workspace_size(self, q_len, k_len):
+        cu_q, cu_k = (ctypes.c_int32 * 2)(0, q_len), (ctypes.c_int32 * 2)(0, k_len)
+        batch = SeerBatch(1, cu_q, cu_k)
+        size = ctypes.c_size_t(0)
+        self.check(self.lib.seer_prefill_workspace_size(ctypes.byref(batch), HQ, D, 1, ctypes.byref(size)), "ws size")
+        return size.value
+
+    def prefill_call(self, q, k, v, mask, out, workspace=None):
         """A closure that enqueues seer_sparse_prefill on the current stream
-        (descriptors built once, as an engine would)."""
-        n = q.shape[0]
-        cu = (ctypes.c_int32 * 2)(0, n)
-        batch = SeerBatch(1, cu, cu)
+        (descriptors built once, as an engine would). q may be the last
+        q.shape[0] of k.shape[0] positions (a chunk)."""
+        cu_q = (ctypes.c_int32 * 2)(0, q.shape[0])
+        cu_k = (ctypes.c_int32 * 2)(0, k.shape[0])
+        batch = SeerBatch(1, cu_q, cu_k)
+        cu = (cu_q, cu_k)
         params = SeerPrefillParams()
         self.check(self.lib.seer_prefill_params_default(ctypes.byref(params)), "params")
         params.cuda_stream = torch.cuda.current_stream().cuda_stream
+        if workspace is not None:
+            params.workspace = workspace.data_ptr()
+            params.workspace_bytes = workspace.numel()
         counts, indices, offsets = mask
         m = SeerBlockMask(
             counts.data_ptr(), counts.numel(), indices.data_ptr(), indices.numel(), offsets.data_ptr(), offsets.numel(), 1
@@ -163,12 +175,14 @@ def block_mask(nb, density, gen):
     return (rank < want[None, :, None]) & causal
 
 
-def index_list(dense):
+def index_list(dense, first_row=0):
     """The library's index-list mask (rows head-major, each row's capacity
-    its causal length) from a dense [HQ, nb, nb] map."""
+    its causal length) from a dense [HQ, nb, nb] map; only the rows from
+    absolute query block `first_row` (a chunk's query blocks)."""
+    dense = dense[:, first_row:, :]
     h, nb, _ = dense.shape
     counts = dense.sum(-1).to(torch.int32).reshape(-1)
-    cap = torch.arange(1, nb + 1, device="cuda", dtype=torch.int64).repeat(h)
+    cap = torch.arange(first_row + 1, first_row + nb + 1, device="cuda", dtype=torch.int64).repeat(h)
     offsets = torch.zeros(h * nb + 1, device="cuda", dtype=torch.int64)
     offsets[1:] = torch.cumsum(cap, 0)
     pos = dense.to(torch.int64).cumsum(-1) - 1
@@ -204,6 +218,15 @@ def flex_block_mask(dense, n):
             kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=causal, seq_lengths=(n, n))
     except TypeError:  # releases without seq_lengths
         return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=causal)
+
+
+def computed_flops_rows(rows, first):
+    """FLOPs of the computed blocks of query-block rows `first..` ([HQ, r, nb])."""
+    r = rows.shape[1]
+    idx = torch.arange(r, device="cuda")
+    diag = int(rows[:, idx, idx + first].sum())
+    total = int(rows.sum())
+    return (total - diag) * 4 * BLOCK * BLOCK * D + diag * 2 * BLOCK * BLOCK * D
 
 
 def computed_flops(dense):
@@ -247,6 +270,8 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-anchors", action="store_true", help="time seerattn only (tuning runs)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="also time a chunk of this many queries over each seq_len keys (split-KV vs unsplit)")
     args = ap.parse_args()
 
     lib = Library(os.path.abspath(args.lib))
@@ -275,7 +300,8 @@ def main():
 
     gen = torch.Generator(device="cuda")
     gen.manual_seed(0)
-    for n in [int(s) for s in args.seqs.split(",")]:
+    # With --chunk only the chunk timings run.
+    for n in [] if args.chunk else [int(s) for s in args.seqs.split(",")]:
         nb = n // BLOCK
         reps = 20 if n <= 8192 else 10 if n <= 32768 else 5
         sets = []
@@ -351,9 +377,42 @@ def main():
         del sets
         torch.cuda.empty_cache()
 
+    if args.chunk:
+        # Chunked prefill: the last `chunk` queries over all keys, with the
+        # workspace (split-KV) and without (unsplit); seerattn only (SDPA's
+        # is_causal aligns a short query block top-left, not as a chunk).
+        for n in [int(x) for x in args.seqs.split(",")]:
+            nb, qc = n // BLOCK, args.chunk
+            first = (n - qc) // BLOCK
+            q = torch.randn(qc, HQ, D, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(n, HKV, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(n, HKV, D, device="cuda", dtype=torch.bfloat16)
+            ws_bytes = lib.workspace_size(qc, n)
+            ws = torch.empty(max(ws_bytes, 16), device="cuda", dtype=torch.uint8)
+            for density in [float(x) for x in args.densities.split(",")]:
+                dense = block_mask(nb, density, gen)
+                mask = index_list(dense, first)
+                rows = dense[:, first:, :]
+                flops = computed_flops_rows(rows, first)
+                outs = {}
+                for split in (True, False):
+                    out = torch.empty_like(q)
+                    call = lib.prefill_call(q, k, v, mask, out, ws if split else None)
+                    call()
+                    torch.cuda.synchronize()
+                    outs[split] = out
+                    ms = time_ms([call], 3, 20)
+                    emit("seerattn_prefill", n, float(rows.sum()) / float(HQ * sum(first + i + 1 for i in range(nb - first))),
+                         ms, flops, chunk=qc, split_kv=split, workspace_bytes=ws_bytes if split else 0)
+                err = rel_err(outs[True], outs[False])
+                print(f"  split vs unsplit: relative difference {err:.2e}")
+                if not err <= 1e-2:
+                    raise SystemExit(f"split-KV and unsplit disagree at n={n}: {err}")
+
     print("\n| impl | seq | density | ms | TFLOP/s |\n|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['impl']} | {r['seq_len']} | {r['density']:.3f} | {r['ms']:.3f} | {r['tflops']:.1f} |")
+        extra = f" chunk {r['chunk']} split {r['split_kv']}" if "chunk" in r else ""
+        print(f"| {r['impl']}{extra} | {r['seq_len']} | {r['density']:.3f} | {r['ms']:.3f} | {r['tflops']:.1f} |")
 
 
 if __name__ == "__main__":

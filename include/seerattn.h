@@ -617,11 +617,15 @@ SeerStatus seer_mask_sizes(const struct SeerBatch *batch,
                            struct SeerMaskSizes *out);
 
 // Scratch bytes that `seer_sparse_prefill` needs in `params->workspace`
-// for this batch on `device` (a `SeerDevice`). Both paths need none today
-// and report 0 (the query exists so that a future split-KV schedule can
-// ask for scratch without an ABI change: pass what it reports). On CUDA,
-// `SEER_UNSUPPORTED` in a build without kernels or for a head_dim the
-// kernel is not built for. The gate's workspace is `seer_gate_workspace_size`.
+// for this batch on `device` (a `SeerDevice`). The CPU path needs none
+// (0). On CUDA, batches with few query blocks and long rows (a chunk over a
+// long KV cache) are run split-KV: each row's key list in parts whose f32
+// outputs are combined, which needs this much scratch (0 when the batch is
+// not split). A smaller workspace is accepted and runs unsplit (same
+// results, less parallelism). A pure function of the arguments (no GPU
+// needed). `SEER_UNSUPPORTED` on CUDA in a build without kernels or for a
+// head_dim the kernel is not built for. The gate's workspace is
+// `seer_gate_workspace_size`.
 SeerStatus seer_prefill_workspace_size(const struct SeerBatch *batch,
                                        uint32_t num_q_heads,
                                        uint32_t head_dim,

@@ -293,8 +293,12 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
     // the query heads of a GQA group follow each other and reuse it); within
     // a head, each sequence's query blocks run last to first, longest rows
     // first.
-    const int head = static_cast<int>(blockIdx.x / static_cast<unsigned>(a.units));
-    const long long unit = blockIdx.x % static_cast<unsigned>(a.units);
+    // With split-KV, a.splits consecutive CTAs share a row, each taking a
+    // contiguous part of its key list and writing its own partial output.
+    const int split = static_cast<int>(blockIdx.x % static_cast<unsigned>(a.splits));
+    const unsigned row_cta = blockIdx.x / static_cast<unsigned>(a.splits);
+    const int head = static_cast<int>(row_cta / static_cast<unsigned>(a.units));
+    const long long unit = row_cta % static_cast<unsigned>(a.units);
     const SeqEntry& e = tab.seq[seq_of_unit(tab, unit)];
     const int i = e.q_blocks - 1 - static_cast<int>(unit - e.unit_base);
     const int qb = e.first_q_block + i;
@@ -315,7 +319,13 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
     const int row0 = (warp % kRowWarps) * 16 * M;  // this warp's first query row in the tile
     const int key_part = warp / kRowWarps;
     const int col0 = key_part * (kBlock / N);  // and its first key of each key tile
-    const MaskRow mask = read_mask_row(a, row, qb);
+    MaskRow mask = read_mask_row(a, row, qb);
+    if (a.splits > 1) {
+        const int lo = static_cast<int>(static_cast<long long>(mask.count) * split / a.splits);
+        const int hi = static_cast<int>(static_cast<long long>(mask.count) * (split + 1) / a.splits);
+        mask.slots += lo;
+        mask.count = hi - lo;
+    }
 
     WarpRows<D, M> w;
     w.init();
@@ -516,14 +526,14 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
                         const float sum = w.row_sum[m][h];
                         const float lse =
                             sum > 0.f ? (w.row_max[m][h] * a.scale_log2 + log2f(sum)) * kLn2 : -CUDART_INF_F;
-                        a.lse[head * a.lse_head_stride + q_token0 + r] = lse;
+                        a.lse[split * a.split_lse_stride + head * a.lse_head_stride + q_token0 + r] = lse;
                     }
                 }
             }
         }
     }
     __syncthreads();
-    O* out = static_cast<O*>(a.out) + head * a.o_head_stride;
+    O* out = static_cast<O*>(a.out) + split * a.split_out_stride + head * a.o_head_stride;
     constexpr int kOutChunks = OutTile::kChunks;
     constexpr int kPerChunk = 16 / sizeof(O);
 #pragma unroll
@@ -533,6 +543,37 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
         const uint4 val = *reinterpret_cast<const uint4*>(staged + OutTile::offset(r, c));
         *reinterpret_cast<uint4*>(out + (q_token0 + r) * a.o_row_stride + c * kPerChunk) = val;
     }
+}
+
+// Split-KV combine: one warp per (token, head); each lane owns D / 32
+// consecutive elements. Parts with lse = -inf (no key in their share of
+// the row) weigh 0; a row empty in every part gives zeros and -inf.
+template <int D, typename O>
+__device__ __forceinline__ void combine(const CombineArgs& c) {
+    constexpr int kPer = D / 32;
+    const long long pair = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (pair >= c.total_q * c.hq) return;
+    const long long t = pair / c.hq;
+    const int h = static_cast<int>(pair % c.hq);
+    float m = -CUDART_INF_F;
+    for (int s = 0; s < c.splits; ++s) m = fmaxf(m, c.part_lse[(s * c.hq + h) * c.total_q + t]);
+    float acc[kPer] = {};
+    float sum = 0.f;
+    if (m != -CUDART_INF_F) {
+        for (int s = 0; s < c.splits; ++s) {
+            const float w = __expf(c.part_lse[(s * c.hq + h) * c.total_q + t] - m);
+            sum += w;
+            const float* part = c.parts + ((s * c.total_q + t) * c.hq + h) * D + lane * kPer;
+#pragma unroll
+            for (int j = 0; j < kPer; ++j) acc[j] += w * part[j];
+        }
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    O* out = static_cast<O*>(c.out) + t * c.o_row_stride + h * c.o_head_stride + lane * kPer;
+#pragma unroll
+    for (int j = 0; j < kPer; j += 2) store2<O>(reinterpret_cast<unsigned char*>(out + j), acc[j] * inv, acc[j + 1] * inv);
+    if (c.lse != nullptr && lane == 0) c.lse[h * c.total_q + t] = sum > 0.f ? m + __logf(sum) : -CUDART_INF_F;
 }
 
 }  // namespace seer::attn
@@ -585,6 +626,18 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
     SEER_ATTN_TYPES(SEER_ATTN_CPASYNC, 128, 1, 1, S)  \
     SEER_ATTN_TYPES(SEER_ATTN_TMA, 64, 2, 1, S)       \
     SEER_ATTN_TYPES(SEER_ATTN_TMA, 128, 2, 1, S)
+
+#define SEER_COMBINE(D, O, ON)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256)                                                     \
+        seer_attn_combine_d##D##_##ON(const __grid_constant__ seer::attn::CombineArgs c) {               \
+        seer::attn::combine<D, O>(c);                                                                      \
+    }
+SEER_COMBINE(64, __nv_bfloat16, bf16)
+SEER_COMBINE(64, __half, f16)
+SEER_COMBINE(64, float, f32)
+SEER_COMBINE(128, __nv_bfloat16, bf16)
+SEER_COMBINE(128, __half, f16)
+SEER_COMBINE(128, float, f32)
 
 SEER_ATTN_ALL(16)
 SEER_ATTN_ALL(256)

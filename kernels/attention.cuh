@@ -32,9 +32,25 @@ struct AttnArgs {
     int units;                  // query blocks in this launch's table (CTAs per head)
     int tma_token_major;        // TMA kernels: bit 0 q, bit 1 k, bit 2 v: the map's
                                 // coordinates are (dim, token, head), else (dim, head, token)
-    int reserved;
+    int splits;                 // split-KV: parts each row's key list is cut into (1: none)
+    long long split_out_stride; // split-KV: elements between the parts' outputs (out is then
+    long long split_lse_stride; // an f32 workspace) and between their lse arrays
 };
-static_assert(sizeof(AttnArgs) == 184, "AttnArgs layout is shared with Rust");
+static_assert(sizeof(AttnArgs) == 200, "AttnArgs layout is shared with Rust");
+
+// The split-KV combine: out[t, h] = sum_s w_s * part_s[t, h] with
+// w_s = exp(lse_s - lse) and lse = log sum_s exp(lse_s).
+struct CombineArgs {
+    const float* parts;        // [splits][total_q][hq][D], f32
+    const float* part_lse;     // [splits][hq][total_q]
+    void* out;                 // [total_q, hq, D] of the output dtype
+    float* lse;                // [hq, total_q] or null
+    long long o_row_stride, o_head_stride;
+    long long total_q;
+    int hq;
+    int splits;
+};
+static_assert(sizeof(CombineArgs) == 64, "CombineArgs layout is shared with Rust");
 
 // One sequence of the launch. The host orders sequences longest first;
 // `unit_base` numbers their query blocks in that order.

@@ -89,7 +89,9 @@ pub fn sparse_prefill(
 /// of shapes, dtypes and parameters, over tensors in device memory, enqueued
 /// on `stream` (see [`crate::gpu::attention`] for what the kernel requires
 /// of layouts: unit dim stride, 16-byte aligned rows; head_dim 64 or 128).
-/// `lse` is `(device address, length)` of `num_q_heads * total_q` f32.
+/// `lse` is `(device address, length)` of `num_q_heads * total_q` f32;
+/// `workspace` `(device address, bytes)` of scratch, at least
+/// [`crate::gpu::attention::workspace_bytes`] for split-KV (less runs unsplit).
 ///
 /// The mask is on the device and is not validated (that would need a
 /// synchronization): the kernel reads it only inside its declared lengths
@@ -108,6 +110,7 @@ pub unsafe fn sparse_prefill_cuda(
     params: &AttentionParams,
     out: &DeviceTensor,
     lse: Option<(u64, usize)>,
+    workspace: (u64, usize),
     stream: CUstream,
 ) -> Result<()> {
     check_common(
@@ -117,7 +120,7 @@ pub unsafe fn sparse_prefill_cuda(
         batch,
         lse.map(|(_, len)| len),
     )?;
-    crate::gpu::attention::sparse_prefill(q, k, v, batch, mask, params, out, lse.map(|(ptr, _)| ptr), stream)
+    crate::gpu::attention::sparse_prefill(q, k, v, batch, mask, params, out, lse.map(|(ptr, _)| ptr), workspace, stream)
 }
 
 /// The checks both paths share; returns the number of query heads.

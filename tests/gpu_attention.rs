@@ -143,6 +143,10 @@ struct OnDevice {
     out: DeviceTensor,
     out_buf: DeviceBuffer,
     lse_buf: DeviceBuffer,
+    /// Split-KV scratch (`workspace_bytes`); `use_workspace` false passes
+    /// none, which runs unsplit.
+    workspace: Option<DeviceBuffer>,
+    use_workspace: bool,
 }
 
 fn upload(ctx: &Ctx, bytes: &[u8]) -> DeviceBuffer {
@@ -179,7 +183,20 @@ impl OnDevice {
         let t = |b: &DeviceBuffer, l: Layout3| DeviceTensor { ptr: b.ptr(), dtype: p.dtype, layout: l };
         let (q, k, v) = (t(&bq, p.q.1), t(&bk, p.k.1), t(&bv, p.v.1));
         let out = DeviceTensor { ptr: out_buf.ptr(), dtype: out_dtype, layout: Layout3::contiguous(tq, p.hq, p.d) };
-        OnDevice { _buffers: vec![bq, bk, bv, bc, bi, bo], q, k, v, mask, out, out_buf, lse_buf }
+        let ws = seerattn::gpu::attention::workspace_bytes(&p.batch, p.hq, p.d);
+        let workspace = (ws > 0).then(|| testing::alloc_zeroed(ctx, ws).unwrap());
+        OnDevice {
+            _buffers: vec![bq, bk, bv, bc, bi, bo],
+            q,
+            k,
+            v,
+            mask,
+            out,
+            out_buf,
+            lse_buf,
+            workspace,
+            use_workspace: true,
+        }
     }
 
     /// # Safety
@@ -187,7 +204,11 @@ impl OnDevice {
     unsafe fn enqueue(&self, p: &Problem, stream: &Stream) -> Result<()> {
         let params = AttentionParams::for_head_dim(p.d);
         let lse = Some((self.lse_buf.ptr(), p.batch.total_q() * p.hq));
-        sparse_prefill_cuda(&self.q, &self.k, &self.v, &p.batch, &self.mask, &params, &self.out, lse, stream.raw())
+        let ws = match (&self.workspace, self.use_workspace) {
+            (Some(b), true) => (b.ptr(), b.len()),
+            _ => (0, 0),
+        };
+        sparse_prefill_cuda(&self.q, &self.k, &self.v, &p.batch, &self.mask, &params, &self.out, lse, ws, stream.raw())
     }
 
     fn poison_outputs(&self, ctx: &Ctx) {
@@ -216,9 +237,16 @@ fn expected_kernel(ctx: &Ctx) -> &'static str {
     }
 }
 
-/// Run `p` on the GPU (poisoned outputs), return output and lse.
+/// Run `p` on the GPU (poisoned outputs), return output and lse; split-KV
+/// where the batch calls for it.
 fn run_gpu(ctx: &Ctx, p: &Problem, out_dtype: DType) -> (Vec<f32>, Vec<f32>) {
-    let dev = OnDevice::new(ctx, p, out_dtype);
+    run_gpu_with(ctx, p, out_dtype, true)
+}
+
+/// As [`run_gpu`]; `use_workspace` false runs unsplit whatever the batch.
+fn run_gpu_with(ctx: &Ctx, p: &Problem, out_dtype: DType, use_workspace: bool) -> (Vec<f32>, Vec<f32>) {
+    let mut dev = OnDevice::new(ctx, p, out_dtype);
+    dev.use_workspace = use_workspace;
     let kernel = seerattn::gpu::attention::selected_kernel(ctx, &dev.q, &dev.k, &dev.v).unwrap();
     assert_eq!(kernel, expected_kernel(ctx), "the kernel path under test");
     dev.poison_outputs(ctx);
@@ -295,8 +323,35 @@ fn gpu_prefill_matches_reference_on_random_shapes() {
         let what =
             format!("{lens:?} hq {hq} hkv {hkv} d {d} {} padded {padded} out {}", dtype.name(), out_dtype.name());
         let cpu = p.reference(out_dtype);
-        let gpu = run_gpu(&ctx, &p, out_dtype);
-        check(&what, &p, &gpu, &cpu, 1e-2);
+        // Every shape unsplit, and split-KV where the batch calls for it
+        // (these small batches mostly do).
+        let gpu = run_gpu_with(&ctx, &p, out_dtype, false);
+        check(&format!("{what} unsplit"), &p, &gpu, &cpu, 1e-2);
+        if seerattn::gpu::attention::split_count(&p.batch, hq) > 1 {
+            let gpu = run_gpu(&ctx, &p, out_dtype);
+            check(&format!("{what} split-KV"), &p, &gpu, &cpu, 1e-2);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_prefill_split_kv_chunk_over_a_long_cache() {
+    // A chunk of queries over many keys (chunked prefill): few rows, long
+    // key lists, so the rows are split; with empty rows and a partial first
+    // query block. Split and unsplit both match the reference.
+    let ctx = ctx();
+    for (lens, density, empty) in
+        [(&[(100usize, 6000usize)][..], 0.5f32, 0usize), (&[(70, 3000), (1, 5000)][..], 0.3, 3)]
+    {
+        let p = Problem::new(lens, 4, 1, 128, DType::BF16, false, density, empty, 11);
+        let splits = seerattn::gpu::attention::split_count(&p.batch, 4);
+        assert!(splits > 1, "{lens:?}: expected a split batch");
+        let cpu = p.reference(DType::BF16);
+        let split = run_gpu(&ctx, &p, DType::BF16);
+        check(&format!("{lens:?} split into {splits}"), &p, &split, &cpu, 1e-2);
+        let unsplit = run_gpu_with(&ctx, &p, DType::BF16, false);
+        check(&format!("{lens:?} unsplit"), &p, &unsplit, &cpu, 1e-2);
     }
 }
 
@@ -462,7 +517,7 @@ fn gpu_prefill_refuses_layouts_it_cannot_read() {
     let stream = Stream::new(&ctx).unwrap();
     let params = AttentionParams::for_head_dim(64);
     let run = |q: &DeviceTensor, out: &DeviceTensor, mask: &DeviceMask, lse: Option<(u64, usize)>| unsafe {
-        sparse_prefill_cuda(q, &dev.k, &dev.v, &p.batch, mask, &params, out, lse, stream.raw())
+        sparse_prefill_cuda(q, &dev.k, &dev.v, &p.batch, mask, &params, out, lse, (0, 0), stream.raw())
     };
     // Misaligned base pointer.
     let mut q = dev.q;

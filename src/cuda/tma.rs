@@ -27,6 +27,7 @@ pub struct TensorMap(pub [u64; 16]);
 /// driver refuses the layout (`CUDA_ERROR_INVALID_VALUE`: the caller then
 /// uses plain copies); an error for anything else. The driver wants a
 /// current context: `ctx` is made current for the call.
+#[allow(clippy::too_many_arguments)]
 pub fn map_3d(
     ctx: &super::Ctx,
     ptr: u64,

@@ -231,11 +231,15 @@ unsafe fn prefill_cuda(
     } else {
         Some(args::device_region("maybe_lse", maybe_lse as usize, lse_len, std::mem::size_of::<f32>())?)
     };
+    let ws = args::device_region("params->workspace", p.workspace as usize, p.workspace_bytes, 1)?;
     let mut reads = vec![q.region, k.region, v.region];
     reads.extend(m.regions);
     let mut writes = vec![o.region];
     writes.extend(lse);
     args::check_disjoint(&writes, &reads)?;
+    // The workspace is written (split-KV parts) and read: apart from all of them.
+    reads.extend(writes);
+    args::check_disjoint(&[ws], &reads)?;
     let attn = attention_params(p, q.tensor.layout.shape[2])?;
     sparse_prefill_cuda(
         &q.tensor,
@@ -246,6 +250,7 @@ unsafe fn prefill_cuda(
         &attn,
         &o.tensor,
         lse.map(|_| (maybe_lse as u64, lse_len)),
+        (p.workspace as u64, p.workspace_bytes),
         crate::cuda::stream_from_raw(p.cuda_stream),
     )?;
     Ok(())

@@ -60,11 +60,15 @@ pub unsafe extern "C" fn seer_mask_sizes(
 }
 
 /// Scratch bytes that `seer_sparse_prefill` needs in `params->workspace`
-/// for this batch on `device` (a `SeerDevice`). Both paths need none today
-/// and report 0 (the query exists so that a future split-KV schedule can
-/// ask for scratch without an ABI change: pass what it reports). On CUDA,
-/// `SEER_UNSUPPORTED` in a build without kernels or for a head_dim the
-/// kernel is not built for. The gate's workspace is `seer_gate_workspace_size`.
+/// for this batch on `device` (a `SeerDevice`). The CPU path needs none
+/// (0). On CUDA, batches with few query blocks and long rows (a chunk over a
+/// long KV cache) are run split-KV: each row's key list in parts whose f32
+/// outputs are combined, which needs this much scratch (0 when the batch is
+/// not split). A smaller workspace is accepted and runs unsplit (same
+/// results, less parallelism). A pure function of the arguments (no GPU
+/// needed). `SEER_UNSUPPORTED` on CUDA in a build without kernels or for a
+/// head_dim the kernel is not built for. The gate's workspace is
+/// `seer_gate_workspace_size`.
 #[no_mangle]
 pub unsafe extern "C" fn seer_prefill_workspace_size(
     batch: *const SeerBatch,
@@ -75,6 +79,7 @@ pub unsafe extern "C" fn seer_prefill_workspace_size(
 ) -> SeerStatus {
     ffi_call!("seer_prefill_workspace_size", {
         let _ = layout(batch, num_q_heads, crate::config::SUPPORTED_BLOCK_SIZE as u32)?;
+        let rust_batch = args::batch(batch)?;
         if head_dim == 0 {
             return Err(invalid("head_dim is 0"));
         }
@@ -94,6 +99,9 @@ pub unsafe extern "C" fn seer_prefill_workspace_size(
                     ),
                 ));
             }
+            let bytes = crate::gpu::attention::workspace_bytes(&rust_batch, num_q_heads as usize, head_dim as usize);
+            args::out_ptr("out_bytes", out_bytes)?.write(bytes);
+            return Ok(());
         }
         args::out_ptr("out_bytes", out_bytes)?.write(0);
         Ok(())

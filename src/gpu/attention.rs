@@ -69,7 +69,62 @@ struct AttnArgs {
     units: i32,
     /// TMA kernels: bit 0 q, bit 1 k, bit 2 v: map coordinates (dim, token, head).
     tma_token_major: i32,
-    reserved: i32,
+    /// Split-KV parts per row (1: none).
+    splits: i32,
+    split_out_stride: i64,
+    split_lse_stride: i64,
+}
+
+/// `seer::attn::CombineArgs`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct CombineArgs {
+    parts: u64,
+    part_lse: u64,
+    out: u64,
+    lse: u64,
+    o_row_stride: i64,
+    o_head_stride: i64,
+    total_q: i64,
+    hq: i32,
+    splits: i32,
+}
+
+/// Split-KV: below this many CTAs (rows x heads) a launch would leave the
+/// GPU under-filled (about one wave of 4 CTAs on 132 SMs), so each row's
+/// key list is cut into parts, up to [`MAX_SPLITS`], each part at least
+/// [`MIN_SPLIT_BLOCKS`] key blocks of the longest causal row. A pure
+/// function of the batch, so that the workspace size needs no GPU. The
+/// mask's density is unknown on the host: measured on H100 (512-query
+/// chunks, kernels/NOTES.md), 1024 CTAs and 8 blocks per part won 1.3x on
+/// dense rows but lost up to 1.5x on 10% rows (parts of about one block,
+/// plus the combine); a one-wave target and 16-block parts split less.
+const TARGET_CTAS: usize = 512;
+const MAX_SPLITS: usize = 16;
+const MIN_SPLIT_BLOCKS: usize = 16;
+
+/// Parts each row's key list is split into for `batch` with `hq` heads.
+pub fn split_count(batch: &Batch, hq: usize) -> usize {
+    let units: usize = batch.seqs(BLOCK).map(|s| s.q_blocks).sum();
+    let ctas = units.saturating_mul(hq).max(1);
+    if ctas >= TARGET_CTAS {
+        return 1;
+    }
+    let longest = batch.seqs(BLOCK).map(|s| s.k_blocks).max().unwrap_or(1);
+    TARGET_CTAS.div_ceil(ctas).min(MAX_SPLITS).min(longest / MIN_SPLIT_BLOCKS).max(1)
+}
+
+/// Scratch bytes of the CUDA prefill for `batch` (`seer_prefill_workspace_size`):
+/// with split-KV, each part's f32 output and lse; 0 without. A smaller
+/// workspace is not an error: the call then runs unsplit (same results,
+/// less parallelism for few long rows).
+pub fn workspace_bytes(batch: &Batch, hq: usize, head_dim: usize) -> usize {
+    let splits = split_count(batch, hq);
+    if splits == 1 {
+        return 0;
+    }
+    let rows = batch.total_q() * hq;
+    (splits * rows * head_dim * 4 + splits * rows * 4).div_ceil(256) * 256
 }
 
 /// `seer::attn::SeqEntry`.
@@ -195,6 +250,7 @@ pub(crate) unsafe fn sparse_prefill(
     params: &AttentionParams,
     out: &DeviceTensor,
     lse: Option<u64>,
+    workspace: (u64, usize),
     stream: CUstream,
 ) -> Result<()> {
     if !cuda::cuda_enabled() {
@@ -268,8 +324,31 @@ pub(crate) unsafe fn sparse_prefill(
         group: (hq / hkv) as i32,
         units: 0,
         tma_token_major: 0,
-        reserved: 0,
+        splits: 1,
+        split_out_stride: 0,
+        split_lse_stride: 0,
     };
+    // Split-KV into the workspace when the batch has few rows and the
+    // workspace holds the parts; then the kernels write f32 parts and a
+    // combine launch writes `out` and `lse`.
+    let splits = split_count(batch, hq);
+    let need = workspace_bytes(batch, hq, d);
+    let split = splits > 1 && workspace.1 >= need;
+    if split {
+        check_buffer(&ctx, "workspace", workspace.0, need)?;
+        if workspace.0 % 16 != 0 {
+            return Err(Error::invalid("the prefill workspace must be 16-byte aligned (cudaMalloc memory is)"));
+        }
+        let rows = (total_q * hq) as i64;
+        args.out = workspace.0;
+        args.o_row_stride = (hq * d) as i64;
+        args.o_head_stride = d as i64;
+        args.lse = workspace.0 + (splits * total_q * hq * d * 4) as u64;
+        args.splits = splits as i32;
+        args.split_out_stride = rows * d as i64;
+        args.split_lse_stride = rows;
+    }
+    let output = if split { "f32" } else { output };
     let kernel = Kernel::choose(&ctx, q, k, v)?;
     if let Kernel::Tma { token_major, .. } = &kernel {
         args.tma_token_major = token_major.iter().enumerate().map(|(i, &t)| (t as i32) << i).sum();
@@ -285,7 +364,7 @@ pub(crate) unsafe fn sparse_prefill(
     let fatbin = kernels::fatbin("attention")?;
     for table in &plan.launches {
         let units: i64 = table.iter().map(|e| e.q_blocks as i64).sum();
-        let grid = [(units * hq as i64) as u32, 1, 1];
+        let grid = [(units * hq as i64 * args.splits as i64) as u32, 1, 1];
         args.units = units as i32;
         let name = |s: usize| format!("{prefix}_d{d}_m{m}n{n}_{input}_{output}_s{s}");
         let maps = match &kernel {
@@ -299,6 +378,28 @@ pub(crate) unsafe fn sparse_prefill(
             let f = cuda::function(&ctx, fatbin, &name(MAX_SEQS))?;
             launch::<MAX_SEQS>(f, table, &mut args, maps, grid, threads, smem, stream)?;
         }
+    }
+    if split {
+        let mut c = CombineArgs {
+            parts: args.out,
+            part_lse: args.lse,
+            out: out.ptr,
+            lse: lse.unwrap_or(0),
+            o_row_stride: out.layout.strides[0] as i64,
+            o_head_stride: out.layout.strides[1] as i64,
+            total_q: total_q as i64,
+            hq: hq as i32,
+            splits: splits as i32,
+        };
+        let out_name = match out.dtype {
+            DType::F32 => "f32",
+            _ => input,
+        };
+        let f = cuda::function(&ctx, fatbin, &format!("seer_attn_combine_d{d}_{out_name}"))?;
+        // One warp per (token, head), 8 warps per CTA.
+        let grid = [(total_q * hq).div_ceil(8) as u32, 1, 1];
+        let mut params: [*mut c_void; 1] = [(&mut c as *mut CombineArgs).cast()];
+        cuda::launch(f, grid, [256, 1, 1], 0, stream, &mut params)?;
     }
     Ok(())
 }
@@ -387,7 +488,8 @@ mod tests {
     #[test]
     fn structs_match_the_kernel_header() {
         // kernels/attention.cuh static_asserts the same sizes.
-        assert_eq!(std::mem::size_of::<AttnArgs>(), 184);
+        assert_eq!(std::mem::size_of::<AttnArgs>(), 200);
+        assert_eq!(std::mem::size_of::<CombineArgs>(), 64);
         assert_eq!(std::mem::size_of::<SeqEntry>(), 56);
         assert_eq!(std::mem::size_of::<SeqTable<16>>(), 8 + 16 * 56);
         assert!(std::mem::size_of::<SeqTable<MAX_SEQS>>() + std::mem::size_of::<AttnArgs>() < 32 * 1024);
@@ -408,6 +510,24 @@ mod tests {
         assert_eq!(t[2].row_base, 0);
         assert_eq!(t[0].row_base, 8);
         assert_eq!(t[1].row_base, 8 + 4 * 16);
+    }
+
+    #[test]
+    fn split_kv_only_for_few_long_rows() {
+        // 32k tokens x 32 heads: 16384 CTAs, no split, no workspace.
+        let long = Batch::single(32768).unwrap();
+        assert_eq!((split_count(&long, 32), workspace_bytes(&long, 32, 128)), (1, 0));
+        // A 512-token chunk over 32k keys: 8 query blocks x 32 heads = 256
+        // CTAs -> 2 parts; workspace: 2 parts of 512 x 32 rows of 128 + 1 floats.
+        let chunk = Batch::from_lens(&[(512, 32768)]).unwrap();
+        assert_eq!(split_count(&chunk, 32), 2);
+        assert_eq!(workspace_bytes(&chunk, 32, 128), 2 * 512 * 32 * 129 * 4);
+        // Short rows are not split (each part would get under 16 key blocks).
+        let short = Batch::from_lens(&[(64, 1000)]).unwrap();
+        assert_eq!(split_count(&short, 2), 1);
+        // At most 16 parts.
+        let tiny = Batch::from_lens(&[(1, 1 << 20)]).unwrap();
+        assert_eq!(split_count(&tiny, 1), 16);
     }
 
     #[test]
