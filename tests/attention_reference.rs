@@ -3,7 +3,8 @@
 //! (full masks) and a token-level masked attention written here (random
 //! masks). Inputs come from a fixed-seed generator so that failures reproduce.
 
-use half::{bf16, f16};
+mod common;
+use common::{decode, encode};
 use seerattn::attention::{sparse_prefill, AttentionParams};
 use seerattn::reference::attention::naive::dense_causal_attention;
 use seerattn::{Batch, BlockMask, DType, Error, Layout3, MaskLayout, Tensor3, Tensor3Mut};
@@ -25,28 +26,6 @@ impl Rng {
     fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
         lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
     }
-}
-
-fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
-    values
-        .iter()
-        .flat_map(|&x| match dtype {
-            DType::BF16 => bf16::from_f32(x).to_le_bytes().to_vec(),
-            DType::F16 => f16::from_f32(x).to_le_bytes().to_vec(),
-            DType::F32 => x.to_le_bytes().to_vec(),
-        })
-        .collect()
-}
-
-fn decode(bytes: &[u8], dtype: DType) -> Vec<f32> {
-    bytes
-        .chunks(dtype.size())
-        .map(|c| match dtype {
-            DType::BF16 => bf16::from_le_bytes([c[0], c[1]]).to_f32(),
-            DType::F16 => f16::from_le_bytes([c[0], c[1]]).to_f32(),
-            DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-        })
-        .collect()
 }
 
 /// One test geometry: per-sequence `(q_len, k_len)`, head counts, head dim, input dtype.

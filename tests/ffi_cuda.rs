@@ -146,6 +146,16 @@ fn desc(data: u64, dtype: DType, device: u32, shape: [usize; 3]) -> SeerTensor {
     }
 }
 
+/// Zeroed host mask arrays of the sizes `s`.
+fn host_mask(s: &SeerMaskSizes) -> BlockMask {
+    BlockMask { counts: vec![0; s.rows], indices: vec![0; s.indices_len], row_offsets: vec![0; s.row_offsets_len] }
+}
+
+/// The CPU descriptor of `m` (which must outlive its use).
+fn host_mask_desc(m: &mut BlockMask, s: &SeerMaskSizes) -> SeerBlockMask {
+    mask_desc(m.counts.as_mut_ptr() as u64, m.indices.as_mut_ptr() as u64, m.row_offsets.as_mut_ptr() as u64, s, CPU)
+}
+
 fn mask_desc(counts: u64, indices: u64, offsets: u64, s: &SeerMaskSizes, device: u32) -> SeerBlockMask {
     SeerBlockMask {
         counts: counts as *mut i32,
@@ -484,15 +494,8 @@ fn cpu_mask(
     tk: usize,
 ) -> BlockMask {
     let s = sizes(batch, config_of(gate).num_q_heads);
-    let mut m =
-        BlockMask { counts: vec![0; s.rows], indices: vec![0; s.indices_len], row_offsets: vec![0; s.row_offsets_len] };
-    let md = mask_desc(
-        m.counts.as_mut_ptr() as u64,
-        m.indices.as_mut_ptr() as u64,
-        m.row_offsets.as_mut_ptr() as u64,
-        &s,
-        CPU,
-    );
+    let mut m = host_mask(&s);
+    let md = host_mask_desc(&mut m, &s);
     let ((qb, qs), (kb, ks)) = (rows(q, tq), rows(k, tk));
     let qd = desc(qb.as_ptr() as u64, DType::BF16, CPU, qs);
     let kd = desc(kb.as_ptr() as u64, DType::BF16, CPU, ks);
@@ -1148,15 +1151,8 @@ fn cpu_mask_of(
     k: (&[u8], [usize; 3]),
 ) -> BlockMask {
     let s = sizes(batch, config_of(gate).num_q_heads);
-    let mut m =
-        BlockMask { counts: vec![0; s.rows], indices: vec![0; s.indices_len], row_offsets: vec![0; s.row_offsets_len] };
-    let md = mask_desc(
-        m.counts.as_mut_ptr() as u64,
-        m.indices.as_mut_ptr() as u64,
-        m.row_offsets.as_mut_ptr() as u64,
-        &s,
-        CPU,
-    );
+    let mut m = host_mask(&s);
+    let md = host_mask_desc(&mut m, &s);
     let qd = desc(q.0.as_ptr() as u64, DType::BF16, CPU, q.1);
     let kd = desc(k.0.as_ptr() as u64, DType::BF16, CPU, k.1);
     let p = SeerMaskParams {
@@ -1317,18 +1313,8 @@ fn gate_attention_on_the_cpu_equals_the_two_calls() {
     let (qn, kn, q, k, v) = (host("q_nope", n), host("k_nope", n), host("q", n), host("k", n), host("v", n));
     let s = sizes(&b, hq as u32);
     let run = |combined: bool| {
-        let mut m = BlockMask {
-            counts: vec![0; s.rows],
-            indices: vec![0; s.indices_len],
-            row_offsets: vec![0; s.row_offsets_len],
-        };
-        let md = mask_desc(
-            m.counts.as_mut_ptr() as u64,
-            m.indices.as_mut_ptr() as u64,
-            m.row_offsets.as_mut_ptr() as u64,
-            &s,
-            CPU,
-        );
+        let mut m = host_mask(&s);
+        let md = host_mask_desc(&mut m, &s);
         let mut out = vec![0xffu8; n * hq * d * 2];
         let mut lse = vec![0f32; n * hq];
         let od = desc(out.as_mut_ptr() as u64, DType::BF16, CPU, [n, hq, d]);
@@ -1354,15 +1340,8 @@ fn gate_attention_on_the_cpu_equals_the_two_calls() {
     let cuda_q = SeerTensor { device: CUDA, ..q };
     let mut out = vec![0u8; n * hq * d * 2];
     let od = desc(out.as_mut_ptr() as u64, DType::BF16, CPU, [n, hq, d]);
-    let mut m =
-        BlockMask { counts: vec![0; s.rows], indices: vec![0; s.indices_len], row_offsets: vec![0; s.row_offsets_len] };
-    let md = mask_desc(
-        m.counts.as_mut_ptr() as u64,
-        m.indices.as_mut_ptr() as u64,
-        m.row_offsets.as_mut_ptr() as u64,
-        &s,
-        CPU,
-    );
+    let mut m = host_mask(&s);
+    let md = host_mask_desc(&mut m, &s);
     let status = unsafe {
         seer_gate_attention(gate.0, &mp, &pp, &b, &qn, &kn, &cuda_q, &k, &v, &md, &od, std::ptr::null_mut(), 0)
     };

@@ -22,27 +22,6 @@ fn ctx() -> Ctx {
     cuda::current_context().expect("a CUDA device")
 }
 
-fn encode(v: &[f32], dtype: DType) -> Vec<u8> {
-    v.iter()
-        .flat_map(|&x| match dtype {
-            DType::BF16 => half::bf16::from_f32(x).to_le_bytes().to_vec(),
-            DType::F16 => half::f16::from_f32(x).to_le_bytes().to_vec(),
-            DType::F32 => x.to_le_bytes().to_vec(),
-        })
-        .collect()
-}
-
-fn decode(bytes: &[u8], dtype: DType) -> Vec<f32> {
-    bytes
-        .chunks(dtype.size())
-        .map(|c| match dtype {
-            DType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
-            DType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
-            DType::F32 => f32::from_le_bytes(c.try_into().unwrap()),
-        })
-        .collect()
-}
-
 /// One test problem: inputs in host memory (possibly strided), a mask.
 struct Problem {
     batch: Batch,

@@ -49,16 +49,6 @@ fn config(d: usize, hq: usize, hkv: usize) -> GateConfig {
     }
 }
 
-fn to_bytes(v: &[f32], dtype: DType) -> Vec<u8> {
-    v.iter()
-        .flat_map(|&x| match dtype {
-            DType::BF16 => half::bf16::from_f32(x).to_le_bytes().to_vec(),
-            DType::F16 => half::f16::from_f32(x).to_le_bytes().to_vec(),
-            DType::F32 => x.to_le_bytes().to_vec(),
-        })
-        .collect()
-}
-
 /// A gate with random weights in layer 1, scaled so that logits spread over
 /// a few units (a realistic softmax, neither flat nor one-hot).
 fn random_gate(c: &GateConfig, rng: &mut Rng) -> Gate {
@@ -66,7 +56,7 @@ fn random_gate(c: &GateConfig, rng: &mut Rng) -> Gate {
     let [h, i, o] = c.k_weight_shape();
     let a = 2.0 / (i as f32).sqrt();
     let w: Vec<f32> = (0..h * i * o).map(|_| rng.uniform(-a, a)).collect();
-    let bytes = to_bytes(&w, DType::BF16);
+    let bytes = encode(&w, DType::BF16);
     gate.set_layer_weights(1, WeightRef { dtype: DType::BF16, shape: [h, i, o], bytes: &bytes }, None).unwrap();
     gate
 }
@@ -119,7 +109,7 @@ fn upload_inputs(
                 }
             }
         }
-        let bytes = to_bytes(&host, dtype);
+        let bytes = encode(&host, dtype);
         let buf = testing::alloc_zeroed(ctx, bytes.len()).unwrap();
         testing::copy_to_device(ctx, buf.ptr(), &bytes).unwrap();
         let ptr = buf.ptr() + (offset_heads * d * dtype.size()) as u64;
@@ -298,7 +288,7 @@ fn gpu_gate_matches_reference_on_random_shapes() {
         let q = structured(batch.total_q(), shape.hq, shape.d, &mut rng);
         let k = structured(batch.total_k(), shape.hkv, shape.d, &mut rng);
         let inputs = upload_inputs(&ctx, &q, &k, batch.total_q(), batch.total_k(), &c, shape.dtype, shape.fused);
-        let (qb, kb) = (to_bytes(&q, shape.dtype), to_bytes(&k, shape.dtype));
+        let (qb, kb) = (encode(&q, shape.dtype), encode(&k, shape.dtype));
         let qv = Tensor3::new("q", &qb, shape.dtype, Layout3::contiguous(batch.total_q(), shape.hq, shape.d)).unwrap();
         let kv = Tensor3::new("k", &kb, shape.dtype, Layout3::contiguous(batch.total_k(), shape.hkv, shape.d)).unwrap();
         let scores = gate.scores(1, &qv, &kv, &batch).unwrap();
@@ -422,8 +412,8 @@ fn gpu_gate_graph_capture_replays_with_new_inputs() {
     for round in 0..3 {
         let q = structured(batch.total_q(), 8, 128, &mut rng);
         let k = structured(batch.total_k(), 2, 128, &mut rng);
-        testing::copy_to_device(&ctx, inputs.q.ptr, &to_bytes(&q, DType::BF16)).unwrap();
-        testing::copy_to_device(&ctx, inputs.k.ptr, &to_bytes(&k, DType::BF16)).unwrap();
+        testing::copy_to_device(&ctx, inputs.q.ptr, &encode(&q, DType::BF16)).unwrap();
+        testing::copy_to_device(&ctx, inputs.k.ptr, &encode(&k, DType::BF16)).unwrap();
         graph.launch(&stream).unwrap();
         stream.synchronize().unwrap();
         let replayed = out.read(&ctx);
@@ -627,7 +617,7 @@ fn run_kcache_case(case: &KcacheCase, rng: &mut Rng) {
             )
             .unwrap();
         }
-        let (qb, kb) = (to_bytes(&q, dtype), to_bytes(&k_all, dtype));
+        let (qb, kb) = (encode(&q, dtype), encode(&k_all, dtype));
         let qv = Tensor3::new("q", &qb, dtype, Layout3::contiguous(tq, hq, d)).unwrap();
         let kv = Tensor3::new("k", &kb, dtype, Layout3::contiguous(tk, hkv, d)).unwrap();
         let scores = gate.scores(1, &qv, &kv, &batch).unwrap();
@@ -880,8 +870,8 @@ fn gpu_kcache_graph_capture_replays() {
     for round in 0..3 {
         let q = structured(400, 8, 128, &mut rng);
         let k = structured(400, 2, 128, &mut rng);
-        testing::copy_to_device(&ctx, inputs.q.ptr, &to_bytes(&q, DType::BF16)).unwrap();
-        testing::copy_to_device(&ctx, inputs.k.ptr, &to_bytes(&k, DType::BF16)).unwrap();
+        testing::copy_to_device(&ctx, inputs.q.ptr, &encode(&q, DType::BF16)).unwrap();
+        testing::copy_to_device(&ctx, inputs.k.ptr, &encode(&k, DType::BF16)).unwrap();
         graph.launch(&stream).unwrap();
         stream.synchronize().unwrap();
         let replayed = out.read(&ctx);

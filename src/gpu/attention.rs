@@ -348,7 +348,8 @@ pub(crate) unsafe fn sparse_prefill(
         args.split_out_stride = rows * d as i64;
         args.split_lse_stride = rows;
     }
-    let output = if split { "f32" } else { output };
+    // The attention kernel writes f32 parts when split; the combine writes `out`.
+    let kernel_output = if split { "f32" } else { output };
     let kernel = Kernel::choose(&ctx, q, k, v)?;
     if let Kernel::Tma { token_major, .. } = &kernel {
         args.tma_token_major = token_major.iter().enumerate().map(|(i, &t)| (t as i32) << i).sum();
@@ -366,7 +367,7 @@ pub(crate) unsafe fn sparse_prefill(
         let units: i64 = table.iter().map(|e| e.q_blocks as i64).sum();
         let grid = [(units * hq as i64 * args.splits as i64) as u32, 1, 1];
         args.units = units as i32;
-        let name = |s: usize| format!("{prefix}_d{d}_m{m}n{n}_{input}_{output}_s{s}");
+        let name = |s: usize| format!("{prefix}_d{d}_m{m}n{n}_{input}_{kernel_output}_s{s}");
         let maps = match &kernel {
             Kernel::CpAsync => None,
             Kernel::Tma { maps, .. } => Some(maps),
@@ -391,11 +392,7 @@ pub(crate) unsafe fn sparse_prefill(
             hq: hq as i32,
             splits: splits as i32,
         };
-        let out_name = match out.dtype {
-            DType::F32 => "f32",
-            _ => input,
-        };
-        let f = cuda::function(&ctx, fatbin, &format!("seer_attn_combine_d{d}_{out_name}"))?;
+        let f = cuda::function(&ctx, fatbin, &format!("seer_attn_combine_d{d}_{output}"))?;
         // One warp per (token, head), 8 warps per CTA.
         let grid = [(total_q * hq).div_ceil(8) as u32, 1, 1];
         let mut params: [*mut c_void; 1] = [(&mut c as *mut CombineArgs).cast()];

@@ -165,3 +165,27 @@ pub fn compare_masks(what: &str, params: &MaskParams, scores: &GateScores, gpu: 
     assert!(near * 100 <= entries.max(100), "{what}: {near} near-tie differences of {entries} entries");
     near
 }
+
+/// `values` in `dtype`, little-endian bytes.
+pub fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|&x| match dtype {
+            DType::BF16 => half::bf16::from_f32(x).to_le_bytes().to_vec(),
+            DType::F16 => half::f16::from_f32(x).to_le_bytes().to_vec(),
+            DType::F32 => x.to_le_bytes().to_vec(),
+        })
+        .collect()
+}
+
+/// Little-endian `dtype` bytes as f32.
+pub fn decode(bytes: &[u8], dtype: DType) -> Vec<f32> {
+    bytes
+        .chunks(dtype.size())
+        .map(|c| match dtype {
+            DType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+            DType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+            DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+        })
+        .collect()
+}
