@@ -202,7 +202,8 @@ typedef struct SeerPrefillParams {
   uint32_t block_size;
   // CUDA stream (`cudaStream_t`) for device buffers; unused on the CPU.
   void *cuda_stream;
-  // Caller-owned scratch memory of at least `seer_prefill_workspace_size` bytes (NULL when that is 0).
+  // Caller-owned scratch memory of `seer_prefill_workspace_size` bytes (NULL when that is 0); on
+  // CUDA a smaller workspace runs unsplit instead of split-KV.
   void *workspace;
   size_t workspace_bytes;
 } SeerPrefillParams;
@@ -389,7 +390,10 @@ SeerStatus seer_prefill_params_default(struct SeerPrefillParams *out);
 //   synchronization: the kernel reads only inside the declared array
 //   lengths, clamps each count to its row and skips indices outside the
 //   causal range, so a malformed mask gives wrong output, never an
-//   out-of-bounds access. No workspace is needed.
+//   out-of-bounds access. `params->workspace` (device memory, 16-byte
+//   aligned, apart from every other buffer) of `seer_prefill_workspace_size`
+//   bytes lets a batch of few long rows run split-KV; with less it runs
+//   unsplit. On sm_90 the tiles come by TMA, elsewhere by cp.async.
 SeerStatus seer_sparse_prefill(const struct SeerPrefillParams *params,
                                const struct SeerBatch *batch,
                                const struct SeerTensor *q,
