@@ -70,6 +70,13 @@ build() {
         "$cc" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -Iinclude "examples-c/$prog.c" \
             -L"$stage/lib" -lseerattn -lm -Wl,-rpath,'$ORIGIN/../lib' -o "$stage/c/$prog"
     done
+    # The CUDA example: the runtime linked statically, so it needs only the driver there.
+    local cuda_root cudart_dir
+    cuda_root=$(dirname "$(dirname "$NVCC")")
+    cudart_dir=$(dirname "$(ls "$cuda_root"/lib/libcudart_static.a "$cuda_root"/lib64/libcudart_static.a 2>/dev/null | head -n 1)")
+    "$cc" -std=c11 -Wall -Wextra -Werror -pedantic -O2 -Iinclude -I"$cuda_root/include" examples-c/cuda_prefill.c \
+        -L"$stage/lib" -lseerattn -L"$cudart_dir" -l:libcudart_static.a -ldl -lpthread -lrt -lm \
+        -Wl,-rpath,'$ORIGIN/../lib' -o "$stage/c/cuda_prefill"
     {
         echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
         echo "built: $(date -u +%FT%TZ) on $(uname -n)"
@@ -140,6 +147,11 @@ run() {
     status=0
     "$stage/c/prefill" "$gate" 1 >"$logs/c-prefill.log" 2>&1 || status=$?
     record c/prefill "$status" "$logs/c-prefill.log"
+    echo "== c/cuda_prefill"
+    status=0
+    "$stage/c/cuda_prefill" "$gate" 8192 >"$logs/c-cuda_prefill.log" 2>&1 || status=$?
+    cat "$logs/c-cuda_prefill.log"
+    record c/cuda_prefill "$status" "$logs/c-cuda_prefill.log"
     echo "== c/api_errors"
     status=0
     "$stage/c/api_errors" "$gate" "$scratch" >"$logs/c-api_errors.log" 2>&1 || status=$?

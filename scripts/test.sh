@@ -41,6 +41,15 @@ for prog in api_errors prefill; do
     "$CC" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -Iinclude "examples-c/$prog.c" \
         -L"$lib" -lseerattn -lm -Wl,-rpath,"$lib" -o "$out/$prog"
 done
+# The CUDA example needs a GPU to run (scripts/gpu-test.sh runs it there);
+# here it is compiled against the CUDA runtime headers of the same toolkit,
+# so that an API change that breaks it fails CI.
+cuda_root=$(dirname "$(dirname "$NVCC")")
+cudart_dir=$(dirname "$(ls "$cuda_root"/lib/libcudart_static.a "$cuda_root"/lib64/libcudart_static.a 2>/dev/null | head -n 1)")
+"$CC" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -Iinclude -I"$cuda_root/include" examples-c/cuda_prefill.c \
+    -L"$lib" -lseerattn -L"$cudart_dir" -l:libcudart_static.a -ldl -lpthread -lrt -lm -Wl,-rpath,"$lib" \
+    -o "$out/cuda_prefill"
+echo "examples-c/cuda_prefill.c compiled (it runs on the GPU machine: scripts/gpu-test.sh run)"
 gate=tests/data/upstream/gqa4_s1000_gates
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
