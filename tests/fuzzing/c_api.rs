@@ -1148,7 +1148,8 @@ fn cache_array(mem: &mut Memory, caches: &[u64], ptr: Ptr, n: usize) -> Result<*
     let bytes = if ptr == Ptr::Null { Some(0) } else { bytes };
     let p = mem.place_array(ptr, bytes)?;
     if !p.is_null() {
-        for i in 0..n {
+        // A stand-in buffer for an overflowing count holds 64 bytes.
+        for i in 0..bytes.map_or(8, |_| n) {
             unsafe { p.cast::<u64>().add(i).write_unaligned(caches.get(i).copied().unwrap_or(0x7f20_0000_0000)) };
         }
     }
