@@ -10,7 +10,7 @@ use crate::config::{
 use crate::gate::{Gate, WeightRef};
 use crate::gpu::gate::{self as gpu_gate, DeviceGate, GatePlan};
 use crate::mask::MaskLayout;
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -62,12 +62,14 @@ impl SeerGate {
 
 /// Addresses of live handles: a call with a pointer that is not one (never
 /// created, or already destroyed, unless the address was reused) fails with
-/// `SEER_INVALID_ARGUMENT` instead of reading freed memory.
-static LIVE_GATES: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
+/// `SEER_INVALID_ARGUMENT` instead of reading freed memory. (A B-tree rather
+/// than a hash set: its allocations are reachable from the static through
+/// pointers to their starts, so leak checkers see them as still reachable,
+/// not "possibly lost".)
+static LIVE_GATES: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
 
-fn live_gates<R>(f: impl FnOnce(&mut HashSet<usize>) -> R) -> R {
-    let mut guard = LIVE_GATES.lock().unwrap_or_else(|poison| poison.into_inner());
-    f(guard.get_or_insert_with(HashSet::new))
+fn live_gates<R>(f: impl FnOnce(&mut BTreeSet<usize>) -> R) -> R {
+    f(&mut LIVE_GATES.lock().unwrap_or_else(|poison| poison.into_inner()))
 }
 
 unsafe fn gate_handle<'a>(ptr: *const SeerGate) -> FfiResult<&'a SeerGate> {
