@@ -7,6 +7,7 @@ mod common;
 use common::capi::*;
 use seerattn::ffi::args::{SeerBatch, SeerTensor};
 use seerattn::ffi::attention::{seer_prefill_params_default, seer_sparse_prefill, SeerPrefillParams};
+use seerattn::ffi::cuda::seer_cuda_device_info;
 use seerattn::ffi::gate::*;
 use seerattn::ffi::mask::{
     seer_mask_from_dense, seer_mask_sizes, seer_mask_to_dense, seer_prefill_workspace_size, SeerMaskSizes,
@@ -415,6 +416,12 @@ fn null_pointers_of_every_entry_point() {
         let c = gate.config();
         expect(seer_gate_create(&c, null.cast()), SEER_NULL_POINTER, "create out");
         expect(seer_gate_get_config(gate.0, null.cast()), SEER_NULL_POINTER, "get_config out");
+        let mut mp = MaybeUninit::<SeerMaskParams>::uninit();
+        expect(seer_mask_params_default(std::ptr::null(), mp.as_mut_ptr()), SEER_NULL_POINTER, "params_default gate");
+        // The out-pointers are checked before the driver is looked for.
+        let mut cc = 0i32;
+        expect(seer_cuda_device_info(null.cast(), &mut cc), SEER_NULL_POINTER, "device_info capability");
+        expect(seer_cuda_device_info(&mut cc, null.cast()), SEER_NULL_POINTER, "device_info SMs");
         assert_eq!(seer_gate_has_layer(std::ptr::null(), 0), 0);
         expect(seer_kblock_cache_update(gate.0, &p, &batch, &k, std::ptr::null(), 1), SEER_NULL_POINTER, "caches");
         let _ = mask.counts.len();
@@ -660,4 +667,36 @@ fn mask_offsets_past_the_last_offset_are_refused() {
     let inputs = Inputs::random(&[(128, 128)], 1, 1, 64, 1.0, 41);
     let (status, _, _) = inputs.prefill(&mut mask, 0.0);
     expect(status, SEER_INVALID_ARGUMENT, "prefill");
+}
+
+/// Rule values outside their ranges, and weights that are not finite.
+#[test]
+fn mask_rules_and_weights_out_of_range() {
+    let _s = serial();
+    let gate = small_gate(43);
+    let inputs = Inputs::random(&[(70, 70)], 2, 1, 64, 1.0, 43);
+    let base = gate.params(0);
+    for (what, p) in [
+        ("NaN threshold", SeerMaskParams { threshold: f32::NAN, ..base }),
+        ("threshold 1.5", SeerMaskParams { threshold: 1.5, ..base }),
+        ("threshold -0.1", SeerMaskParams { threshold: -0.1, ..base }),
+        ("nz_ratio 0", SeerMaskParams { sparsity_method: 1, nz_ratio: 0.0, ..base }),
+        ("NaN nz_ratio", SeerMaskParams { sparsity_method: 1, nz_ratio: f32::NAN, ..base }),
+        ("method 2", SeerMaskParams { sparsity_method: 2, ..base }),
+        ("empty_rows 2", SeerMaskParams { empty_rows: 2, ..base }),
+        ("threshold_compare 2", SeerMaskParams { threshold_compare: 2, ..base }),
+        ("last_block_dense 2", SeerMaskParams { last_block_dense: 2, ..base }),
+    ] {
+        let (status, mask) = inputs.mask(gate.0, &p);
+        expect(status, SEER_INVALID_ARGUMENT, what);
+        assert!(mask.counts.iter().all(|&c| c == -1), "{what}: the mask was written");
+    }
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut w = vec![0u16; 2 * 192 * 64];
+        w[100] = half::bf16::from_f32(bad).to_bits();
+        let desc = host_tensor(w.as_ptr(), BF16, [2, 192, 64]);
+        let status = unsafe { seer_gate_set_layer_weights(gate.0, 0, &desc, std::ptr::null()) };
+        let msg = expect(status, SEER_INVALID_ARGUMENT, "non-finite weight");
+        assert!(msg.contains("not finite"), "{msg}");
+    }
 }
