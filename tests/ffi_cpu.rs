@@ -5,7 +5,7 @@
 
 mod common;
 use common::capi::*;
-use seerattn::ffi::args::{SeerBatch, SeerTensor};
+use seerattn::ffi::args::{SeerBatch, SeerBlockMask, SeerTensor};
 use seerattn::ffi::attention::{seer_prefill_params_default, seer_sparse_prefill, SeerPrefillParams};
 use seerattn::ffi::cuda::seer_cuda_device_info;
 use seerattn::ffi::gate::*;
@@ -438,30 +438,20 @@ fn sizes_lengths_and_struct_sizes() {
     let (q, k) = (inputs.q_desc(), inputs.k_desc());
     unsafe {
         // Output sizes: too small is BUFFER_TOO_SMALL; larger counts/offsets are refused as wrong.
+        let params = gate.params(0);
+        let compute = |m: &SeerBlockMask| seer_gate_compute_mask(gate.0, &params, &batch, &q, &k, m);
         let mut mask = HostMask::new(&s);
         let mut m = mask.desc();
         m.counts_len -= 1;
-        expect(
-            seer_gate_compute_mask(gate.0, &gate.params(0), &batch, &q, &k, &m),
-            SEER_BUFFER_TOO_SMALL,
-            "counts short",
-        );
+        expect(compute(&m), SEER_BUFFER_TOO_SMALL, "counts short");
         m.counts_len += 2;
         mask.counts.push(0);
         m.counts = mask.counts.as_mut_ptr();
-        expect(
-            seer_gate_compute_mask(gate.0, &gate.params(0), &batch, &q, &k, &m),
-            SEER_INVALID_ARGUMENT,
-            "counts long",
-        );
+        expect(compute(&m), SEER_INVALID_ARGUMENT, "counts long");
         mask.counts.pop();
         let mut m = mask.desc();
         m.row_offsets_len -= 1;
-        expect(
-            seer_gate_compute_mask(gate.0, &gate.params(0), &batch, &q, &k, &m),
-            SEER_BUFFER_TOO_SMALL,
-            "offsets short",
-        );
+        expect(compute(&m), SEER_BUFFER_TOO_SMALL, "offsets short");
         // Lengths that overflow the address space.
         let mut m = mask.desc();
         m.indices_len = usize::MAX / 2;

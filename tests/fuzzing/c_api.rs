@@ -598,12 +598,13 @@ pub fn c_api(data: &[u8]) {
     let dtype = r.u8() as u32 % 2;
     let mut mem = Memory::new(r.u64());
 
-    let mut config = default_config();
-    config.num_layers = num_layers as u32;
-    config.num_q_heads = hq as u32;
-    config.num_kv_heads = hkv as u32;
-    config.head_dim = d as u32;
-    config.gate_hidden = hidden as u32;
+    let geometry = || {
+        let mut c = default_config();
+        (c.num_layers, c.num_q_heads, c.num_kv_heads) = (num_layers as u32, hq as u32, hkv as u32);
+        (c.head_dim, c.gate_hidden) = (d as u32, hidden as u32);
+        c
+    };
+    let mut config = geometry();
     if r.u8() % 4 == 3 {
         config.q_pools = 1 + r.u8() as u32 % 7;
         config.k_pools = 1 + r.u8() as u32 % 7;
@@ -786,13 +787,7 @@ pub fn c_api(data: &[u8]) {
         assert!(gate.is_null(), "seer_gate_create wrote its out-parameter on failure");
         if op != 7 {
             // Everything else needs a gate: use the unmutated geometry.
-            let mut base = default_config();
-            base.num_layers = num_layers as u32;
-            base.num_q_heads = hq as u32;
-            base.num_kv_heads = hkv as u32;
-            base.head_dim = d as u32;
-            base.gate_hidden = hidden as u32;
-            config = base;
+            config = geometry();
             assert!(status_ok("seer_gate_create", unsafe { seer_gate_create(&config, &mut gate) }));
         }
     }
