@@ -872,7 +872,12 @@ fn set_all_weights(gate: *mut SeerGate, missing: bool, mem: &mut Memory) {
     let k_heads = if has_q { c.num_kv_heads as usize } else { h };
     let k_in = d * c.k_pools.count_ones() as usize;
     let q_in = d * c.q_pools.count_ones() as usize;
-    for layer in 0..c.num_layers as usize - missing as usize {
+    // A fuzzed config may describe thousands of large layers: set as many
+    // as 1M weight elements allow (the others stay without weights, which
+    // calls on them must refuse), so that one input cannot take minutes.
+    let per_layer = (k_heads * k_in * hid).saturating_add(if has_q { h * q_in * hid } else { 0 });
+    let layers = (c.num_layers as usize - missing as usize).min((1 << 20) / per_layer.max(1));
+    for layer in 0..layers {
         let mut kw = TensorArg::new(0, [k_heads, k_in, hid]);
         let mut qw = TensorArg::new(0, [h, q_in, hid]);
         let (Ok(kp), Ok(qp)) = (kw.place(mem, false), qw.place(mem, false)) else { return };
