@@ -11,7 +11,8 @@
 #    ASan does not instrument): --error-exitcode=1 --leak-check=full, so an
 #    invalid access, a use of uninitialised memory or a definite or possible
 #    leak fails. The prefill example takes minutes under valgrind (a
-#    1000-token dense prefill in a debug build); SEERATTN_VALGRIND_ALL=1 adds it.
+#    1000-token dense prefill in a debug build), and so do the threading
+#    tests of tests/ffi_cpu.rs; SEERATTN_VALGRIND_ALL=1 adds both.
 #
 # Needs a C compiler with libasan/libubsan and valgrind (.ci/run installs it);
 # SEERATTN_SKIP_VALGRIND=1 runs the sanitizers only and says so.
@@ -56,5 +57,12 @@ vg=(valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=def
 if [ "${SEERATTN_VALGRIND_ALL:-}" = 1 ]; then
     echo "== prefill under valgrind memcheck"
     "${vg[@]}" "$out/prefill-plain" "$gate" 1 | tail -n 1
+    # The threading tests of the C API (handles created, destroyed and
+    # destroyed while in use from many threads): about 2.5 minutes.
+    echo "== tests/ffi_cpu.rs threading tests under valgrind memcheck"
+    bin=$(cargo test --test ffi_cpu --no-run --message-format=json 2>/dev/null |
+        sed -n 's/.*"executable":"\([^"]*ffi_cpu[^"]*\)".*/\1/p' | tail -n 1)
+    valgrind -q --error-exitcode=1 --leak-check=no "$bin" destroy_racing handles_created eight_threads \
+        --test-threads=1 | tail -n 2
 fi
 echo "sanitizers and valgrind: clean"
