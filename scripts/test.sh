@@ -61,8 +61,10 @@ scripts/asan.sh
 echo "== fuzz smoke"
 if cargo +nightly fuzz --version >/dev/null 2>&1; then
     for t in pth gate_files c_api; do
-        (cd fuzz && cargo +nightly fuzz run -O "$t" seeds/"$t" -- -runs=2000 -seed=1 -max_len=4096 \
-            -len_control=0 >"../target/fuzz-smoke-$t.log" 2>&1) ||
+        # New inputs go to a scratch corpus (the first directory), never into seeds/.
+        mkdir -p "$scratch/fuzz-$t"
+        (cd fuzz && cargo +nightly fuzz run -O "$t" "$scratch/fuzz-$t" seeds/"$t" -- -runs=2000 -seed=1 \
+            -max_len=4096 -len_control=0 >"../target/fuzz-smoke-$t.log" 2>&1) ||
             { echo "fuzz smoke $t failed:"; tail -n 40 "target/fuzz-smoke-$t.log"; exit 1; }
         grep -E '^Done [0-9]+ runs' "target/fuzz-smoke-$t.log" | sed "s/^/$t: /"
     done
