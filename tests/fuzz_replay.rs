@@ -1,8 +1,10 @@
 //! The fuzz targets on stable: every committed input under `fuzz/seeds/<target>/`
-//! (the seed corpus, minimised fuzzing corpora, and the inputs of crashes
-//! fuzzing found, named `crash-*`) runs through the same body the libFuzzer
-//! target runs (`tests/fuzzing/`). CI runs this with `cargo test`; no
-//! nightly toolchain or cargo-fuzz is needed.
+//! runs through the same body the libFuzzer target runs (`tests/fuzzing/`).
+//! The inputs are the hand-made seeds (`seed-*`), an edge-covering subset of
+//! the corpus of the long fuzzing runs (`min-*`, picked by `fuzz/cover.py`),
+//! and the input of any crash fuzzing finds (`crash-*`, each also given a
+//! named regression test). CI runs this with `cargo test`; no nightly
+//! toolchain or cargo-fuzz is needed.
 //!
 //! `write_seeds` (ignored) regenerates the hand-made seeds:
 //! `cargo test --test fuzz_replay -- --ignored write_seeds`.
