@@ -233,7 +233,13 @@ int main(int argc, char **argv) {
     expect_true("has_layer after weights is 1", seer_gate_has_layer(made, 0) == 1);
     seer_gate_destroy(made);
     expect("use after destroy is detected", seer_gate_get_config(made, &cfg), SEER_INVALID_ARGUMENT);
-    seer_gate_destroy(made); /* a double destroy is ignored */
+    seer_gate_destroy(made); /* a double destroy is ignored, with a message */
+    expect_true("double destroy is reported", strstr(seer_last_error_message(), "not a live handle") != NULL);
+    expect("set_layer_weights after destroy", seer_gate_set_layer_weights(made, 0, &tw, NULL), SEER_INVALID_ARGUMENT);
+    {
+        uint64_t not_a_gate[4] = {0, 0, 0, 0};
+        expect("get_config: not a handle", seer_gate_get_config((const SeerGate *)(void *)not_a_gate, &cfg), SEER_INVALID_ARGUMENT);
+    }
     free(w);
 
     /* ---- mask ---- */
@@ -285,7 +291,16 @@ int main(int argc, char **argv) {
     bad = tqn;
     bad.strides[0] = INT64_MAX / 2;
     expect("compute_mask: stride overflowing", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_INVALID_ARGUMENT);
+    bad = tqn;
+    bad.shape[0] = 0;
+    expect("compute_mask: zero extent", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_INVALID_ARGUMENT);
+    bad = tqn;
+    bad.device = 5;
+    expect("compute_mask: device 5", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_INVALID_ARGUMENT);
     SeerBlockMask small = mask;
+    small.device = 5;
+    expect("compute_mask: mask device 5", seer_gate_compute_mask(gate, &mp, &batch, &tqn, &tkn, &small), SEER_INVALID_ARGUMENT);
+    small = mask;
     small.indices_len = 3;
     expect("compute_mask: indices too small", seer_gate_compute_mask(gate, &mp, &batch, &tqn, &tkn, &small), SEER_BUFFER_TOO_SMALL);
     small = mask;

@@ -189,7 +189,8 @@ typedef uint32_t SeerThresholdCompare;
 // Thread safety: any number of threads may compute masks with one handle at
 // once; `seer_gate_set_layer_weights` and `seer_gate_upload` may run
 // concurrently with them (they wait for running calls of the handle);
-// `seer_gate_destroy` must not race with any other use of the same handle.
+// `seer_gate_destroy` may race with other calls on the handle: those
+// running finish, later ones fail with `SEER_INVALID_ARGUMENT`.
 typedef struct SeerGate SeerGate;
 
 // Parameters of `seer_sparse_prefill`. Initialise with `seer_prefill_params_default`.
@@ -520,6 +521,12 @@ SeerStatus seer_gate_workspace_size(const struct SeerGate *gate,
 // ignored; so is a pointer that is not a live handle (a double destroy),
 // which is reported through `seer_last_error_message` only. No mask
 // computation of the gate may still be running on the GPU.
+//
+// A destroy that races with calls on the handle in other threads is safe:
+// calls already running finish with the gate (it is freed when the last
+// returns), calls that start after it fail with `SEER_INVALID_ARGUMENT`.
+// (A pointer kept after its destroy may later name a new gate that was
+// given the same address: do not use a handle after destroying it.)
 void seer_gate_destroy(struct SeerGate *gate);
 
 // Fill `*out` with the mask rule of the gate's config for layer 0

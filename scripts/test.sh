@@ -5,7 +5,10 @@
 #    upstream conformance, the C ABI from Rust, the header being current.
 # 2. The C programs in examples-c/, compiled with -Wall -Wextra -Werror
 #    against include/seerattn.h and the freshly built shared library, then run:
-#    the bad-input table through the C API, and the end-to-end example.
+#    the bad-input table through the C API, and the end-to-end example; then
+#    again under ASan/UBSan/LSan and valgrind (scripts/asan.sh).
+# 3. A fuzz smoke where cargo-fuzz and nightly exist (the committed seeds
+#    are replayed on stable by cargo test in any case).
 #
 # The CUDA kernels are compiled for real: scripts/setup-cuda.sh provides a
 # pinned nvcc (installed from PyPI into .cuda/ when none is found) and the
@@ -13,7 +16,8 @@
 # are #[ignore]d here and run on a GPU machine through scripts/gpu-test.sh
 # (see README); this script runs none of them and claims none.
 #
-# Needs cargo, a C compiler and python3 with pip (for nvcc, first run only).
+# Needs cargo, a C compiler with libasan, valgrind, and python3 with pip (for
+# nvcc, first run only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,3 +59,24 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 "$out/prefill" "$gate" 1
 "$out/api_errors" "$gate" "$scratch"
+
+# The C programs under ASan/UBSan/LSan, api_errors under valgrind memcheck.
+scripts/asan.sh
+
+# Fuzz smoke: cargo test above replayed every committed seed through the
+# fuzz targets' bodies on stable (tests/fuzz_replay.rs). Where cargo-fuzz and
+# a nightly toolchain exist, each libFuzzer target also runs 2000 inputs
+# mutated from those seeds (a fixed seed, so the run is reproducible).
+echo "== fuzz smoke"
+if cargo +nightly fuzz --version >/dev/null 2>&1; then
+    for t in pth gate_files c_api; do
+        # New inputs go to a scratch corpus (the first directory), never into seeds/.
+        mkdir -p "$scratch/fuzz-$t"
+        (cd fuzz && cargo +nightly fuzz run -O "$t" "$scratch/fuzz-$t" seeds/"$t" -- -runs=2000 -seed=1 \
+            -max_len=4096 -len_control=0 >"../target/fuzz-smoke-$t.log" 2>&1) ||
+            { echo "fuzz smoke $t failed:"; tail -n 40 "target/fuzz-smoke-$t.log"; exit 1; }
+        grep -E '^Done [0-9]+ runs' "target/fuzz-smoke-$t.log" | sed "s/^/$t: /"
+    done
+else
+    echo "cargo-fuzz or the nightly toolchain is missing: no libFuzzer smoke (the seeds were replayed on stable)"
+fi

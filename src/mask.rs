@@ -244,10 +244,19 @@ impl<'a> BlockMaskRef<'a> {
                 self.indices.len()
             )));
         }
+        let end = self.row_offsets[rows];
         for r in 0..rows {
             let (lo, hi) = (self.row_offsets[r], self.row_offsets[r + 1]);
             if lo < 0 || hi < lo {
                 return Err(Error::invalid(format!("mask: row_offsets[{r}..={}] = {lo}, {hi} decrease", r + 1)));
+            }
+            // Rows after this one are not checked yet: bound it by the last
+            // offset (checked above against the indices) before slicing.
+            if hi > end {
+                return Err(Error::invalid(format!(
+                    "mask: row_offsets[{}] = {hi} exceeds row_offsets[{rows}] = {end}",
+                    r + 1
+                )));
             }
             let count = self.counts[r];
             if count < 0 || count as i64 > hi - lo {

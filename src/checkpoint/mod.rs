@@ -105,6 +105,38 @@ pub fn load_gate_dir(dir: &Path) -> Result<Gate> {
     parts.gate()
 }
 
+/// The bytes of a gate's weights file, by format.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightsBytes<'a> {
+    /// A `torch.save` archive (`attn_gate_weights.pth`).
+    Pth(&'a [u8]),
+    /// A `.safetensors` file.
+    Safetensors(&'a [u8]),
+}
+
+/// As [`load_gate_dir`], for a gate whose files are already in memory: the
+/// text of its `config.json` and the bytes of its weights file. The names
+/// label the two in errors. Every check of the directory loader applies.
+pub fn load_gate_bytes(
+    config_name: &str,
+    config_text: &str,
+    weights_name: &str,
+    weights: WeightsBytes<'_>,
+) -> Result<Gate> {
+    let config = config_json::parse_config(config_name, config_text)?;
+    let tensors = match weights {
+        WeightsBytes::Pth(bytes) => parse_pth(weights_name, bytes.to_vec())?,
+        WeightsBytes::Safetensors(bytes) => parse_safetensors(weights_name, bytes)?,
+    };
+    let parts = GateParts {
+        config,
+        config_path: PathBuf::from(config_name),
+        weights_path: PathBuf::from(weights_name),
+        tensors,
+    };
+    parts.gate()
+}
+
 /// A human-readable summary of a gate directory: config, gate type, and per
 /// tensor its name, dtype, shape and weight statistics. Fails exactly when
 /// [`load_gate_dir`] would.

@@ -10,7 +10,7 @@ use crate::config::{
 use crate::gate::{Gate, WeightRef};
 use crate::gpu::gate::{self as gpu_gate, DeviceGate, GatePlan};
 use crate::mask::MaskLayout;
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex, RwLock};
 /// Thread safety: any number of threads may compute masks with one handle at
 /// once; `seer_gate_set_layer_weights` and `seer_gate_upload` may run
 /// concurrently with them (they wait for running calls of the handle);
-/// `seer_gate_destroy` must not race with any other use of the same handle.
+/// `seer_gate_destroy` may race with other calls on the handle: those
+/// running finish, later ones fail with `SEER_INVALID_ARGUMENT`.
 pub struct SeerGate {
     gate: RwLock<Gate>,
     /// The weights on the GPU (`seer_gate_upload`). Lock order: `gate`
@@ -60,24 +61,29 @@ impl SeerGate {
     }
 }
 
-/// Addresses of live handles: a call with a pointer that is not one (never
-/// created, or already destroyed, unless the address was reused) fails with
-/// `SEER_INVALID_ARGUMENT` instead of reading freed memory.
-static LIVE_GATES: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
+/// The live handles, by address. The registry owns each gate (an `Arc`);
+/// a call takes its own reference under the registry's lock, so
+/// `seer_gate_destroy` on another thread, while the call runs, only
+/// unregisters the handle: the gate is freed when the last running call
+/// returns, and calls that start after the destroy fail with
+/// `SEER_INVALID_ARGUMENT` instead of reading freed memory. A pointer that
+/// was never a handle, or was destroyed, is refused the same way (unless a
+/// new gate was given the same address). A B-tree rather than a hash map:
+/// its allocations are reachable from the static through pointers to their
+/// starts, so leak checkers (valgrind) see them as still reachable.
+static LIVE_GATES: Mutex<BTreeMap<usize, Arc<SeerGate>>> = Mutex::new(BTreeMap::new());
 
-fn live_gates<R>(f: impl FnOnce(&mut HashSet<usize>) -> R) -> R {
-    let mut guard = LIVE_GATES.lock().unwrap_or_else(|poison| poison.into_inner());
-    f(guard.get_or_insert_with(HashSet::new))
+fn live_gates<R>(f: impl FnOnce(&mut BTreeMap<usize, Arc<SeerGate>>) -> R) -> R {
+    f(&mut LIVE_GATES.lock().unwrap_or_else(|poison| poison.into_inner()))
 }
 
-unsafe fn gate_handle<'a>(ptr: *const SeerGate) -> FfiResult<&'a SeerGate> {
+/// The gate of a live handle, kept alive for the caller's call.
+fn gate_handle(ptr: *const SeerGate) -> FfiResult<Arc<SeerGate>> {
     if ptr.is_null() {
         return Err(args::null("gate"));
     }
-    if !live_gates(|live| live.contains(&(ptr as usize))) {
-        return Err(invalid("gate is not a live handle (never created, or already destroyed)"));
-    }
-    Ok(&*ptr)
+    live_gates(|live| live.get(&(ptr as usize)).cloned())
+        .ok_or_else(|| invalid("gate is not a live handle (never created, or already destroyed)"))
 }
 
 fn read_gate(h: &SeerGate) -> std::sync::RwLockReadGuard<'_, Gate> {
@@ -85,8 +91,9 @@ fn read_gate(h: &SeerGate) -> std::sync::RwLockReadGuard<'_, Gate> {
 }
 
 fn publish(gate: Gate) -> *mut SeerGate {
-    let ptr = Box::into_raw(Box::new(SeerGate { gate: RwLock::new(gate), device: Mutex::new(DeviceCopy::None) }));
-    live_gates(|live| live.insert(ptr as usize));
+    let handle = Arc::new(SeerGate { gate: RwLock::new(gate), device: Mutex::new(DeviceCopy::None) });
+    let ptr = Arc::as_ptr(&handle).cast_mut();
+    live_gates(|live| live.insert(ptr as usize, handle));
     ptr
 }
 
@@ -472,6 +479,7 @@ pub unsafe extern "C" fn seer_gate_set_layer_weights(
 ) -> SeerStatus {
     ffi_call!("seer_gate_set_layer_weights", {
         let handle = gate_handle(gate)?;
+        let handle: &SeerGate = &handle;
         let k = dense_weight("k_weight", k_weight)?;
         let q = if maybe_q_weight.is_null() { None } else { Some(dense_weight("maybe_q_weight", maybe_q_weight)?) };
         let mut g = handle.gate.write().unwrap_or_else(|poison| poison.into_inner());
@@ -517,6 +525,7 @@ unsafe fn dense_weight(
 pub unsafe extern "C" fn seer_gate_get_config(gate: *const SeerGate, out: *mut SeerGateConfig) -> SeerStatus {
     ffi_call!("seer_gate_get_config", {
         let handle = gate_handle(gate)?;
+        let handle: &SeerGate = &handle;
         let value = SeerGateConfig::from_config(read_gate(handle).config());
         args::write_sized("out", out, value)
     })
@@ -527,7 +536,7 @@ pub unsafe extern "C" fn seer_gate_get_config(gate: *const SeerGate, out: *mut S
 pub unsafe extern "C" fn seer_gate_has_layer(gate: *const SeerGate, layer: u32) -> u32 {
     let mut has = false;
     let status = ffi_call!("seer_gate_has_layer", {
-        has = read_gate(gate_handle(gate)?).has_layer(layer as usize);
+        has = read_gate(&*gate_handle(gate)?).has_layer(layer as usize);
         Ok(())
     });
     (status == SeerStatus::SEER_OK && has) as u32
@@ -557,6 +566,7 @@ pub unsafe extern "C" fn seer_gate_has_layer(gate: *const SeerGate, layer: u32) 
 pub unsafe extern "C" fn seer_gate_upload(gate: *mut SeerGate) -> SeerStatus {
     ffi_call!("seer_gate_upload", {
         let handle = gate_handle(gate)?;
+        let handle: &SeerGate = &handle;
         // The read lock keeps the host weights fixed during the copy and
         // until the new device copy is published.
         let g = read_gate(handle);
@@ -590,6 +600,7 @@ pub unsafe extern "C" fn seer_gate_workspace_size(
 ) -> SeerStatus {
     ffi_call!("seer_gate_workspace_size", {
         let handle = gate_handle(gate)?;
+        let handle: &SeerGate = &handle;
         let out = args::out_ptr("out_bytes", out_bytes)?;
         let batch = args::batch(batch)?;
         let device = args::device_of("device", device)?;
@@ -614,16 +625,24 @@ pub unsafe extern "C" fn seer_gate_workspace_size(
 /// ignored; so is a pointer that is not a live handle (a double destroy),
 /// which is reported through `seer_last_error_message` only. No mask
 /// computation of the gate may still be running on the GPU.
+///
+/// A destroy that races with calls on the handle in other threads is safe:
+/// calls already running finish with the gate (it is freed when the last
+/// returns), calls that start after it fail with `SEER_INVALID_ARGUMENT`.
+/// (A pointer kept after its destroy may later name a new gate that was
+/// given the same address: do not use a handle after destroying it.)
 #[no_mangle]
 pub unsafe extern "C" fn seer_gate_destroy(gate: *mut SeerGate) {
     let _ = ffi_call!("seer_gate_destroy", {
         if gate.is_null() {
             return Ok(());
         }
-        if !live_gates(|live| live.remove(&(gate as usize))) {
+        let Some(handle) = live_gates(|live| live.remove(&(gate as usize))) else {
             return Err(invalid("gate is not a live handle (already destroyed?)"));
-        }
-        drop(Box::from_raw(gate));
+        };
+        // Freed here, outside the registry's lock, unless a call on another
+        // thread still holds it (then when that call returns).
+        drop(handle);
         Ok(())
     });
 }
@@ -636,6 +655,7 @@ pub unsafe extern "C" fn seer_gate_destroy(gate: *mut SeerGate) {
 pub unsafe extern "C" fn seer_mask_params_default(gate: *const SeerGate, out: *mut SeerMaskParams) -> SeerStatus {
     ffi_call!("seer_mask_params_default", {
         let handle = gate_handle(gate)?;
+        let handle: &SeerGate = &handle;
         let out = args::out_ptr("out", out)?;
         let p = MaskParams::from_config(read_gate(handle).config());
         out.write(SeerMaskParams {
@@ -729,6 +749,7 @@ pub(crate) unsafe fn compute_mask(
     out_mask: *const SeerBlockMask,
 ) -> FfiResult {
     let handle = gate_handle(gate)?;
+    let handle: &SeerGate = &handle;
     let params = SeerMaskParams::read(params)?;
     let rule = params.to_params()?;
     let batch = args::batch(batch)?;
@@ -856,6 +877,7 @@ pub unsafe extern "C" fn seer_kblock_cache_size(
 ) -> SeerStatus {
     ffi_call!("seer_kblock_cache_size", {
         let handle = gate_handle(gate)?;
+        let handle: &SeerGate = &handle;
         let out = args::out_ptr("out_bytes", out_bytes)?;
         require_cuda_build()?;
         let tokens = usize::try_from(max_tokens)
@@ -907,6 +929,7 @@ pub unsafe extern "C" fn seer_kblock_cache_update(
 ) -> SeerStatus {
     ffi_call!("seer_kblock_cache_update", {
         let handle = gate_handle(gate)?;
+        let handle: &SeerGate = &handle;
         let params = SeerMaskParams::read(params)?;
         let batch = args::batch(batch)?;
         let caches = args::raw_slice("caches", caches.cast_mut(), num_caches)?;

@@ -2,6 +2,8 @@
 //! and a small deterministic random source.
 #![allow(dead_code)]
 
+pub mod capi;
+
 use seerattn::reference::scores::GateScores;
 use seerattn::{BlockMask, DType, EmptyRowPolicy, Layout3, MaskParams, SparsityMethod, Tensor3};
 use std::collections::HashMap;

@@ -1,0 +1,9 @@
+//! The C entry points with fuzzer-built descriptors, params and handles over host buffers.
+//! The body lives in `tests/fuzzing/`, shared with the stable replay of the
+//! committed seeds (`tests/fuzz_replay.rs`).
+#![no_main]
+
+#[path = "../../tests/fuzzing/mod.rs"]
+mod fuzzing;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzzing::c_api::c_api(data));

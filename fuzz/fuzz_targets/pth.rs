@@ -1,0 +1,9 @@
+//! The `.pth` reader (zip + restricted pickle) on raw or rebuilt archives.
+//! The body lives in `tests/fuzzing/`, shared with the stable replay of the
+//! committed seeds (`tests/fuzz_replay.rs`).
+#![no_main]
+
+#[path = "../../tests/fuzzing/mod.rs"]
+mod fuzzing;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzzing::pth(data));
