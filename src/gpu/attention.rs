@@ -25,7 +25,7 @@ use crate::batch::Batch;
 use crate::cuda::tma::{self, TensorMap};
 use crate::cuda::{self, kernels, CUstream, Ctx};
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceMask, DeviceTensor};
+use crate::gpu::{check_buffer, DeviceMask, DeviceTensor};
 use crate::mask::MaskLayout;
 use crate::tensor::DType;
 use std::ffi::c_void;
@@ -203,33 +203,6 @@ impl Plan {
     }
 }
 
-/// The kernel reads 16-byte vectors of every row: unit dim stride, 16-byte
-/// aligned base and token/head strides.
-fn check_rows_aligned(name: &str, t: &DeviceTensor) -> Result<()> {
-    let [row, head, dim] = t.layout.strides;
-    let size = t.dtype.size();
-    if dim == 1 && t.ptr % 16 == 0 && (row * size) % 16 == 0 && (head * size) % 16 == 0 {
-        return Ok(());
-    }
-    Err(Error::unsupported(format!(
-        "{name}: the CUDA prefill reads 16-byte vectors: it needs dim stride 1, a 16-byte aligned pointer and \
-         token/head strides that are multiples of 16 bytes (strides {:?} elements, pointer {:#x})",
-        t.layout.strides, t.ptr
-    )))
-}
-
-/// Device memory of context `ctx`, `bytes` long from `ptr`.
-fn check_buffer(ctx: &Ctx, name: &str, ptr: u64, bytes: usize) -> Result<()> {
-    if bytes == 0 {
-        return Ok(());
-    }
-    cuda::check_device_pointer(name, ptr, bytes)?;
-    if cuda::context_of(ptr)?.id() != ctx.id() {
-        return Err(Error::invalid(format!("{name} lives in another CUDA context than q")));
-    }
-    Ok(())
-}
-
 /// Block-sparse causal attention of `batch` on the GPU, enqueued on
 /// `stream`. Shapes, dtypes and `params` must already have passed
 /// [`crate::attention::sparse_prefill_cuda`]'s checks (the public entry);
@@ -264,11 +237,11 @@ pub(crate) unsafe fn sparse_prefill(
         )));
     }
     for (name, t) in [("q", q), ("k", k), ("v", v), ("out", out)] {
-        check_rows_aligned(name, t)?;
+        t.check_rows_aligned(name, "the CUDA prefill")?;
     }
     let ctx = cuda::context_of(q.ptr)?;
     for (name, t) in [("q", q), ("k", k), ("v", v), ("out", out)] {
-        check_buffer(&ctx, name, t.ptr, t.span_bytes(name)?)?;
+        check_buffer(&ctx, "q", name, t.ptr, t.span_bytes(name)?)?;
     }
     let layout = MaskLayout::new(batch, hq, BLOCK)?;
     let need = [
@@ -279,14 +252,14 @@ pub(crate) unsafe fn sparse_prefill(
         if len < want {
             return Err(Error::BufferTooSmall(format!("{name} holds {len} entries, this batch needs {want}")));
         }
-        check_buffer(&ctx, name, ptr, want * size)?;
+        check_buffer(&ctx, "q", name, ptr, want * size)?;
     }
-    check_buffer(&ctx, "mask->indices", mask.indices, mask.indices_len * 4)?;
+    check_buffer(&ctx, "q", "mask->indices", mask.indices, mask.indices_len * 4)?;
     if let Some(lse) = lse {
         if lse % 4 != 0 {
             return Err(Error::invalid("lse is not aligned to 4 bytes"));
         }
-        check_buffer(&ctx, "lse", lse, hq * total_q * 4)?;
+        check_buffer(&ctx, "q", "lse", lse, hq * total_q * 4)?;
     }
 
     let plan = Plan::new(batch, hq)?;
@@ -335,7 +308,7 @@ pub(crate) unsafe fn sparse_prefill(
     let need = workspace_bytes(batch, hq, d);
     let split = splits > 1 && workspace.1 >= need;
     if split {
-        check_buffer(&ctx, "workspace", workspace.0, need)?;
+        check_buffer(&ctx, "q", "workspace", workspace.0, need)?;
         if workspace.0 % 16 != 0 {
             return Err(Error::invalid("the prefill workspace must be 16-byte aligned (cudaMalloc memory is)"));
         }

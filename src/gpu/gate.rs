@@ -24,7 +24,11 @@
 //! inputs whose rows are 16-byte aligned, up to [`MAX_SEQS`] sequences.
 //! Anything else is `Unsupported` with the reason; the CPU reference covers it.
 
+use super::check_buffer;
 pub use super::{DeviceMask, DeviceTensor};
+
+/// The context every buffer of a gate call must belong to, as messages name it.
+const WEIGHTS_CONTEXT: &str = "the one the gate's weights were uploaded to";
 use crate::batch::Batch;
 use crate::config::{EmptyRowPolicy, GateConfig, GateType, MaskParams, SparsityMethod, ThresholdCompare};
 use crate::cuda::{self, kernels, CUstream, Ctx, DeviceBuffer};
@@ -281,24 +285,6 @@ impl DeviceGate {
     }
 }
 
-/// The pool kernel reads rows as 16-byte vectors.
-fn check_rows_aligned(name: &str, t: &DeviceTensor) -> Result<()> {
-    let [_, _, dim_stride] = t.layout.strides;
-    let ok = dim_stride == 1
-        && t.ptr % 16 == 0
-        && (t.layout.strides[0] * t.dtype.size()) % 16 == 0
-        && (t.layout.strides[1] * t.dtype.size()) % 16 == 0;
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::unsupported(format!(
-            "{name}: the CUDA gate reads 16-byte vectors: it needs dim stride 1, a 16-byte aligned pointer and \
-             token/head strides that are multiples of 16 bytes (strides {:?}, pointer {:#x})",
-            t.layout.strides, t.ptr
-        )))
-    }
-}
-
 /// Bytes of one K-block cache (one layer, one sequence slot) able to hold
 /// `max_tokens` tokens of a sequence, for the gate of `config`. The layout
 /// (documented in kernels/gate.cuh, "The K-block cache") does not depend on
@@ -341,19 +327,8 @@ fn check_input(device: &DeviceGate, name: &str, t: &DeviceTensor, tokens: usize,
             [tokens, heads, d]
         )));
     }
-    check_rows_aligned(name, t)?;
-    cuda::check_device_pointer(name, t.ptr, t.span_bytes(name)?)?;
-    check_same_context(device, name, t.ptr)
-}
-
-fn check_same_context(device: &DeviceGate, name: &str, ptr: u64) -> Result<()> {
-    let owner = cuda::context_of(ptr)?;
-    if owner.id() != device.ctx().id() {
-        return Err(Error::invalid(format!(
-            "{name} lives in another CUDA context than the one the gate's weights were uploaded to"
-        )));
-    }
-    Ok(())
+    t.check_rows_aligned(name, "the CUDA gate")?;
+    check_buffer(device.ctx(), WEIGHTS_CONTEXT, name, t.ptr, t.span_bytes(name)?)
 }
 
 /// One K-block cache per sequence, each 256-byte aligned device memory of
@@ -372,8 +347,7 @@ fn check_caches(config: &GateConfig, device: &DeviceGate, batch: &Batch, caches:
         if ptr == 0 || ptr % 256 != 0 {
             return Err(Error::invalid(format!("{name} ({ptr:#x}) is null or not 256-byte aligned")));
         }
-        cuda::check_device_pointer(&name, ptr, kblock_cache_bytes(config, sq.k_len)?)?;
-        check_same_context(device, &name, ptr)?;
+        check_buffer(device.ctx(), WEIGHTS_CONTEXT, &name, ptr, kblock_cache_bytes(config, sq.k_len)?)?;
     }
     let mut sorted = caches.to_vec();
     sorted.sort_unstable();
