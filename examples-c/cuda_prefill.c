@@ -12,23 +12,13 @@
  * the GPU output matches the CPU path (relative error <= 1e-2), 1 on any
  * API or CUDA error or a mismatch, 2 when no CUDA device is present.
  */
-#include "seerattn.h"
+#include "example.h"
 
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define CHECK(call)                                                                       \
-    do {                                                                                  \
-        SeerStatus status_ = (call);                                                      \
-        if (status_ != SEER_OK) {                                                         \
-            fprintf(stderr, "%s failed: %s: %s\n", #call, seer_status_name(status_),      \
-                    seer_last_error_message());                                           \
-            exit(1);                                                                      \
-        }                                                                                 \
-    } while (0)
 
 #define CUDA(call)                                                                        \
     do {                                                                                  \
@@ -39,52 +29,21 @@
         }                                                                                 \
     } while (0)
 
-static uint16_t to_bf16(float x) {
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    bits += 0x7FFFu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-static float from_bf16(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float x;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
-
 static uint64_t rng_state = 0x2545F4914F6CDD1Dull;
-static float uniform(void) { /* xorshift64*, in [-1, 1) */
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return (float)((rng_state * 2685821657736338717ull) >> 40) / (float)(1u << 23) - 1.0f;
-}
 
 /* n bf16 values: a per-(64-token block, head) mean plus noise, so that the
  * gate's pooled features differ between blocks and the mask is sparse. */
 static uint16_t *structured_bf16(int64_t tokens, int64_t heads, int64_t dim) {
     int64_t blocks = (tokens + 63) / 64;
     float *means = malloc((size_t)(blocks * heads * dim) * sizeof *means);
-    for (int64_t i = 0; i < blocks * heads * dim; i++) means[i] = 1.5f * uniform();
+    for (int64_t i = 0; i < blocks * heads * dim; i++) means[i] = 1.5f * uniform(&rng_state);
     uint16_t *p = malloc((size_t)(tokens * heads * dim) * sizeof *p);
     for (int64_t t = 0; t < tokens; t++)
         for (int64_t h = 0; h < heads; h++)
             for (int64_t x = 0; x < dim; x++)
-                p[(t * heads + h) * dim + x] = to_bf16(means[((t / 64) * heads + h) * dim + x] + uniform());
+                p[(t * heads + h) * dim + x] = to_bf16(means[((t / 64) * heads + h) * dim + x] + uniform(&rng_state));
     free(means);
     return p;
-}
-
-static SeerTensor tensor(void *data, SeerDevice device, int64_t tokens, int64_t heads, int64_t dim) {
-    SeerTensor t;
-    memset(&t, 0, sizeof t);
-    t.data = data;
-    t.dtype = SEER_DTYPE_BF16;
-    t.device = (uint32_t)device;
-    t.shape[0] = tokens; t.shape[1] = heads; t.shape[2] = dim;
-    t.strides[0] = heads * dim; t.strides[1] = dim; t.strides[2] = 1;
-    return t;
 }
 
 /* Device memory holding `host`'s bytes, or, for host == NULL, 0xFF bytes
@@ -167,9 +126,12 @@ int main(int argc, char **argv) {
     pp.workspace = dprefill_ws;
     pp.workspace_bytes = prefill_ws;
 
-    SeerTensor tq_nope = tensor(dq_nope, SEER_DEVICE_CUDA, n, hq, d), tk_nope = tensor(dk_nope, SEER_DEVICE_CUDA, n, hkv, d);
-    SeerTensor tq = tensor(dq, SEER_DEVICE_CUDA, n, hq, d), tk = tensor(dk, SEER_DEVICE_CUDA, n, hkv, d);
-    SeerTensor tv = tensor(dv, SEER_DEVICE_CUDA, n, hkv, d), tout = tensor(dout, SEER_DEVICE_CUDA, n, hq, d);
+    SeerTensor tq_nope = tensor(dq_nope, SEER_DTYPE_BF16, SEER_DEVICE_CUDA, n, hq, d);
+    SeerTensor tk_nope = tensor(dk_nope, SEER_DTYPE_BF16, SEER_DEVICE_CUDA, n, hkv, d);
+    SeerTensor tq = tensor(dq, SEER_DTYPE_BF16, SEER_DEVICE_CUDA, n, hq, d);
+    SeerTensor tk = tensor(dk, SEER_DTYPE_BF16, SEER_DEVICE_CUDA, n, hkv, d);
+    SeerTensor tv = tensor(dv, SEER_DTYPE_BF16, SEER_DEVICE_CUDA, n, hkv, d);
+    SeerTensor tout = tensor(dout, SEER_DTYPE_BF16, SEER_DEVICE_CUDA, n, hq, d);
 
     /* Eager once (loads the kernels), then timed, then as a graph. */
     CHECK(seer_gate_attention(gate, &mp, &pp, &batch, &tq_nope, &tk_nope, &tq, &tk, &tv, &dmask, &tout, NULL, 0));
@@ -209,9 +171,10 @@ int main(int argc, char **argv) {
     SeerBlockMask hmask = {counts, sizes.rows, indices, sizes.indices_len, offsets, sizes.row_offsets_len,
                            SEER_DEVICE_CPU};
     float *cpu_out = malloc((size_t)(n * hq * d) * sizeof *cpu_out);
-    SeerTensor hq_ = tensor(q, SEER_DEVICE_CPU, n, hq, d), hk = tensor(k, SEER_DEVICE_CPU, n, hkv, d);
-    SeerTensor hv = tensor(v, SEER_DEVICE_CPU, n, hkv, d), hout = tensor(cpu_out, SEER_DEVICE_CPU, n, hq, d);
-    hout.dtype = SEER_DTYPE_F32;
+    SeerTensor hq_ = tensor(q, SEER_DTYPE_BF16, SEER_DEVICE_CPU, n, hq, d);
+    SeerTensor hk = tensor(k, SEER_DTYPE_BF16, SEER_DEVICE_CPU, n, hkv, d);
+    SeerTensor hv = tensor(v, SEER_DTYPE_BF16, SEER_DEVICE_CPU, n, hkv, d);
+    SeerTensor hout = tensor(cpu_out, SEER_DTYPE_F32, SEER_DEVICE_CPU, n, hq, d);
     SeerPrefillParams cpu_pp;
     CHECK(seer_prefill_params_default(&cpu_pp));
     CHECK(seer_sparse_prefill(&cpu_pp, &batch, &hq_, &hk, &hv, &hmask, &hout, NULL, 0));

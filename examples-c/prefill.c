@@ -9,54 +9,19 @@
  *
  * Exits 0 on success, 1 on any API error (printing the library's message).
  */
-#include "seerattn.h"
+#include "example.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define CHECK(call)                                                                       \
-    do {                                                                                  \
-        SeerStatus status_ = (call);                                                      \
-        if (status_ != SEER_OK) {                                                         \
-            fprintf(stderr, "%s failed: %s: %s\n", #call, seer_status_name(status_),      \
-                    seer_last_error_message());                                           \
-            exit(1);                                                                      \
-        }                                                                                 \
-    } while (0)
-
-/* Round-to-nearest-even float -> bf16 bits. */
-static uint16_t to_bf16(float x) {
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    bits += 0x7FFFu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
 static uint64_t rng_state = 0x1234567887654321ull;
-static float uniform(void) { /* xorshift64*, in [-1, 1) */
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return (float)((rng_state * 2685821657736338717ull) >> 40) / (float)(1u << 23) - 1.0f;
-}
 
 static uint16_t *random_bf16(size_t n) {
     uint16_t *p = malloc(n * sizeof *p);
-    for (size_t i = 0; i < n; i++) p[i] = to_bf16(uniform());
+    for (size_t i = 0; i < n; i++) p[i] = to_bf16(uniform(&rng_state));
     return p;
-}
-
-static SeerTensor tensor(void *data, SeerDType dtype, int64_t tokens, int64_t heads, int64_t dim) {
-    SeerTensor t;
-    memset(&t, 0, sizeof t);
-    t.data = data;
-    t.dtype = (uint32_t)dtype;
-    t.device = SEER_DEVICE_CPU;
-    t.shape[0] = tokens; t.shape[1] = heads; t.shape[2] = dim;
-    t.strides[0] = heads * dim; t.strides[1] = dim; t.strides[2] = 1;
-    return t;
 }
 
 int main(int argc, char **argv) {
@@ -93,13 +58,13 @@ int main(int argc, char **argv) {
     uint16_t *v = random_bf16((size_t)(total_k * hkv * d));
     float *out_sparse = calloc((size_t)(total_q * hq * d), sizeof(float));
     float *out_dense = calloc((size_t)(total_q * hq * d), sizeof(float));
-    SeerTensor tq_nope = tensor(q_nope, SEER_DTYPE_BF16, total_q, hq, d);
-    SeerTensor tk_nope = tensor(k_nope, SEER_DTYPE_BF16, total_k, hkv, d);
-    SeerTensor tq = tensor(q, SEER_DTYPE_BF16, total_q, hq, d);
-    SeerTensor tk = tensor(k, SEER_DTYPE_BF16, total_k, hkv, d);
-    SeerTensor tv = tensor(v, SEER_DTYPE_BF16, total_k, hkv, d);
-    SeerTensor tsparse = tensor(out_sparse, SEER_DTYPE_F32, total_q, hq, d);
-    SeerTensor tdense = tensor(out_dense, SEER_DTYPE_F32, total_q, hq, d);
+    SeerTensor tq_nope = tensor(q_nope, SEER_DTYPE_BF16, SEER_DEVICE_CPU, total_q, hq, d);
+    SeerTensor tk_nope = tensor(k_nope, SEER_DTYPE_BF16, SEER_DEVICE_CPU, total_k, hkv, d);
+    SeerTensor tq = tensor(q, SEER_DTYPE_BF16, SEER_DEVICE_CPU, total_q, hq, d);
+    SeerTensor tk = tensor(k, SEER_DTYPE_BF16, SEER_DEVICE_CPU, total_k, hkv, d);
+    SeerTensor tv = tensor(v, SEER_DTYPE_BF16, SEER_DEVICE_CPU, total_k, hkv, d);
+    SeerTensor tsparse = tensor(out_sparse, SEER_DTYPE_F32, SEER_DEVICE_CPU, total_q, hq, d);
+    SeerTensor tdense = tensor(out_dense, SEER_DTYPE_F32, SEER_DEVICE_CPU, total_q, hq, d);
 
     /* The caller owns every buffer: ask for the sizes, allocate, compute. */
     SeerMaskSizes sizes;
