@@ -87,11 +87,16 @@ build() {
     echo "== staged in $stage: $(du -sh "$stage" | cut -f1)"
 }
 
-run() {
-    if [ ! -d "$stage/bin" ]; then
-        echo "no $stage/bin: run 'scripts/gpu-test.sh build' on the build machine first" >&2
+# Stop with a hint when .devbuild/ lacks `what` (the build step makes it).
+require_staged() {
+    if [ ! -e "$stage/$1" ]; then
+        echo "no $stage/$1: run 'scripts/gpu-test.sh build' on the build machine first" >&2
         exit 2
     fi
+}
+
+run() {
+    require_staged bin
     cat "$stage/MANIFEST"
     if command -v nvidia-smi >/dev/null 2>&1; then
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -168,10 +173,7 @@ run() {
 # Run every staged benchmark; each appends JSON lines to the results file
 # ($OUT/bench.jsonl on the device machine, else .devbuild/bench.jsonl).
 bench() {
-    if [ ! -d "$stage/bench" ]; then
-        echo "no $stage/bench: run 'scripts/gpu-test.sh build' on the build machine first" >&2
-        exit 2
-    fi
+    require_staged bench
     cat "$stage/MANIFEST"
     local results=${OUT:+$OUT/bench.jsonl}
     results=${results:-$stage/bench.jsonl}
@@ -186,10 +188,7 @@ bench() {
 # on the same inputs, JSON lines to $OUT/prefill.jsonl (else
 # .devbuild/prefill.jsonl). Extra arguments go to the script.
 bench_prefill() {
-    if [ ! -f "$stage/lib/libseerattn.so" ]; then
-        echo "no $stage/lib: run 'scripts/gpu-test.sh build' on the build machine first" >&2
-        exit 2
-    fi
+    require_staged lib/libseerattn.so
     cat "$stage/MANIFEST"
     local results=${OUT:+$OUT/prefill.jsonl}
     results=${results:-$stage/prefill.jsonl}
@@ -201,10 +200,7 @@ bench_prefill() {
 # (racecheck also reorders CTAs, which once exposed an inter-CTA race that
 # plain runs hid).
 sanitize() {
-    if [ ! -d "$stage/bin" ]; then
-        echo "no $stage/bin: run 'scripts/gpu-test.sh build' on the build machine first" >&2
-        exit 2
-    fi
+    require_staged bin
     local cs
     cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
     if [ -z "$cs" ]; then
