@@ -7,7 +7,9 @@
 //! toolchain or cargo-fuzz is needed.
 //!
 //! `write_seeds` (ignored) regenerates the hand-made seeds:
-//! `cargo test --test fuzz_replay -- --ignored write_seeds`.
+//! `SEERATTN_WRITE_SEEDS=1 cargo test --test fuzz_replay -- --ignored write_seeds`.
+//! Without the variable it writes nothing: `--include-ignored` runs (the GPU
+//! runner's) must not rewrite the seeds while the other tests read them.
 
 mod common;
 mod fuzzing;
@@ -207,9 +209,14 @@ fn c_api_seeds() -> Vec<(String, Vec<u8>)> {
 }
 
 /// Regenerate the hand-made seeds of every target (not the minimised corpora).
+/// A generator, not a check: it writes only with `SEERATTN_WRITE_SEEDS=1`.
 #[test]
-#[ignore = "writes fuzz/seeds; run by hand after changing the seed generators"]
+#[ignore = "writes fuzz/seeds; run by hand (SEERATTN_WRITE_SEEDS=1) after changing the seed generators"]
 fn write_seeds() {
+    if std::env::var_os("SEERATTN_WRITE_SEEDS").is_none() {
+        eprintln!("write_seeds: SEERATTN_WRITE_SEEDS is not set; nothing written");
+        return;
+    }
     let write = |target: &str, name: &str, data: &[u8]| {
         let dir = seed_dir(target);
         std::fs::create_dir_all(&dir).unwrap();
