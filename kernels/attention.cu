@@ -36,67 +36,11 @@
  * Shared memory: Q [64][D] + K [2][64][D] + V [2][64][D], 16-bit, swizzled
  * (80 KB at D = 128: two CTAs per SM on A100 and H100).
  */
-#include "attention.cuh"
-#include "tile.cuh"
+#include "attention_row.cuh"
 
 #include <type_traits>
 
-#include <math_constants.h>
-
 namespace seer::attn {
-
-using namespace seer::tile;
-
-constexpr int kBlock = 64;  // mask block = query tile = key tile
-
-// The sequence that owns work unit `unit` (sequences in launch order).
-template <int S>
-__device__ __forceinline__ int seq_of_unit(const SeqTable<S>& tab, long long unit) {
-    int lo = 0, hi = tab.num_seqs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (tab.seq[mid].unit_base <= unit) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
-// One mask row, read defensively: slots [first, first + count) of indices,
-// with count clamped to the row's slots, the array and the causal length.
-struct MaskRow {
-    const int* slots;
-    int count;
-    int diag;  // the row's absolute query block: the largest valid key block
-
-    // The first slot >= s holding a valid key block, or count. Every thread
-    // of the CTA reads the same entries (a broadcast through L1).
-    __device__ __forceinline__ int next(int s, int& block) const {
-        for (; s < count; ++s) {
-            const int b = __ldg(slots + s);
-            if (b >= 0 && b <= diag) {
-                block = b;
-                return s;
-            }
-        }
-        return count;
-    }
-};
-
-__device__ __forceinline__ MaskRow read_mask_row(const AttnArgs& a, long long row, int diag) {
-    MaskRow m{a.indices, 0, diag};
-    if (row < 0 || row >= a.counts_len || row + 1 >= a.row_offsets_len) return m;
-    const long long first = a.row_offsets[row];
-    const long long end = a.row_offsets[row + 1];
-    const long long count = a.counts[row];
-    if (first < 0 || first > a.indices_len) return m;
-    long long n = count < 0 ? 0 : count;
-    n = min(n, end - first);
-    n = min(n, a.indices_len - first);
-    n = min(n, static_cast<long long>(diag) + 1);
-    if (n <= 0) return m;
-    m.slots = a.indices + first;
-    m.count = static_cast<int>(n);
-    return m;
-}
 
 // Copy a 64-row tile of one head into swizzled shared memory: row r is
 // token `token0 + r` when `r` is in [r_begin, r_end), zeros otherwise.
@@ -121,26 +65,6 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T* base, long long
         cp_async16(dst + Tile::offset(r, c), valid ? src + j * step : base, valid);
     }
 }
-
-// One warp's share of a 64-row query tile: M m16 tiles (16 * M rows) and
-// their running softmax state.
-template <int D, int M>
-struct WarpRows {
-    static constexpr int kDTiles = D / 8;  // n8 tiles of O
-    float o[M][kDTiles][4];
-    float row_max[M][2];  // of the raw scores q.k; -inf until a key is seen
-    float row_sum[M][2];  // this thread's share; the quad's sum is the row's
-
-    __device__ __forceinline__ void init() {
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-#pragma unroll
-            for (int n = 0; n < kDTiles; ++n) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
-            row_max[m][0] = row_max[m][1] = -CUDART_INF_F;
-            row_sum[m][0] = row_sum[m][1] = 0.f;
-        }
-    }
-};
 
 // S = Q K^T for one warp: M x NT tiles of m16n8 (16 * M rows, 8 * NT keys
 // from key col0). Q's A fragments are read from shared memory per k16 step
@@ -170,63 +94,6 @@ __device__ __forceinline__ void qk_tile(float (&s)[M][NT][4], uint32_t sQ, uint3
         }
     }
 }
-
-// Online softmax over one key tile. The running max is kept on the raw
-// scores (the scale is positive, so the max commutes with it) and the scale
-// folds into the exponent: p = exp2(s * scale_log2 - max * scale_log2), one
-// FFMA and one MUFU per score. The causal mask is applied only in the
-// diagonal block (keys past the query: -inf, so p = 0).
-template <int D, int M, int NT>
-__device__ __forceinline__ void softmax_tile(float (&s)[M][NT][4], WarpRows<D, M>& w, float scale_log2, bool diagonal,
-                                             int row0, int col0, int lane) {
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-        // Keys past the query (diagonal block only): a column limit per row,
-        // relative to this warp's first key.
-        const int limit = diagonal ? row0 + m * 16 + lane / 4 - 2 * (lane % 4) - col0 : kBlock;
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                if (n * 8 + (j & 1) > limit + (j >> 1) * 8) s[m][n][j] = -CUDART_INF_F;
-        float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-            tile_max[0] = fmaxf(tile_max[0], fmaxf(s[m][n][0], s[m][n][1]));
-            tile_max[1] = fmaxf(tile_max[1], fmaxf(s[m][n][2], s[m][n][3]));
-        }
-        float base[2], corr[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-            const float new_max = fmaxf(w.row_max[m][h], tile_max[h]);
-            // A row with nothing unmasked yet keeps max -inf: subtract 0
-            // instead, so that exp2 gives 0, not NaN.
-            base[h] = new_max == -CUDART_INF_F ? 0.f : new_max * scale_log2;
-            corr[h] = fast_exp2(w.row_max[m][h] * scale_log2 - base[h]);
-            w.row_max[m][h] = new_max;
-            w.row_sum[m][h] *= corr[h];
-        }
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float p = fast_exp2(fmaf(s[m][n][j], scale_log2, -base[j >> 1]));
-                s[m][n][j] = p;
-                w.row_sum[m][j >> 1] += p;
-            }
-        }
-#pragma unroll
-        for (int n = 0; n < WarpRows<D, M>::kDTiles; ++n) {
-            w.o[m][n][0] *= corr[0];
-            w.o[m][n][1] *= corr[0];
-            w.o[m][n][2] *= corr[1];
-            w.o[m][n][3] *= corr[1];
-        }
-    }
-}
-
 // O += P V for one warp: P's C fragments, packed to 16 bits, are the A
 // fragments of four k16 steps; V's B fragments (ldmatrix.trans) are loaded
 // once per step and reused by all M row tiles.
@@ -288,44 +155,26 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
     // mbarriers: Q, V, then one per K stage.
     const uint32_t barQ = sV + kTileBytes, barV = barQ + 8, barK = barQ + 16;
 
-    // Work unit: blockIdx.x = head * units + unit. Head-major, so that the
-    // CTAs in flight share one KV head's K and V (an L2-sized working set;
-    // the query heads of a GQA group follow each other and reuse it); within
-    // a head, each sequence's query blocks run last to first, longest rows
-    // first.
-    // With split-KV, a.splits consecutive CTAs share a row, each taking a
-    // contiguous part of its key list and writing its own partial output.
-    const int split = static_cast<int>(blockIdx.x % static_cast<unsigned>(a.splits));
-    const unsigned row_cta = blockIdx.x / static_cast<unsigned>(a.splits);
-    const int head = static_cast<int>(row_cta / static_cast<unsigned>(a.units));
-    const long long unit = row_cta % static_cast<unsigned>(a.units);
-    const SeqEntry& e = tab.seq[seq_of_unit(tab, unit)];
-    const int i = e.q_blocks - 1 - static_cast<int>(unit - e.unit_base);
-    const int qb = e.first_q_block + i;
-    const long long row = e.row_base + static_cast<long long>(head) * e.q_blocks + i;
-    const int kv_head = head / a.group;
-    // Rows of the tile that hold queries: absolute positions [q_start, k_len).
-    const int r_begin = max(e.q_start - qb * kBlock, 0);
-    const int r_end = min(e.k_len - qb * kBlock, kBlock);
-    const long long q_token0 = e.q_off + (static_cast<long long>(qb) * kBlock - e.q_start);
+    // One CTA per work item (kernels/attention_row.cuh: head-major, longest
+    // rows first; with split-KV, a.splits consecutive CTAs share a row, each
+    // taking a contiguous part of its key list and writing its own partial
+    // output).
+    const RowWork work = decode_work(a, tab, blockIdx.x);
+    const int split = work.split, head = work.head, kv_head = work.kv_head, qb = work.qb;
+    const int r_begin = work.r_begin, r_end = work.r_end;
+    const long long q_token0 = work.q_token0;
 
     const T* q = static_cast<const T*>(a.q) + head * a.q_head_stride;
     const T* k = static_cast<const T*>(a.k) + kv_head * a.k_head_stride;
     const T* v = static_cast<const T*>(a.v) + kv_head * a.v_head_stride;
-    auto key_rows = [&](int block) { return min(e.k_len - block * kBlock, kBlock); };
-    auto key_token0 = [&](int block) { return e.k_off + static_cast<long long>(block) * kBlock; };
+    auto key_rows = [&](int block) { return work.key_rows(block); };
+    auto key_token0 = [&](int block) { return work.key_token0(block); };
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row0 = (warp % kRowWarps) * 16 * M;  // this warp's first query row in the tile
     const int key_part = warp / kRowWarps;
     const int col0 = key_part * (kBlock / N);  // and its first key of each key tile
-    MaskRow mask = read_mask_row(a, row, qb);
-    if (a.splits > 1) {
-        const int lo = static_cast<int>(static_cast<long long>(mask.count) * split / a.splits);
-        const int hi = static_cast<int>(static_cast<long long>(mask.count) * (split + 1) / a.splits);
-        mask.slots += lo;
-        mask.count = hi - lo;
-    }
+    MaskRow mask = work.mask;
 
     WarpRows<D, M> w;
     w.init();

@@ -138,13 +138,18 @@ run() {
         "$bin" --include-ignored >"$logs/$name.log" 2>&1 || status=$?
         record "$name" "$status" "$logs/$name.log"
     done
-    # The sm_80 kernel (cp.async) is what a Hopper GPU does not select:
-    # run its tests there too.
+    # The prefill kernels an H100 does not select (the mma.sync kernel with
+    # TMA copies of later GPUs, the cp.async kernel of sm_80): run their
+    # tests there too.
     if [ -x "$stage/bin/gpu_attention" ]; then
-        local status=0
-        echo "== gpu_attention (SEERATTN_PREFILL_KERNEL=cpasync)"
-        SEERATTN_PREFILL_KERNEL=cpasync "$stage/bin/gpu_attention" --include-ignored >"$logs/gpu_attention-cpasync.log" 2>&1 || status=$?
-        record "gpu_attention (cp.async)" "$status" "$logs/gpu_attention-cpasync.log"
+        local kernel status
+        for kernel in tma cpasync; do
+            status=0
+            echo "== gpu_attention (SEERATTN_PREFILL_KERNEL=$kernel)"
+            SEERATTN_PREFILL_KERNEL=$kernel "$stage/bin/gpu_attention" --include-ignored \
+                >"$logs/gpu_attention-$kernel.log" 2>&1 || status=$?
+            record "gpu_attention ($kernel)" "$status" "$logs/gpu_attention-$kernel.log"
+        done
     fi
     local gate="tests/data/upstream/gqa4_s1000_gates" scratch status
     scratch=$(mktemp -d)

@@ -204,15 +204,19 @@ impl OnDevice {
     }
 }
 
-/// The kernel these tests must exercise: TMA on sm_90 and later, cp.async
-/// before, or when `SEERATTN_PREFILL_KERNEL=cpasync` forces it
-/// (`scripts/gpu-test.sh run` runs this file both ways on Hopper).
+/// The kernel these tests must exercise: wgmma on compute capability 9.0,
+/// TMA on later GPUs, cp.async before; `SEERATTN_PREFILL_KERNEL=tma` or
+/// `=cpasync` forces the others on Hopper (`scripts/gpu-test.sh run` runs
+/// this file all three ways there).
 fn expected_kernel(ctx: &Ctx) -> &'static str {
     let forced = std::env::var("SEERATTN_PREFILL_KERNEL").ok();
-    if ctx.compute_capability().0 >= 9 && forced.as_deref() != Some("cpasync") {
-        "tma"
-    } else {
-        "cpasync"
+    let cc = ctx.compute_capability();
+    match forced.as_deref() {
+        _ if cc.0 < 9 => "cpasync",
+        Some("cpasync") => "cpasync",
+        Some("tma") => "tma",
+        _ if cc == (9, 0) => "wgmma",
+        _ => "tma",
     }
 }
 

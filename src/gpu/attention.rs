@@ -1,4 +1,6 @@
-//! Host side of `kernels/attention.cu`: block-sparse prefill on the GPU.
+//! Host side of `kernels/attention.cu` (mma.sync, sm_80 and later) and
+//! `kernels/attention_sm90.cu` (wgmma, compute capability 9.0): block-sparse
+//! prefill on the GPU.
 //!
 //! [`sparse_prefill`] checks every device buffer (dtype, layout the kernel
 //! can read, device memory of one context, sizes), plans the launches and
@@ -6,7 +8,8 @@
 //! copy, no synchronization: the call is capturable in a CUDA graph.
 //!
 //! Launch plan: one CTA per mask row (sequence, query head, query block),
-//! head-major: the CTAs in flight work on one KV head, whose K and V (16 MB
+//! or for the persistent wgmma kernel one CTA per SM whose two consumer
+//! warpgroups take the rows round robin in the same order; head-major: the CTAs in flight work on one KV head, whose K and V (16 MB
 //! at 32k tokens, head_dim 128, bf16) stay in L2 while the query heads of its
 //! GQA group pass over them (heads fastest, measured: 51% L2 hit rate and
 //! DRAM traffic). Within a head, sequences go longest first and each
@@ -324,33 +327,47 @@ pub(crate) unsafe fn sparse_prefill(
     // The attention kernel writes f32 parts when split; the combine writes `out`.
     let kernel_output = if split { "f32" } else { output };
     let kernel = Kernel::choose(&ctx, q, k, v)?;
-    if let Kernel::Tma { token_major, .. } = &kernel {
-        args.tma_token_major = token_major.iter().enumerate().map(|(i, &t)| (t as i32) << i).sum();
+    let maps = kernel.maps();
+    if let Kernel::Tma(m) | Kernel::Wgmma(m) = &kernel {
+        args.tma_token_major = m.token_major.iter().enumerate().map(|(i, &t)| (t as i32) << i).sum();
     }
-    // One Q, one K and one V tile of 64 rows in shared memory; the TMA
-    // kernels align it to 1024 bytes and keep three mbarriers after it.
+    // The mma.sync kernels keep one Q, one K and one V tile of 64 rows in
+    // shared memory (TMA: aligned to 1024 bytes, three mbarriers after it);
+    // the wgmma kernel a Q tile and WGMMA_STAGES K and V tiles per consumer
+    // warpgroup and 8-byte mbarriers (kernels/attention_sm90.cu).
     let tile = (BLOCK * d * 2) as u32;
-    let (m, n, smem, prefix) = match &kernel {
-        Kernel::CpAsync => (1usize, 1usize, 3 * tile, "seer_attn_fwd"),
-        Kernel::Tma { .. } => (2, 1, 3 * tile + 1024 + 64, "seer_attn_fwd_tma_k1"),
+    let fatbin = kernels::fatbin(kernel.file())?;
+    let (threads, smem) = match &kernel {
+        Kernel::CpAsync => (128, 3 * tile),
+        Kernel::Tma(_) => (64, 3 * tile + 1024 + 64),
+        Kernel::Wgmma(_) => {
+            let stages = WGMMA_STAGES as u32;
+            (384, 2 * (1 + 2 * stages) * tile + 1024 + 2 * 8 * (2 + 4 * stages))
+        }
     };
-    let threads = (4 / m * n * 32) as u32;
-    let fatbin = kernels::fatbin("attention")?;
     for table in &plan.launches {
         let units: i64 = table.iter().map(|e| e.q_blocks as i64).sum();
-        let grid = [(units * hq as i64 * args.splits as i64) as u32, 1, 1];
+        let items = units * hq as i64 * args.splits as i64;
+        // One CTA per item, or for the persistent wgmma kernel one per SM
+        // (two items at a time: one per consumer warpgroup), fewer when the
+        // launch has fewer items.
+        let ctas = match &kernel {
+            Kernel::Wgmma(_) => ((items + 1) / 2).min(ctx.sm_count().max(1) as i64),
+            _ => items,
+        };
+        let grid = [ctas as u32, 1, 1];
         args.units = units as i32;
-        let name = |s: usize| format!("{prefix}_d{d}_m{m}n{n}_{input}_{kernel_output}_s{s}");
-        let maps = match &kernel {
-            Kernel::CpAsync => None,
-            Kernel::Tma { maps, .. } => Some(maps),
+        let name = |s: usize| match &kernel {
+            Kernel::CpAsync => format!("seer_attn_fwd_d{d}_m1n1_{input}_{kernel_output}_s{s}"),
+            Kernel::Tma(_) => format!("seer_attn_fwd_tma_k1_d{d}_m2n1_{input}_{kernel_output}_s{s}"),
+            Kernel::Wgmma(_) => format!("seer_attn_fwd_wgmma_d{d}_{input}_{kernel_output}_s{s}"),
         };
         if table.len() <= SMALL_SEQS {
             let f = cuda::function(&ctx, fatbin, &name(SMALL_SEQS))?;
-            launch::<SMALL_SEQS>(f, table, &mut args, maps, grid, threads, smem, stream)?;
+            launch::<SMALL_SEQS>(f, table, &mut args, maps.as_ref(), grid, threads, smem, stream)?;
         } else {
             let f = cuda::function(&ctx, fatbin, &name(MAX_SEQS))?;
-            launch::<MAX_SEQS>(f, table, &mut args, maps, grid, threads, smem, stream)?;
+            launch::<MAX_SEQS>(f, table, &mut args, maps.as_ref(), grid, threads, smem, stream)?;
         }
     }
     if split {
@@ -365,7 +382,8 @@ pub(crate) unsafe fn sparse_prefill(
             hq: hq as i32,
             splits: splits as i32,
         };
-        let f = cuda::function(&ctx, fatbin, &format!("seer_attn_combine_d{d}_{output}"))?;
+        // The combine kernel lives beside the mma.sync kernels.
+        let f = cuda::function(&ctx, kernels::fatbin("attention")?, &format!("seer_attn_combine_d{d}_{output}"))?;
         // One warp per (token, head), 8 warps per CTA.
         let grid = [(total_q * hq).div_ceil(8) as u32, 1, 1];
         let mut params: [*mut c_void; 1] = [(&mut c as *mut CombineArgs).cast()];
@@ -374,23 +392,37 @@ pub(crate) unsafe fn sparse_prefill(
     Ok(())
 }
 
-/// Which kernel runs: TMA copies on sm_90 and later when the driver accepts
-/// tensor maps of q, k and v (it may refuse unusual strides), else cp.async.
+/// K and V stages per consumer warpgroup of the wgmma kernel (its template
+/// argument in kernels/attention_sm90.cu).
+const WGMMA_STAGES: usize = 2;
+
+/// Q, K and V tensor maps of the TMA-fed kernels.
+#[derive(Clone, Copy)]
+struct Maps {
+    maps: [TensorMap; 3],
+    /// Per tensor: coordinates (dim, token, head) rather than (dim, head, token).
+    token_major: [bool; 3],
+}
+
+/// Which kernel runs: on compute capability 9.0 the wgmma kernel
+/// (kernels/attention_sm90.cu, built for sm_90a only); on later GPUs the
+/// mma.sync kernel with TMA copies; both when the driver accepts tensor maps
+/// of q, k and v (it may refuse unusual strides); else the cp.async kernel.
 #[allow(clippy::large_enum_variant)] // one value per call, on the stack
 enum Kernel {
+    /// 4 warps of 16 rows, cp.async copies (sm_80 and later).
     CpAsync,
     /// 2 warps of 32 rows, one K buffer (kernels/NOTES.md: two spilled).
-    Tma {
-        maps: [TensorMap; 3],
-        token_major: [bool; 3],
-    },
+    Tma(Maps),
+    /// Persistent, a producer and two consumer warpgroups.
+    Wgmma(Maps),
 }
 
 impl Kernel {
     fn choose(ctx: &Ctx, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<Kernel> {
-        let (major, _) = ctx.compute_capability();
+        let cc = ctx.compute_capability();
         let forced = kernel_override();
-        if major < 9 || forced == Some("cpasync") {
+        if cc.0 < 9 || forced == Some("cpasync") {
             return Ok(Kernel::CpAsync);
         }
         let map = |t: &DeviceTensor| {
@@ -402,22 +434,45 @@ impl Kernel {
         let (Some(mq), Some(mk), Some(mv)) = (map(q)?, map(k)?, map(v)?) else {
             return Ok(Kernel::CpAsync);
         };
-        Ok(Kernel::Tma { maps: [mq.0, mk.0, mv.0], token_major: [mq.1, mk.1, mv.1] })
+        let maps = Maps { maps: [mq.0, mk.0, mv.0], token_major: [mq.1, mk.1, mv.1] };
+        // sm_90a machine code runs on 9.0 only; the wgmma kernel has no PTX.
+        Ok(if cc == (9, 0) && forced != Some("tma") { Kernel::Wgmma(maps) } else { Kernel::Tma(maps) })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Kernel::CpAsync => "cpasync",
+            Kernel::Tma(_) => "tma",
+            Kernel::Wgmma(_) => "wgmma",
+        }
+    }
+
+    /// The kernels/ file (fatbin) it lives in.
+    fn file(&self) -> &'static str {
+        match self {
+            Kernel::Wgmma(_) => "attention_sm90",
+            _ => "attention",
+        }
+    }
+
+    fn maps(&self) -> Option<[TensorMap; 3]> {
+        match self {
+            Kernel::CpAsync => None,
+            Kernel::Tma(m) | Kernel::Wgmma(m) => Some(m.maps),
+        }
     }
 }
 
 /// The kernel [`sparse_prefill`] would launch for these tensors on `ctx`:
-/// `"tma"` (sm_90 and later) or `"cpasync"`. For tests, which must know
+/// `"wgmma"` (compute capability 9.0), `"tma"` (later GPUs) or `"cpasync"`
+/// (sm_80, or tensors the driver will not map). For tests, which must know
 /// which path they exercised.
 pub fn selected_kernel(ctx: &Ctx, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor) -> Result<&'static str> {
-    Ok(match Kernel::choose(ctx, q, k, v)? {
-        Kernel::CpAsync => "cpasync",
-        Kernel::Tma { .. } => "tma",
-    })
+    Ok(Kernel::choose(ctx, q, k, v)?.name())
 }
 
-/// `SEERATTN_PREFILL_KERNEL=cpasync` forces the cp.async kernel on sm_90
-/// too (to compare the two in one run, and to test it on Hopper); read once.
+/// `SEERATTN_PREFILL_KERNEL=tma` or `=cpasync` forces that kernel on Hopper
+/// (to compare them in one run, and to test each there); read once.
 fn kernel_override() -> Option<&'static str> {
     static KERNEL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     KERNEL.get_or_init(|| std::env::var("SEERATTN_PREFILL_KERNEL").ok()).as_deref()

@@ -1,0 +1,342 @@
+/*
+ * Block-sparse causal attention forward (prefill) for Hopper (sm_90a):
+ * wgmma, TMA and warp specialization. Same arguments, masks and results as
+ * kernels/attention.cu (the mma.sync kernels for sm_80 and later); the CPU
+ * reference is src/reference/attention.rs.
+ *
+ * What it computes: for every work item (kernels/attention_row.cuh: a mask
+ * row of (sequence, query head, query block), or with split-KV a part of
+ * one) the 64 queries of the block attend the keys of the listed key blocks,
+ * causally inside the diagonal block:
+ *   out[t, h] = softmax_j(scale * q_t . k_j) . v_j,  lse = ln sum_j exp(scale * q_t . k_j)
+ * A row that selects no block gives zeros and lse = -inf.
+ *
+ * Structure: a persistent grid of one CTA per SM, three warpgroups.
+ * - Warpgroup 0 produces. Its warp c (c = 0, 1) feeds consumer c: one lane
+ *   walks the consumer's work items and their key lists and brings Q once
+ *   per item, and K and V per listed block, by TMA into a ring of kStages
+ *   K and V buffers, each completing on a "full" mbarrier; it reuses a
+ *   buffer once the consumer has arrived on its "empty" mbarrier. The mask
+ *   decides what is fetched: skipped blocks cost nothing.
+ * - Warpgroups 1 and 2 consume, each its own work items, round robin over
+ *   the launch (item = 2 * blockIdx.x + c + k * 2 * gridDim.x, so the items
+ *   in flight are neighbours in the head-major, longest-first order). Per
+ *   listed key block: S = Q K^T (D / 16 wgmma m64n64k16, Q and K from shared
+ *   memory), the online softmax of kernels/attention_row.cuh in registers,
+ *   O += P V (4 wgmma m64nDk16, P from registers, V from shared memory read
+ *   transposed through its descriptor). The two consumers' softmax and
+ *   matrix work interleave on the SM.
+ * - Epilogue per item: O / row sum straight from the accumulators to the
+ *   caller's buffer (rows that hold queries only), lse per row.
+ *
+ * Budget per computed 64x64 block at head_dim D: 4 * 64 * 64 * D FLOPs
+ * (2.1 MFLOP at D = 128: 283 ns of one SM's share of the H100's 989 dense
+ * bf16 TFLOP/s), 64 * 64 exponentials (256 cycles of the SM's 16 MUFU
+ * lanes: 146 ns at 1.755 GHz, overlapped with the other consumer's
+ * wgmma), K and V tiles 2 * 64 * D * 2 bytes (32 KB at D = 128) from L2:
+ * 116 GB/s per SM at 283 ns per block, 15 TB/s over 132 SMs, above what L2
+ * serves (~10 TB/s) - so full density at 600+ TFLOP/s leans on the two
+ * consumers of a CTA sharing KV heads in L2 and on TMA's bulk transfers.
+ * Per item: Q 64 * D * 2 bytes in, O 64 * D * sizeof(out) out.
+ *
+ * Shared memory: per consumer Q + kStages K + kStages V tiles of [64][D]
+ * 16-bit elements in TMA's 128-byte swizzle (80 KB at D = 128 and two
+ * stages; 160 KB per CTA), plus 1 KB alignment slack and the mbarriers.
+ *
+ * Robustness: the mask is read as by the mma.sync kernels (counts, offsets
+ * and indices only inside their declared lengths, indices outside the
+ * causal range skipped); producer and consumer derive the same block
+ * sequence from it. Keys past a sequence's end (only in its last, diagonal
+ * block) are masked in S, and their V rows zeroed in shared memory (P is 0
+ * there, but 0 * NaN from a neighbour's rows would be NaN).
+ */
+#include "attention_row.cuh"
+#include "wgmma.cuh"
+
+namespace seer::attn::sm90 {
+
+using namespace seer::tile;
+
+constexpr int kConsumers = 2;
+constexpr int kThreads = 128 * (1 + kConsumers);
+
+// One consumer's shared memory: Q, then the K ring, then the V ring (each
+// tile 1024-byte aligned, as TMA's 128-byte swizzle needs).
+template <int D, int kStages>
+struct Buffers {
+    static constexpr uint32_t kTile = kBlock * D * 2;
+    static constexpr uint32_t kBytes = (1 + 2 * kStages) * kTile;
+    uint32_t base;
+    __device__ __forceinline__ uint32_t q() const { return base; }
+    __device__ __forceinline__ uint32_t k(int st) const { return base + (1 + st) * kTile; }
+    __device__ __forceinline__ uint32_t v(int st) const { return base + (1 + kStages + st) * kTile; }
+};
+
+// One consumer's mbarriers (8 bytes each): Q full/empty, then per stage K
+// full, K empty, V full, V empty.
+template <int kStages>
+struct Barriers {
+    static constexpr uint32_t kBytes = 8 * (2 + 4 * kStages);
+    uint32_t base;
+    __device__ __forceinline__ uint32_t q_full() const { return base; }
+    __device__ __forceinline__ uint32_t q_empty() const { return base + 8; }
+    __device__ __forceinline__ uint32_t k_full(int st) const { return base + 16 + 32 * st; }
+    __device__ __forceinline__ uint32_t k_empty(int st) const { return base + 24 + 32 * st; }
+    __device__ __forceinline__ uint32_t v_full(int st) const { return base + 32 + 32 * st; }
+    __device__ __forceinline__ uint32_t v_empty(int st) const { return base + 40 + 32 * st; }
+
+    __device__ __forceinline__ void init() const {
+        mbar_init(q_full(), 1);
+        mbar_init(q_empty(), 128);
+        for (int st = 0; st < kStages; ++st) {
+            mbar_init(k_full(st), 1);
+            mbar_init(k_empty(st), 128);
+            mbar_init(v_full(st), 1);
+            mbar_init(v_empty(st), 128);
+        }
+    }
+};
+
+// Loads one [64][D] tile (D / 64 boxes of 64 columns) of `map` at (head,
+// token0) into `dst`, completing on `bar`. `which` selects the tensor's
+// coordinate order (AttnArgs::tma_token_major). Rows past the tensor arrive
+// as zeros and count towards the bytes all the same.
+template <int D>
+__device__ __forceinline__ void tma_tile(const AttnArgs& a, uint32_t dst, const TensorMap* map, int which, int head,
+                                         long long token0, uint32_t bar) {
+    const bool token_major = (a.tma_token_major >> which) & 1;
+    const int c1 = token_major ? static_cast<int>(token0) : head;
+    const int c2 = token_major ? head : static_cast<int>(token0);
+    mbar_expect_tx(bar, kBlock * D * 2);
+#pragma unroll
+    for (int b = 0; b < D / 64; ++b) tma_load_3d(dst + b * 64 * 128, map, b * 64, c1, c2, bar);
+}
+
+// Position in a ring: the n-th tile a pipeline has carried sits in stage
+// n % kStages, and that stage's barriers are in their (n / kStages)-th phase.
+template <int kStages>
+struct RingPos {
+    int stage;
+    uint32_t parity;
+    __device__ __forceinline__ explicit RingPos(uint32_t n) : stage(n % kStages), parity((n / kStages) & 1) {}
+};
+
+__device__ __forceinline__ unsigned total_items(const AttnArgs& a) {
+    return static_cast<unsigned>(a.units) * static_cast<unsigned>(a.hq) * static_cast<unsigned>(a.splits);
+}
+
+// The producer lane of consumer c: Q per item, K and V per listed block, in
+// exactly the order the consumer takes them.
+template <int D, int kStages, int S>
+__device__ __forceinline__ void produce(const AttnArgs& a, const SeqTable<S>& tab, const TensorMap* map_q,
+                                        const TensorMap* map_k, const TensorMap* map_v, int c,
+                                        Buffers<D, kStages> buf, Barriers<kStages> bar) {
+    uint32_t items = 0, tiles = 0;
+    const unsigned total = total_items(a);
+    for (unsigned item = 2 * blockIdx.x + c; item < total; item += 2 * gridDim.x) {
+        const RowWork work = decode_work(a, tab, item);
+        int kb = -1;
+        int slot = work.mask.next(0, kb);
+        if (slot >= work.mask.count) continue;  // nothing to fetch: the consumer writes zeros
+        // The consumer is done with the previous item's Q (its last S).
+        mbar_wait(bar.q_empty(), (items & 1) ^ 1);
+        tma_tile<D>(a, buf.q(), map_q, 0, work.head, work.q_token0, bar.q_full());
+        ++items;
+        while (slot < work.mask.count) {
+            const RingPos<kStages> pos(tiles++);
+            const long long token0 = work.key_token0(kb);
+            mbar_wait(bar.k_empty(pos.stage), pos.parity ^ 1);
+            tma_tile<D>(a, buf.k(pos.stage), map_k, 1, work.kv_head, token0, bar.k_full(pos.stage));
+            mbar_wait(bar.v_empty(pos.stage), pos.parity ^ 1);
+            tma_tile<D>(a, buf.v(pos.stage), map_v, 2, work.kv_head, token0, bar.v_full(pos.stage));
+            slot = work.mask.next(slot + 1, kb);
+        }
+    }
+}
+
+// S = Q K^T for the warpgroup's 64 rows and the 64 keys of a K tile.
+template <int D, typename T>
+__device__ __forceinline__ void qk(float (&s)[32], uint32_t sQ, uint32_t sK) {
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        // k16 step ks: box ks / 4 (64 columns), 32 bytes into its 128-byte rows.
+        const uint32_t off = (ks / 4) * 64 * 128 + (ks % 4) * 32;
+        wgmma_m64n64k16_ss<T>(s, sw128_desc(sQ + off, 16, 1024), sw128_desc(sK + off, 16, 1024), ks > 0);
+    }
+    wgmma_commit();
+}
+
+// O += P V: P (64 x 64 keys) from the packed S accumulators, four k16 steps
+// of 16 keys (2048 bytes of V rows each).
+template <int D, typename T>
+__device__ __forceinline__ void pv(float (&o)[D / 2], const float (&p)[32], uint32_t sV) {
+    uint32_t a[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        a[kk][0] = pack2<T>(p[8 * kk + 0], p[8 * kk + 1]);
+        a[kk][1] = pack2<T>(p[8 * kk + 2], p[8 * kk + 3]);
+        a[kk][2] = pack2<T>(p[8 * kk + 4], p[8 * kk + 5]);
+        a[kk][3] = pack2<T>(p[8 * kk + 6], p[8 * kk + 7]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t desc = sw128_desc(sV + kk * 16 * 128, 64 * 128, 1024);
+        if constexpr (D == 128) wgmma_m64n128k16_rs<T>(o, a[kk], desc);
+        else wgmma_m64n64k16_rs<T>(o, a[kk], desc);
+    }
+    wgmma_commit();
+}
+
+// Consumer c (its warpgroup's 128 threads): the items, their key blocks, the
+// epilogue.
+template <int D, int kStages, typename T, typename O, int S>
+__device__ __forceinline__ void consume(const AttnArgs& a, const SeqTable<S>& tab, int c, Buffers<D, kStages> buf,
+                                        Barriers<kStages> bar) {
+    const int tid = threadIdx.x % 128;
+    const int warp = tid / 32, lane = tid % 32;
+    const int row0 = warp * 16;  // this warp's first row of the 64
+    uint32_t items = 0, tiles = 0;
+    const unsigned total = total_items(a);
+    for (unsigned item = 2 * blockIdx.x + c; item < total; item += 2 * gridDim.x) {
+        const RowWork work = decode_work(a, tab, item);
+        WarpRows<D, 1> w;
+        w.init();
+        float(&o)[D / 2] = reinterpret_cast<float(&)[D / 2]>(w.o[0]);
+        int kb = -1;
+        int slot = work.mask.next(0, kb);
+        if (slot < work.mask.count) {
+            mbar_wait(bar.q_full(), items & 1);
+            ++items;
+            while (true) {
+                const RingPos<kStages> pos(tiles++);
+                float s[1][8][4];
+                float(&sf)[32] = reinterpret_cast<float(&)[32]>(s[0]);
+                mbar_wait(bar.k_full(pos.stage), pos.parity);
+                qk<D, T>(sf, buf.q(), buf.k(pos.stage));
+                int next_kb = -1;
+                const int next_slot = work.mask.next(slot + 1, next_kb);
+                wgmma_wait<0>();
+                fence_accumulators(sf);
+                mbar_arrive(bar.k_empty(pos.stage));
+                if (next_slot >= work.mask.count) mbar_arrive(bar.q_empty());  // the item's last S
+
+                softmax_tile<D, 1, 8>(s, w, a.scale_log2, kb == work.qb, row0, 0, lane);
+
+                mbar_wait(bar.v_full(pos.stage), pos.parity);
+                const int rows = work.key_rows(kb);
+                if (rows < kBlock) {
+                    // Keys past the sequence: zero their V rows (see the top
+                    // of the file), visible to wgmma (async proxy) after the
+                    // fence and the warpgroup's barrier.
+                    using Tile = Boxes128<D>;
+                    auto* smem = static_cast<unsigned char*>(__cvta_shared_to_generic(buf.v(pos.stage)));
+                    for (int idx = tid; idx < (kBlock - rows) * Tile::kChunks; idx += 128) {
+                        const int r = rows + idx / Tile::kChunks, ch = idx % Tile::kChunks;
+                        *reinterpret_cast<uint4*>(smem + Tile::offset(r, ch)) = make_uint4(0, 0, 0, 0);
+                    }
+                    fence_proxy_async();
+                    named_sync(1 + c, 128);
+                }
+                pv<D, T>(o, sf, buf.v(pos.stage));
+                wgmma_wait<0>();
+                fence_accumulators(o);
+                mbar_arrive(bar.v_empty(pos.stage));
+                if (next_slot >= work.mask.count) break;
+                slot = next_slot;
+                kb = next_kb;
+            }
+        }
+
+        // ---- epilogue: row sums (the quad's shares), O / sum to the
+        // caller's rows that hold queries, lse.
+        O* out = static_cast<O*>(a.out) + work.split * a.split_out_stride + work.head * a.o_head_stride;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            w.row_sum[0][h] += __shfl_xor_sync(0xffffffffu, w.row_sum[0][h], 1);
+            w.row_sum[0][h] += __shfl_xor_sync(0xffffffffu, w.row_sum[0][h], 2);
+            const int r = row0 + lane / 4 + 8 * h;
+            if (r < work.r_begin || r >= work.r_end) continue;
+            const float sum = w.row_sum[0][h];
+            const float inv = sum > 0.f ? 1.f / sum : 0.f;
+            O* dst = out + (work.q_token0 + r) * a.o_row_stride + 2 * (lane % 4);
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                store2<O>(reinterpret_cast<unsigned char*>(dst + n * 8), w.o[0][n][2 * h] * inv,
+                          w.o[0][n][2 * h + 1] * inv);
+            if (a.lse != nullptr && lane % 4 == 0) {
+                constexpr float kLn2 = 0.693147180559945309f;
+                const float lse = sum > 0.f ? (w.row_max[0][h] * a.scale_log2 + log2f(sum)) * kLn2 : -CUDART_INF_F;
+                a.lse[work.split * a.split_lse_stride + work.head * a.lse_head_stride + work.q_token0 + r] = lse;
+            }
+        }
+    }
+}
+
+template <int D, int kStages, typename T, typename O, int S>
+__device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>& tab, const TensorMap* map_q,
+                                           const TensorMap* map_k, const TensorMap* map_v) {
+    using Buf = Buffers<D, kStages>;
+    using Bar = Barriers<kStages>;
+    // Registers per thread after setmaxnreg: the producer keeps a few, the
+    // consumers take the rest (40 * 128 + 232 * 256 = 64512 <= 65536).
+    constexpr int kProducerRegs = 40;
+    constexpr int kConsumerRegs = 232;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    // TMA's 128-byte swizzle needs 1024-byte aligned tiles (the host adds
+    // the slack to the dynamic shared memory size).
+    const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+    const int wg = threadIdx.x / 128;
+    const int c = wg == 0 ? (threadIdx.x / 32) % 4 : wg - 1;  // producer warp c feeds consumer c
+    const Buf buf{base + c * Buf::kBytes};
+    const Bar bar{base + kConsumers * Buf::kBytes + c * Bar::kBytes};
+    if (threadIdx.x < kConsumers) {
+        Bar{base + kConsumers * Buf::kBytes + threadIdx.x * Bar::kBytes}.init();
+        fence_mbar_init();
+    }
+    __syncthreads();
+    if (wg == 0) {
+        regs_release<kProducerRegs>();
+        if (c < kConsumers && threadIdx.x % 32 == 0) produce<D, kStages>(a, tab, map_q, map_k, map_v, c, buf, bar);
+    } else {
+        regs_claim<kConsumerRegs>();
+        consume<D, kStages, T, O>(a, tab, c, buf, bar);
+    }
+}
+
+}  // namespace seer::attn::sm90
+
+// One extern "C" symbol per (head_dim, input dtype, output dtype, table
+// capacity): seer_attn_fwd_wgmma_d{D}_{in}_{out}_s{S}; 384 threads,
+// 2 * (1 + 2 * kStages) * 64 * D * 2 + 1024 + 2 * 8 * (2 + 4 * kStages)
+// bytes of dynamic shared memory (src/gpu/attention.rs computes the same).
+// Built for sm_90a only; the sm_80 and compute_90 (PTX) images trap, and the
+// host selects these kernels only on compute capability 9.0.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SEER_IF_SM90A(...) __VA_ARGS__
+#else
+#define SEER_IF_SM90A(...) __trap();
+#endif
+
+#define SEER_ATTN_WGMMA(D, T, TN, O, ON, S)                                                                      \
+    extern "C" __global__ void __launch_bounds__(seer::attn::sm90::kThreads, 1)                                 \
+        seer_attn_fwd_wgmma_d##D##_##TN##_##ON##_s##S(                                                          \
+            const __grid_constant__ seer::attn::AttnArgs a, const __grid_constant__ seer::attn::SeqTable<S> tab, \
+            const __grid_constant__ seer::tile::TensorMap tq, const __grid_constant__ seer::tile::TensorMap tk,  \
+            const __grid_constant__ seer::tile::TensorMap tv) {                                                   \
+        SEER_IF_SM90A(seer::attn::sm90::sparse_fwd<D, 2, T, O, S>(a, tab, &tq, &tk, &tv);)                        \
+    }
+
+#define SEER_ATTN_WGMMA_OUTS(D, T, TN, S) \
+    SEER_ATTN_WGMMA(D, T, TN, T, TN, S)   \
+    SEER_ATTN_WGMMA(D, T, TN, float, f32, S)
+
+#define SEER_ATTN_WGMMA_ALL(S)                         \
+    SEER_ATTN_WGMMA_OUTS(64, __nv_bfloat16, bf16, S)   \
+    SEER_ATTN_WGMMA_OUTS(64, __half, f16, S)           \
+    SEER_ATTN_WGMMA_OUTS(128, __nv_bfloat16, bf16, S)  \
+    SEER_ATTN_WGMMA_OUTS(128, __half, f16, S)
+
+SEER_ATTN_WGMMA_ALL(16)
+SEER_ATTN_WGMMA_ALL(256)
