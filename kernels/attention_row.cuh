@@ -139,33 +139,34 @@ struct WarpRows {
     }
 };
 
-
-
 // Online softmax over one key tile. The running max is kept on the raw
 // scores (the scale is positive, so the max commutes with it) and the scale
 // folds into the exponent: p = exp2(s * scale_log2 - max * scale_log2), one
 // FFMA and one MUFU per score. The causal mask is applied only in the
 // diagonal block (keys past the query: -inf, so p = 0).
 template <int D, int M, int NT>
-__device__ __forceinline__ void softmax_tile(float (&s)[M][NT][4], WarpRows<D, M>& w, float scale_log2, bool diagonal,
-                                             int row0, int col0, int lane) {
+__device__ __forceinline__ void softmax_scores(float (&s)[M][NT][4], WarpRows<D, M>& w, float scale_log2,
+                                               bool diagonal, int row0, int col0, int lane, float (&corr)[M][2]) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-        // Keys past the query (diagonal block only): a column limit per row,
-        // relative to this warp's first key.
-        const int limit = diagonal ? row0 + m * 16 + lane / 4 - 2 * (lane % 4) - col0 : kBlock;
+        // Keys past the query (diagonal block only, a branch the whole CTA
+        // takes alike): a column limit per row, relative to this warp's
+        // first key.
+        if (diagonal) {
+            const int limit = row0 + m * 16 + lane / 4 - 2 * (lane % 4) - col0;
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
+            for (int n = 0; n < NT; ++n)
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
-                if (n * 8 + (j & 1) > limit + (j >> 1) * 8) s[m][n][j] = -CUDART_INF_F;
+                for (int j = 0; j < 4; ++j)
+                    if (n * 8 + (j & 1) > limit + (j >> 1) * 8) s[m][n][j] = -CUDART_INF_F;
+        }
         float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
             tile_max[0] = fmaxf(tile_max[0], fmaxf(s[m][n][0], s[m][n][1]));
             tile_max[1] = fmaxf(tile_max[1], fmaxf(s[m][n][2], s[m][n][3]));
         }
-        float base[2], corr[2];
+        float base[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
@@ -174,9 +175,9 @@ __device__ __forceinline__ void softmax_tile(float (&s)[M][NT][4], WarpRows<D, M
             // A row with nothing unmasked yet keeps max -inf: subtract 0
             // instead, so that exp2 gives 0, not NaN.
             base[h] = new_max == -CUDART_INF_F ? 0.f : new_max * scale_log2;
-            corr[h] = fast_exp2(w.row_max[m][h] * scale_log2 - base[h]);
+            corr[m][h] = fast_exp2(w.row_max[m][h] * scale_log2 - base[h]);
             w.row_max[m][h] = new_max;
-            w.row_sum[m][h] *= corr[h];
+            w.row_sum[m][h] *= corr[m][h];
         }
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
@@ -187,15 +188,31 @@ __device__ __forceinline__ void softmax_tile(float (&s)[M][NT][4], WarpRows<D, M
                 w.row_sum[m][j >> 1] += p;
             }
         }
-#pragma unroll
-        for (int n = 0; n < WarpRows<D, M>::kDTiles; ++n) {
-            w.o[m][n][0] *= corr[0];
-            w.o[m][n][1] *= corr[0];
-            w.o[m][n][2] *= corr[1];
-            w.o[m][n][3] *= corr[1];
-        }
     }
 }
 
+// O *= the correction factors of softmax_scores (each row's old maximum
+// against its new one).
+template <int D, int M>
+__device__ __forceinline__ void rescale_o(WarpRows<D, M>& w, const float (&corr)[M][2]) {
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int n = 0; n < WarpRows<D, M>::kDTiles; ++n) {
+            w.o[m][n][0] *= corr[m][0];
+            w.o[m][n][1] *= corr[m][0];
+            w.o[m][n][2] *= corr[m][1];
+            w.o[m][n][3] *= corr[m][1];
+        }
+}
+
+// Both: the scores of one key tile into P, and O rescaled for it.
+template <int D, int M, int NT>
+__device__ __forceinline__ void softmax_tile(float (&s)[M][NT][4], WarpRows<D, M>& w, float scale_log2, bool diagonal,
+                                             int row0, int col0, int lane) {
+    float corr[M][2];
+    softmax_scores<D, M, NT>(s, w, scale_log2, diagonal, row0, col0, lane, corr);
+    rescale_o<D, M>(w, corr);
+}
 
 }  // namespace seer::attn

@@ -21,22 +21,26 @@
  * - Warpgroups 1 and 2 consume, each its own work items, round robin over
  *   the launch (item = 2 * blockIdx.x + c + k * 2 * gridDim.x, so the items
  *   in flight are neighbours in the head-major, longest-first order). Per
- *   listed key block: S = Q K^T (D / 16 wgmma m64n64k16, Q and K from shared
- *   memory), the online softmax of kernels/attention_row.cuh in registers,
- *   O += P V (4 wgmma m64nDk16, P from registers, V from shared memory read
- *   transposed through its descriptor). The two consumers' softmax and
- *   matrix work interleave on the SM.
+ *   item, Q goes from its tile into registers (the A operand of S; its
+ *   buffer is handed back at once). Per listed key block j: S_j = Q K_j^T
+ *   (D / 16 wgmma m64n64k16, K from shared memory) is issued, then
+ *   O += P_{j-1} V_{j-1} (4 wgmma m64nDk16, P from registers, V from shared
+ *   memory read transposed through its descriptor); the online softmax of
+ *   S_j (kernels/attention_row.cuh) runs while that second product is still
+ *   on the tensor cores, and O is rescaled for block j (only when a row
+ *   maximum of the warp moved) once it has landed. The two consumers'
+ *   softmax and matrix work interleave on the SM.
  * - Epilogue per item: O / row sum straight from the accumulators to the
  *   caller's buffer (rows that hold queries only), lse per row.
  *
  * Budget per computed 64x64 block at head_dim D: 4 * 64 * 64 * D FLOPs
- * (2.1 MFLOP at D = 128: 283 ns of one SM's share of the H100's 989 dense
- * bf16 TFLOP/s), 64 * 64 exponentials (256 cycles of the SM's 16 MUFU
- * lanes: 146 ns at 1.755 GHz, overlapped with the other consumer's
- * wgmma), K and V tiles 2 * 64 * D * 2 bytes (32 KB at D = 128) from L2:
- * 116 GB/s per SM at 283 ns per block, 15 TB/s over 132 SMs, above what L2
- * serves (~10 TB/s) - so full density at 600+ TFLOP/s leans on the two
- * consumers of a CTA sharing KV heads in L2 and on TMA's bulk transfers.
+ * (2.1 MFLOP at D = 128: 512 cycles of an SM's 4096 dense bf16 FLOP per
+ * cycle, 989 TFLOP/s over 132 SMs), 64 * 64 exponentials (256 cycles of
+ * the SM's 16 MUFU lanes, to overlap with the other consumer's wgmma), K
+ * and V tiles 2 * 64 * D * 2 bytes (32 KB at D = 128) from L2: at 450
+ * TFLOP/s that is 6.9 TB/s, which ncu reads as 74% of L2 throughput - a
+ * 64-row tile feeds each K/V tile to one warpgroup only, so 600+ TFLOP/s
+ * needs tiles shared between consumers (kernels/NOTES.md).
  * Per item: Q 64 * D * 2 bytes in, O 64 * D * sizeof(out) out.
  *
  * Shared memory: per consumer Q + kStages K + kStages V tiles of [64][D]
@@ -112,13 +116,19 @@ __device__ __forceinline__ void tma_tile(const AttnArgs& a, uint32_t dst, const 
     for (int b = 0; b < D / 64; ++b) tma_load_3d(dst + b * 64 * 128, map, b * 64, c1, c2, bar);
 }
 
-// Position in a ring: the n-th tile a pipeline has carried sits in stage
-// n % kStages, and that stage's barriers are in their (n / kStages)-th phase.
+// Position in a ring: the n-th tile a pipeline carries sits in stage
+// n % kStages, and that stage's barriers are in their (n / kStages)-th
+// phase, whose parity mbarrier waits take. Counted, not divided.
 template <int kStages>
 struct RingPos {
-    int stage;
-    uint32_t parity;
-    __device__ __forceinline__ explicit RingPos(uint32_t n) : stage(n % kStages), parity((n / kStages) & 1) {}
+    int stage = 0;
+    uint32_t parity = 0;
+    __device__ __forceinline__ void advance() {
+        if (++stage == kStages) {
+            stage = 0;
+            parity ^= 1;
+        }
+    }
 };
 
 __device__ __forceinline__ unsigned total_items(const AttnArgs& a) {
@@ -131,62 +141,93 @@ template <int D, int kStages, int S>
 __device__ __forceinline__ void produce(const AttnArgs& a, const SeqTable<S>& tab, const TensorMap* map_q,
                                         const TensorMap* map_k, const TensorMap* map_v, int c,
                                         Buffers<D, kStages> buf, Barriers<kStages> bar) {
-    uint32_t items = 0, tiles = 0;
+    uint32_t items = 0;
+    RingPos<kStages> pos;
     const unsigned total = total_items(a);
     for (unsigned item = 2 * blockIdx.x + c; item < total; item += 2 * gridDim.x) {
         const RowWork work = decode_work(a, tab, item);
         int kb = -1;
         int slot = work.mask.next(0, kb);
         if (slot >= work.mask.count) continue;  // nothing to fetch: the consumer writes zeros
-        // The consumer is done with the previous item's Q (its last S).
+        // The consumer has the previous item's Q in registers.
         mbar_wait(bar.q_empty(), (items & 1) ^ 1);
         tma_tile<D>(a, buf.q(), map_q, 0, work.head, work.q_token0, bar.q_full());
         ++items;
         while (slot < work.mask.count) {
-            const RingPos<kStages> pos(tiles++);
             const long long token0 = work.key_token0(kb);
             mbar_wait(bar.k_empty(pos.stage), pos.parity ^ 1);
             tma_tile<D>(a, buf.k(pos.stage), map_k, 1, work.kv_head, token0, bar.k_full(pos.stage));
             mbar_wait(bar.v_empty(pos.stage), pos.parity ^ 1);
             tma_tile<D>(a, buf.v(pos.stage), map_v, 2, work.kv_head, token0, bar.v_full(pos.stage));
             slot = work.mask.next(slot + 1, kb);
+            pos.advance();
         }
     }
 }
 
+// The warpgroup's 64 query rows as the A operand of D / 16 k16 steps, read
+// once per item from the TMA-written tile (ldmatrix, following its swizzle):
+// S then reads only K from shared memory (Q from shared memory too made the
+// S product shared-memory bound: 4 KB per m64n64k16, 128 bytes a cycle).
+template <int D>
+__device__ __forceinline__ void load_q(uint32_t (&q)[D / 16][4], uint32_t sQ, int row0, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) ldmatrix_x4(q[ks], sQ + Boxes128<D>::offset(row0 + lane % 16, ks * 2 + lane / 16));
+}
+
 // S = Q K^T for the warpgroup's 64 rows and the 64 keys of a K tile.
 template <int D, typename T>
-__device__ __forceinline__ void qk(float (&s)[32], uint32_t sQ, uint32_t sK) {
+__device__ __forceinline__ void qk(float (&s)[32], const uint32_t (&q)[D / 16][4], uint32_t sK) {
+    // The descriptor's low bits are the address / 16 (no carry out of them:
+    // shared memory is below 256 KB), so steps are additions.
+    const uint64_t desc = sw128_desc(sK, 16, 1024);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
         // k16 step ks: box ks / 4 (64 columns), 32 bytes into its 128-byte rows.
         const uint32_t off = (ks / 4) * 64 * 128 + (ks % 4) * 32;
-        wgmma_m64n64k16_ss<T>(s, sw128_desc(sQ + off, 16, 1024), sw128_desc(sK + off, 16, 1024), ks > 0);
+        wgmma_m64n64k16_rs<T, 0>(s, q[ks], desc + (off >> 4), ks > 0);
     }
     wgmma_commit();
 }
 
-// O += P V: P (64 x 64 keys) from the packed S accumulators, four k16 steps
-// of 16 keys (2048 bytes of V rows each).
-template <int D, typename T>
-__device__ __forceinline__ void pv(float (&o)[D / 2], const float (&p)[32], uint32_t sV) {
-    uint32_t a[4][4];
+// P (64 rows x 64 keys) as the A operand of four k16 steps: the S
+// accumulators, rounded to 16 bits, in place.
+template <typename T>
+__device__ __forceinline__ void pack_p(uint32_t (&p)[4][4], const float (&s)[32]) {
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-        a[kk][0] = pack2<T>(p[8 * kk + 0], p[8 * kk + 1]);
-        a[kk][1] = pack2<T>(p[8 * kk + 2], p[8 * kk + 3]);
-        a[kk][2] = pack2<T>(p[8 * kk + 4], p[8 * kk + 5]);
-        a[kk][3] = pack2<T>(p[8 * kk + 6], p[8 * kk + 7]);
-    }
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) p[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+}
+
+// O += P V: four k16 steps of 16 keys (2048 bytes of V rows each).
+template <int D, typename T>
+__device__ __forceinline__ void pv(float (&o)[D / 2], const uint32_t (&p)[4][4], uint32_t sV) {
+    const uint64_t desc = sw128_desc(sV, 64 * 128, 1024);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t desc = sw128_desc(sV + kk * 16 * 128, 64 * 128, 1024);
-        if constexpr (D == 128) wgmma_m64n128k16_rs<T>(o, a[kk], desc);
-        else wgmma_m64n64k16_rs<T>(o, a[kk], desc);
+        const uint64_t step = desc + ((kk * 16 * 128) >> 4);
+        if constexpr (D == 128) wgmma_m64n128k16_rs<T, 1>(o, p[kk], step, 1);
+        else wgmma_m64n64k16_rs<T, 1>(o, p[kk], step, 1);
     }
     wgmma_commit();
+}
+
+// Keys past the sequence (its last block only): zero their V rows (see the
+// top of the file), then make the zeros visible to wgmma (async proxy):
+// each writer fences, the warpgroup meets at its named barrier.
+template <int D>
+__device__ __forceinline__ void zero_v_tail(uint32_t sV, int rows, int tid, int c) {
+    using Tile = Boxes128<D>;
+    auto* smem = static_cast<unsigned char*>(__cvta_shared_to_generic(sV));
+    for (int idx = tid; idx < (kBlock - rows) * Tile::kChunks; idx += 128) {
+        const int r = rows + idx / Tile::kChunks, ch = idx % Tile::kChunks;
+        *reinterpret_cast<uint4*>(smem + Tile::offset(r, ch)) = make_uint4(0, 0, 0, 0);
+    }
+    fence_proxy_async();
+    named_sync(1 + c, 128);
 }
 
 // Consumer c (its warpgroup's 128 threads): the items, their key blocks, the
@@ -197,7 +238,8 @@ __device__ __forceinline__ void consume(const AttnArgs& a, const SeqTable<S>& ta
     const int tid = threadIdx.x % 128;
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16;  // this warp's first row of the 64
-    uint32_t items = 0, tiles = 0;
+    uint32_t items = 0;
+    RingPos<kStages> pos;
     const unsigned total = total_items(a);
     for (unsigned item = 2 * blockIdx.x + c; item < total; item += 2 * gridDim.x) {
         const RowWork work = decode_work(a, tab, item);
@@ -207,46 +249,62 @@ __device__ __forceinline__ void consume(const AttnArgs& a, const SeqTable<S>& ta
         int kb = -1;
         int slot = work.mask.next(0, kb);
         if (slot < work.mask.count) {
+            // Software pipeline over the listed blocks: S_j = Q K_j^T is
+            // issued before O += P_{j-1} V_{j-1}, and the softmax of S_j runs
+            // while P_{j-1} V_{j-1} is still on the tensor cores; O is
+            // rescaled for block j only after that product has landed.
             mbar_wait(bar.q_full(), items & 1);
             ++items;
-            while (true) {
-                const RingPos<kStages> pos(tiles++);
-                float s[1][8][4];
-                float(&sf)[32] = reinterpret_cast<float(&)[32]>(s[0]);
-                mbar_wait(bar.k_full(pos.stage), pos.parity);
-                qk<D, T>(sf, buf.q(), buf.k(pos.stage));
-                int next_kb = -1;
-                const int next_slot = work.mask.next(slot + 1, next_kb);
-                wgmma_wait<0>();
-                fence_accumulators(sf);
-                mbar_arrive(bar.k_empty(pos.stage));
-                if (next_slot >= work.mask.count) mbar_arrive(bar.q_empty());  // the item's last S
-
-                softmax_tile<D, 1, 8>(s, w, a.scale_log2, kb == work.qb, row0, 0, lane);
-
-                mbar_wait(bar.v_full(pos.stage), pos.parity);
-                const int rows = work.key_rows(kb);
-                if (rows < kBlock) {
-                    // Keys past the sequence: zero their V rows (see the top
-                    // of the file), visible to wgmma (async proxy) after the
-                    // fence and the warpgroup's barrier.
-                    using Tile = Boxes128<D>;
-                    auto* smem = static_cast<unsigned char*>(__cvta_shared_to_generic(buf.v(pos.stage)));
-                    for (int idx = tid; idx < (kBlock - rows) * Tile::kChunks; idx += 128) {
-                        const int r = rows + idx / Tile::kChunks, ch = idx % Tile::kChunks;
-                        *reinterpret_cast<uint4*>(smem + Tile::offset(r, ch)) = make_uint4(0, 0, 0, 0);
-                    }
-                    fence_proxy_async();
-                    named_sync(1 + c, 128);
-                }
-                pv<D, T>(o, sf, buf.v(pos.stage));
-                wgmma_wait<0>();
-                fence_accumulators(o);
-                mbar_arrive(bar.v_empty(pos.stage));
-                if (next_slot >= work.mask.count) break;
+            uint32_t q[D / 16][4];
+            load_q<D>(q, buf.q(), row0, lane);
+            mbar_arrive(bar.q_empty());  // the producer may bring the next item's Q
+            float s[1][8][4];
+            float(&sf)[32] = reinterpret_cast<float(&)[32]>(s[0]);
+            uint32_t p[4][4];
+            mbar_wait(bar.k_full(pos.stage), pos.parity);
+            qk<D, T>(sf, q, buf.k(pos.stage));
+            int next_kb = -1;
+            int next_slot = work.mask.next(slot + 1, next_kb);
+            wgmma_wait<0>();
+            fence_accumulators(sf);
+            mbar_arrive(bar.k_empty(pos.stage));
+            {
+                float corr[1][2];  // O is still zero: nothing to rescale
+                softmax_scores<D, 1, 8>(s, w, a.scale_log2, kb == work.qb, row0, 0, lane, corr);
+            }
+            pack_p<T>(p, sf);
+            while (next_slot < work.mask.count) {
+                const RingPos<kStages> prev = pos;
+                const int prev_kb = kb;
                 slot = next_slot;
                 kb = next_kb;
+                pos.advance();
+                mbar_wait(bar.k_full(pos.stage), pos.parity);
+                qk<D, T>(sf, q, buf.k(pos.stage));
+                mbar_wait(bar.v_full(prev.stage), prev.parity);
+                if (work.key_rows(prev_kb) < kBlock) zero_v_tail<D>(buf.v(prev.stage), work.key_rows(prev_kb), tid, c);
+                pv<D, T>(o, p, buf.v(prev.stage));
+                next_slot = work.mask.next(slot + 1, next_kb);
+                wgmma_wait<1>();  // S_j has landed; P_{j-1} V_{j-1} may still run
+                fence_accumulators(sf);
+                mbar_arrive(bar.k_empty(pos.stage));
+                float corr[1][2];
+                softmax_scores<D, 1, 8>(s, w, a.scale_log2, kb == work.qb, row0, 0, lane, corr);
+                wgmma_wait<0>();
+                fence_accumulators(o);
+                mbar_arrive(bar.v_empty(prev.stage));
+                // Most blocks leave every row maximum of the warp unchanged
+                // (corr exactly 1): skip the D / 2 multiplies then.
+                if (__any_sync(0xffffffffu, corr[0][0] != 1.f || corr[0][1] != 1.f)) rescale_o<D, 1>(w, corr);
+                pack_p<T>(p, sf);
             }
+            mbar_wait(bar.v_full(pos.stage), pos.parity);
+            if (work.key_rows(kb) < kBlock) zero_v_tail<D>(buf.v(pos.stage), work.key_rows(kb), tid, c);
+            pv<D, T>(o, p, buf.v(pos.stage));
+            wgmma_wait<0>();
+            fence_accumulators(o);
+            mbar_arrive(bar.v_empty(pos.stage));
+            pos.advance();
         }
 
         // ---- epilogue: row sums (the quad's shares), O / sum to the
@@ -319,24 +377,24 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
 #define SEER_IF_SM90A(...) __trap();
 #endif
 
-#define SEER_ATTN_WGMMA(D, T, TN, O, ON, S)                                                                      \
+#define SEER_ATTN_WGMMA(KS, D, T, TN, O, ON, S)                                                                  \
     extern "C" __global__ void __launch_bounds__(seer::attn::sm90::kThreads, 1)                                 \
-        seer_attn_fwd_wgmma_d##D##_##TN##_##ON##_s##S(                                                          \
+        seer_attn_fwd_wgmma_k##KS##_d##D##_##TN##_##ON##_s##S(                                                  \
             const __grid_constant__ seer::attn::AttnArgs a, const __grid_constant__ seer::attn::SeqTable<S> tab, \
             const __grid_constant__ seer::tile::TensorMap tq, const __grid_constant__ seer::tile::TensorMap tk,  \
             const __grid_constant__ seer::tile::TensorMap tv) {                                                   \
-        SEER_IF_SM90A(seer::attn::sm90::sparse_fwd<D, 2, T, O, S>(a, tab, &tq, &tk, &tv);)                        \
+        SEER_IF_SM90A(seer::attn::sm90::sparse_fwd<D, KS, T, O, S>(a, tab, &tq, &tk, &tv);)                       \
     }
 
-#define SEER_ATTN_WGMMA_OUTS(D, T, TN, S) \
-    SEER_ATTN_WGMMA(D, T, TN, T, TN, S)   \
-    SEER_ATTN_WGMMA(D, T, TN, float, f32, S)
+#define SEER_ATTN_WGMMA_OUTS(KS, D, T, TN, S) \
+    SEER_ATTN_WGMMA(KS, D, T, TN, T, TN, S)   \
+    SEER_ATTN_WGMMA(KS, D, T, TN, float, f32, S)
 
-#define SEER_ATTN_WGMMA_ALL(S)                         \
-    SEER_ATTN_WGMMA_OUTS(64, __nv_bfloat16, bf16, S)   \
-    SEER_ATTN_WGMMA_OUTS(64, __half, f16, S)           \
-    SEER_ATTN_WGMMA_OUTS(128, __nv_bfloat16, bf16, S)  \
-    SEER_ATTN_WGMMA_OUTS(128, __half, f16, S)
+#define SEER_ATTN_WGMMA_ALL(KS, S)                         \
+    SEER_ATTN_WGMMA_OUTS(KS, 64, __nv_bfloat16, bf16, S)   \
+    SEER_ATTN_WGMMA_OUTS(KS, 64, __half, f16, S)           \
+    SEER_ATTN_WGMMA_OUTS(KS, 128, __nv_bfloat16, bf16, S)  \
+    SEER_ATTN_WGMMA_OUTS(KS, 128, __half, f16, S)
 
-SEER_ATTN_WGMMA_ALL(16)
-SEER_ATTN_WGMMA_ALL(256)
+SEER_ATTN_WGMMA_ALL(2, 16)
+SEER_ATTN_WGMMA_ALL(2, 256)

@@ -20,6 +20,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace seer::tile {
 
 // Descriptor of a tile in TMA's 128-byte swizzle layout (rows of 128 bytes,
@@ -73,48 +75,51 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
 #define SEER_ACC32 SEER_ACC8(0), SEER_ACC8(8), SEER_ACC8(16), SEER_ACC8(24)
 #define SEER_ACC64 SEER_ACC32, SEER_ACC8(32), SEER_ACC8(40), SEER_ACC8(48), SEER_ACC8(56)
 
+// The instruction's type suffix for 16-bit inputs of type T.
+#define SEER_WGMMA_TYPE(T) (std::is_same_v<T, __nv_bfloat16> ? 0 : 1)
+
 // d (64x64) = (accumulate ? d : 0) + A (64x16, smem, K-major) * B (16x64,
 // smem, K-major: 64 rows of keys).
 template <typename T>
-__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate);
-// d (64xN) += A (64x16, registers) * B (16xN, smem, MN-major).
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b);
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b);
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#define SEER_SS(TY)                                                                                                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                         \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " SEER_REGS32 ", %32, %33, p, 1, 1, 0, 0;\n}\n" \
+                 : SEER_ACC32                                                                                         \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+    if constexpr (SEER_WGMMA_TYPE(T) == 0) SEER_SM90A(SEER_SS("bf16");) else SEER_SM90A(SEER_SS("f16");)
+#undef SEER_SS
+}
 
-#define SEER_WGMMA_SHAPES(T, TY)                                                                                    \
-    template <>                                                                                                     \
-    __device__ __forceinline__ void wgmma_m64n64k16_ss<T>(float (&d)[32], uint64_t desc_a, uint64_t desc_b,         \
-                                                          int accumulate) {                                         \
-        SEER_SM90A(asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                        \
-                                "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " SEER_REGS32             \
-                                ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                   \
-                                : SEER_ACC32                                                                        \
-                                : "l"(desc_a), "l"(desc_b), "r"(accumulate));)                                      \
-    }                                                                                                               \
-    template <>                                                                                                     \
-    __device__ __forceinline__ void wgmma_m64n64k16_rs<T>(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) { \
-        SEER_SM90A(asm volatile("{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"                                         \
-                                "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " SEER_REGS32             \
-                                ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                        \
-                                : SEER_ACC32                                                                        \
-                                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));)                        \
-    }                                                                                                               \
-    template <>                                                                                                     \
-    __device__ __forceinline__ void wgmma_m64n128k16_rs<T>(float (&d)[64], const uint32_t (&a)[4],                 \
-                                                           uint64_t desc_b) {                                       \
-        SEER_SM90A(asm volatile("{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"                                         \
-                                "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " SEER_REGS64            \
-                                ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                        \
-                                : SEER_ACC64                                                                        \
-                                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));)                        \
-    }
+// d (64xN) = (accumulate ? d : 0) + A (64x16, registers) * B (16xN, smem):
+// B K-major (kTransB 0: rows of N, the reduction dimension contiguous, as
+// K's keys) or MN-major (kTransB 1: rows of the reduction dimension, as V).
+template <typename T, int kTransB>
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                                   int accumulate) {
+#define SEER_RS64(TY)                                                                                            \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                    \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " SEER_REGS32                         \
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                                                \
+                 : SEER_ACC32                                                                                    \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB))
+    if constexpr (SEER_WGMMA_TYPE(T) == 0) SEER_SM90A(SEER_RS64("bf16");) else SEER_SM90A(SEER_RS64("f16");)
+#undef SEER_RS64
+}
+template <typename T, int kTransB>
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                                    int accumulate) {
+#define SEER_RS128(TY)                                                                                           \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                    \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " SEER_REGS64                        \
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                                                \
+                 : SEER_ACC64                                                                                    \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB))
+    if constexpr (SEER_WGMMA_TYPE(T) == 0) SEER_SM90A(SEER_RS128("bf16");) else SEER_SM90A(SEER_RS128("f16");)
+#undef SEER_RS128
+}
 
-SEER_WGMMA_SHAPES(__nv_bfloat16, "bf16")
-SEER_WGMMA_SHAPES(__half, "f16")
-
-#undef SEER_WGMMA_SHAPES
+#undef SEER_WGMMA_TYPE
 #undef SEER_ACC64
 #undef SEER_ACC32
 #undef SEER_ACC8

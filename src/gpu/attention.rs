@@ -360,7 +360,7 @@ pub(crate) unsafe fn sparse_prefill(
         let name = |s: usize| match &kernel {
             Kernel::CpAsync => format!("seer_attn_fwd_d{d}_m1n1_{input}_{kernel_output}_s{s}"),
             Kernel::Tma(_) => format!("seer_attn_fwd_tma_k1_d{d}_m2n1_{input}_{kernel_output}_s{s}"),
-            Kernel::Wgmma(_) => format!("seer_attn_fwd_wgmma_d{d}_{input}_{kernel_output}_s{s}"),
+            Kernel::Wgmma(_) => format!("seer_attn_fwd_wgmma_k{WGMMA_STAGES}_d{d}_{input}_{kernel_output}_s{s}"),
         };
         if table.len() <= SMALL_SEQS {
             let f = cuda::function(&ctx, fatbin, &name(SMALL_SEQS))?;
