@@ -12,7 +12,8 @@ length and mask density, on the same q, k, v tensors:
   sdpa_flash        dense causal SDPA, FlashAttention-2 backend (density 1)
   sdpa_cudnn        dense causal SDPA, cuDNN backend (density 1)
 
-Shape: one sequence, 32 q heads, 8 kv heads, head_dim 128, bf16, causal.
+Shape: one sequence, 32 q heads, 8 kv heads, head_dim 128 (--head-dim 64
+for the other size the kernels are built for), bf16, causal.
 Masks: for each query block row, the diagonal block plus randomly chosen
 earlier blocks, round(density * (row + 1)) blocks in all (density 1 is the
 full causal map). FLOPs are counted on computed blocks: 4 * 64 * 64 * D per
@@ -29,6 +30,7 @@ three input sets rotated so repeated calls do not measure L2-resident data.
 
 Usage: python3 bench/prefill.py OUT.jsonl [--seqs 8192,32768,65536]
            [--densities 1,0.5,0.2,0.1,0.05] [--lib .devbuild/lib/libseerattn.so]
+           [--head-dim 128|64] [--chunk N] [--no-anchors] [--tag T]
 """
 import argparse
 import ctypes
@@ -262,6 +264,7 @@ def rel_err(a, b):
 
 
 def main():
+    global D  # the shape's head_dim, read by the helpers above
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--seqs", default="8192,32768,65536")
@@ -270,9 +273,11 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-anchors", action="store_true", help="time seerattn only (tuning runs)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--head-dim", type=int, default=128, choices=[64, 128])
     ap.add_argument("--chunk", type=int, default=0,
                     help="also time a chunk of this many queries over each seq_len keys (split-KV vs unsplit)")
     args = ap.parse_args()
+    D = args.head_dim
 
     lib = Library(os.path.abspath(args.lib))
     dev = torch.cuda.get_device_name()
