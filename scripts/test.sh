@@ -5,7 +5,8 @@
 #    upstream conformance, the C ABI from Rust, the header being current.
 # 2. The install (scripts/install.sh) into a temporary prefix, and the C
 #    programs in examples-c/ built against the installed tree with -Wall
-#    -Wextra -Werror through pkg-config, then run: the bad-input table through
+#    -Wextra -Werror, once through pkg-config and once through CMake's
+#    find_package (shared and static), then run: the bad-input table through
 #    the C API, and the end-to-end example; then again under ASan/UBSan/LSan
 #    and valgrind (scripts/asan.sh).
 # 3. A fuzz smoke where cargo-fuzz and nightly exist (the committed seeds
@@ -17,8 +18,8 @@
 # are #[ignore]d here and run on a GPU machine through scripts/gpu-test.sh
 # (see README); this script runs none of them and claims none.
 #
-# Needs cargo, a C compiler with libasan, valgrind, pkg-config, and python3
-# with pip (for nvcc, first run only).
+# Needs cargo, a C compiler with libasan, valgrind, pkg-config, cmake, and
+# python3 with pip (for nvcc, first run only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -84,6 +85,20 @@ echo "examples-c/cuda_prefill.c compiled (it runs on the GPU machine: scripts/gp
 "$out/prefill" "$gate" 1
 "$out/api_errors" "$gate" "$scratch/pkg-config"
 echo "pkg-config build: prefill and api_errors passed, loading $prefix/lib/$soname"
+
+echo "== C programs via CMake find_package(seerattn) (examples-c/CMakeLists.txt)"
+cmake -S examples-c -B "$scratch/cmake" -DCMAKE_PREFIX_PATH="$prefix" >"$scratch/cmake.log" 2>&1 &&
+    cmake --build "$scratch/cmake" >>"$scratch/cmake.log" 2>&1 ||
+    { echo "CMake build failed:"; cat "$scratch/cmake.log"; exit 1; }
+for prog in api_errors prefill; do loads_installed "$scratch/cmake/$prog"; done
+# (awk, not grep -q: with pipefail, a grep that stops reading fails readelf.)
+if readelf -d "$scratch/cmake/prefill_static" | awk '/NEEDED.*libseerattn/ {n++} END {exit n == 0}'; then
+    echo "prefill_static needs libseerattn.so: seerattn::seerattn_static did not link libseerattn.a"; exit 1
+fi
+"$scratch/cmake/prefill" "$gate" 1 | tail -n 1
+"$scratch/cmake/prefill_static" "$gate" 1 | tail -n 1
+"$scratch/cmake/api_errors" "$gate" "$scratch/cmake-api" | tail -n 1
+echo "CMake build: prefill, prefill_static (libseerattn.a) and api_errors passed, loading $prefix/lib/$soname"
 
 # The C programs under ASan/UBSan/LSan, api_errors under valgrind memcheck,
 # against the same installed library.
