@@ -13,6 +13,10 @@
 //!   a warning; CUDA entry points then return `SEER_UNSUPPORTED`.
 //! - A kernel that does not compile fails the build with nvcc's output: a
 //!   broken kernel must never turn silently into a CPU-only library.
+//! - On Linux the shared library gets the soname `libseerattn.so.<ABI>`, the
+//!   C ABI version (`SEER_ABI_VERSION` in `src/ffi/status.rs`): programs
+//!   linked against it load any later library of the same ABI, and a new ABI
+//!   gets a new soname (see README, Installing).
 
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
@@ -57,6 +61,8 @@ fn main() {
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
+
+    set_soname(&root);
 
     let sources = kernel_sources(&kernel_dir);
     let inputs = inputs_digest(&kernel_dir);
@@ -117,6 +123,27 @@ fn main() {
     module.push_str("];\n");
     write_if_changed(&out.join("kernels.rs"), &module);
     println!("cargo:rustc-cfg=seerattn_cuda");
+}
+
+/// The soname of the cdylib on Linux: `libseerattn.so.<SEER_ABI_VERSION>`.
+/// The ABI version is read from the constant the C API reports, so the two
+/// cannot disagree. Other platforms name their shared libraries differently
+/// and get none.
+fn set_soname(root: &Path) {
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
+        return;
+    }
+    let status = root.join("src/ffi/status.rs");
+    println!("cargo:rerun-if-changed={}", status.display());
+    let source = std::fs::read_to_string(&status).unwrap_or_default();
+    let abi = source.lines().find_map(|l| {
+        l.trim().strip_prefix("pub const SEER_ABI_VERSION: u32 = ")?.strip_suffix(';')?.parse::<u32>().ok()
+    });
+    let Some(abi) = abi else {
+        eprintln!("seerattn: no `pub const SEER_ABI_VERSION: u32 = N;` in {}", status.display());
+        std::process::exit(1);
+    };
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libseerattn.so.{abi}");
 }
 
 /// `kernels/*.cu`, sorted so the generated module is stable.

@@ -4,8 +4,9 @@
 #
 # 1. AddressSanitizer, UndefinedBehaviorSanitizer and LeakSanitizer: the C
 #    programs built with -fsanitize=address,undefined against the debug
-#    libseerattn.so. The C side is instrumented; leaks anywhere in the process
-#    fail the run (Rust allocations go through malloc, which ASan intercepts).
+#    libseerattn.so, installed (see PREFIX below). The C side is
+#    instrumented; leaks anywhere in the process fail the run (Rust
+#    allocations go through malloc, which ASan intercepts).
 # 2. valgrind memcheck over api_errors (every error path of the C API, the
 #    library included: valgrind sees the Rust code's reads and writes, which
 #    ASan does not instrument): --error-exitcode=1 --leak-check=full, so an
@@ -16,23 +17,33 @@
 #
 # Needs a C compiler with libasan/libubsan and valgrind (.ci/run installs it);
 # SEERATTN_SKIP_VALGRIND=1 runs the sanitizers only and says so.
+#
+# Usage: scripts/asan.sh [PREFIX]
+#   PREFIX: a tree installed by `scripts/install.sh --debug` (scripts/test.sh
+#   passes its own); without it, the debug build is installed into a
+#   temporary one. Programs load the library by its soname
+#   (libseerattn.so.ABI), which only an installed tree has, not target/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --lib --quiet
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+prefix=${1:-}
+if [ -z "$prefix" ]; then
+    prefix="$scratch/prefix"
+    scripts/install.sh --debug --prefix "$prefix" >/dev/null
+fi
 CC=${CC:-cc}
-lib="$PWD/target/debug"
+seerattn=(-I"$prefix/include" -L"$prefix/lib" -lseerattn -Wl,-rpath,"$prefix/lib")
 out=target/c-sanitize
 mkdir -p "$out"
 gate=tests/data/upstream/gqa4_s1000_gates
-scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
 
 echo "== C programs under ASan + UBSan + LSan"
 for prog in api_errors prefill; do
     "$CC" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -g -fno-omit-frame-pointer \
-        -fsanitize=address,undefined -fno-sanitize-recover=all -Iinclude "examples-c/$prog.c" \
-        -L"$lib" -lseerattn -lm -Wl,-rpath,"$lib" -o "$out/$prog"
+        -fsanitize=address,undefined -fno-sanitize-recover=all "examples-c/$prog.c" \
+        "${seerattn[@]}" -lm -o "$out/$prog"
 done
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:halt_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
@@ -49,8 +60,8 @@ if ! command -v valgrind >/dev/null 2>&1; then
 fi
 echo "== api_errors under valgrind memcheck"
 for prog in api_errors prefill; do
-    "$CC" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -g -Iinclude "examples-c/$prog.c" \
-        -L"$lib" -lseerattn -lm -Wl,-rpath,"$lib" -o "$out/$prog-plain"
+    "$CC" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -g "examples-c/$prog.c" \
+        "${seerattn[@]}" -lm -o "$out/$prog-plain"
 done
 vg=(valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,possible)
 "${vg[@]}" "$out/api_errors-plain" "$gate" "$scratch/vg" | tail -n 1

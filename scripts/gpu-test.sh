@@ -8,7 +8,7 @@
 #       (git-ignored, self-contained, ~tens of MB):
 #         bin/    test executables (Rust tests link the library statically)
 #         c/      the examples-c programs, linked against lib/ through an rpath
-#         lib/    libseerattn.so     include/  the header
+#         lib/    libseerattn.so (and its soname's link)     include/  the header
 #         MANIFEST      commit, nvcc, the binaries
 #   scripts/gpu-test.sh run     on the GPU machine, from the repo root with
 #       .devbuild/ present: runs every test binary with --include-ignored
@@ -64,6 +64,11 @@ build() {
         objcopy --strip-debug "$target_dir/release/examples/$name" "$stage/bench/$name"
     done
     objcopy --strip-debug "$target_dir/release/libseerattn.so" "$stage/lib/libseerattn.so"
+    # The C programs load the library by its soname (libseerattn.so.ABI, set
+    # by build.rs); a relative link travels with .devbuild/.
+    local soname
+    soname=$(readelf -d "$stage/lib/libseerattn.so" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
+    ln -s libseerattn.so "$stage/lib/$soname"
     cp -r include "$stage/include"
     local cc=${CC:-cc}
     for prog in api_errors prefill; do

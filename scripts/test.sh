@@ -3,10 +3,12 @@
 #
 # 1. Rust unit and integration tests: CPU reference, checkpoint readers,
 #    upstream conformance, the C ABI from Rust, the header being current.
-# 2. The C programs in examples-c/, compiled with -Wall -Wextra -Werror
-#    against include/seerattn.h and the freshly built shared library, then run:
-#    the bad-input table through the C API, and the end-to-end example; then
-#    again under ASan/UBSan/LSan and valgrind (scripts/asan.sh).
+# 2. The install (scripts/install.sh) into a temporary prefix, and the C
+#    programs in examples-c/ built against the installed tree with -Wall
+#    -Wextra -Werror, once through pkg-config and once through CMake's
+#    find_package (shared and static), then run: the bad-input table through
+#    the C API, and the end-to-end example; then again under ASan/UBSan/LSan
+#    and valgrind (scripts/asan.sh).
 # 3. A fuzz smoke where cargo-fuzz and nightly exist (the committed seeds
 #    are replayed on stable by cargo test in any case).
 #
@@ -16,8 +18,8 @@
 # are #[ignore]d here and run on a GPU machine through scripts/gpu-test.sh
 # (see README); this script runs none of them and claims none.
 #
-# Needs cargo, a C compiler with libasan, valgrind, and python3 with pip (for
-# nvcc, first run only).
+# Needs cargo, a C compiler with libasan, valgrind, pkg-config, cmake, and
+# python3 with pip (for nvcc, first run only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,33 +37,72 @@ if ! grep -q '^test result' target/cargo-test.log || grep -qE '^test result: FAI
     echo "cargo test failed:"; tail -n 60 target/cargo-test.log; exit 1
 fi
 
-echo "== C programs (cc -std=c11 -Wall -Wextra -Werror)"
-cargo build --lib --quiet
+# The C programs are built against an installed tree, as a C or C++ consumer
+# would build them: the debug build cargo test just made, installed into a
+# temporary prefix (nothing compiles; a release install would compile the
+# library and its kernels again for minutes).
+echo "== install (scripts/install.sh --debug) into a temporary prefix"
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+prefix="$scratch/prefix"
+scripts/install.sh --debug --prefix "$prefix"
+# The soname is the C ABI version of the header; the file name, the crate
+# version (tests/header.rs ties the header to both).
+abi=$(sed -n 's/^#define SEER_ABI_VERSION \([0-9]*\)$/\1/p' include/seerattn.h)
+version=$(sed -n 's/^#define SEER_VERSION_STRING "\(.*\)"$/\1/p' include/seerattn.h)
+soname="libseerattn.so.$abi"
+got=$(readelf -d "$prefix/lib/libseerattn.so.$version" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
+[ "$got" = "$soname" ] || { echo "installed library's soname is '$got', expected $soname"; exit 1; }
+echo "lib/libseerattn.so.$version: SONAME $got"
+# A program must load the installed library through its soname, never the
+# one in target/.
+loads_installed() {
+    local got
+    got=$(ldd "$1" | awk '/libseerattn/ {print $1, $3}')
+    [ "$got" = "$soname $prefix/lib/$soname" ] || { echo "$1 loads '$got', not $prefix/lib/$soname"; exit 1; }
+}
 CC=${CC:-cc}
+cflags=(-std=c11 -Wall -Wextra -Werror -pedantic -O1)
+gate=tests/data/upstream/gqa4_s1000_gates
+
+echo "== C programs via pkg-config --cflags --libs seerattn (cc ${cflags[*]})"
 out=target/c
 mkdir -p "$out"
-lib="$PWD/target/debug"
+export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+read -ra seerattn_flags < <(pkg-config --cflags --libs seerattn)
 for prog in api_errors prefill; do
-    "$CC" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -Iinclude "examples-c/$prog.c" \
-        -L"$lib" -lseerattn -lm -Wl,-rpath,"$lib" -o "$out/$prog"
+    "$CC" "${cflags[@]}" "examples-c/$prog.c" "${seerattn_flags[@]}" -lm -Wl,-rpath,"$prefix/lib" -o "$out/$prog"
+    loads_installed "$out/$prog"
 done
 # The CUDA example needs a GPU to run (scripts/gpu-test.sh runs it there);
 # here it is compiled against the CUDA runtime headers of the same toolkit,
 # so that an API change that breaks it fails CI.
 cuda_root=$(dirname "$(dirname "$NVCC")")
 cudart_dir=$(dirname "$(ls "$cuda_root"/lib/libcudart_static.a "$cuda_root"/lib64/libcudart_static.a 2>/dev/null | head -n 1)")
-"$CC" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -Iinclude -I"$cuda_root/include" examples-c/cuda_prefill.c \
-    -L"$lib" -lseerattn -L"$cudart_dir" -l:libcudart_static.a -ldl -lpthread -lrt -lm -Wl,-rpath,"$lib" \
-    -o "$out/cuda_prefill"
+"$CC" "${cflags[@]}" -I"$cuda_root/include" examples-c/cuda_prefill.c "${seerattn_flags[@]}" \
+    -L"$cudart_dir" -l:libcudart_static.a -ldl -lpthread -lrt -lm -Wl,-rpath,"$prefix/lib" -o "$out/cuda_prefill"
 echo "examples-c/cuda_prefill.c compiled (it runs on the GPU machine: scripts/gpu-test.sh run)"
-gate=tests/data/upstream/gqa4_s1000_gates
-scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
 "$out/prefill" "$gate" 1
-"$out/api_errors" "$gate" "$scratch"
+"$out/api_errors" "$gate" "$scratch/pkg-config"
+echo "pkg-config build: prefill and api_errors passed, loading $prefix/lib/$soname"
 
-# The C programs under ASan/UBSan/LSan, api_errors under valgrind memcheck.
-scripts/asan.sh
+echo "== C programs via CMake find_package(seerattn) (examples-c/CMakeLists.txt)"
+cmake -S examples-c -B "$scratch/cmake" -DCMAKE_PREFIX_PATH="$prefix" >"$scratch/cmake.log" 2>&1 &&
+    cmake --build "$scratch/cmake" >>"$scratch/cmake.log" 2>&1 ||
+    { echo "CMake build failed:"; cat "$scratch/cmake.log"; exit 1; }
+for prog in api_errors prefill; do loads_installed "$scratch/cmake/$prog"; done
+# (awk, not grep -q: with pipefail, a grep that stops reading fails readelf.)
+if readelf -d "$scratch/cmake/prefill_static" | awk '/NEEDED.*libseerattn/ {n++} END {exit n == 0}'; then
+    echo "prefill_static needs libseerattn.so: seerattn::seerattn_static did not link libseerattn.a"; exit 1
+fi
+"$scratch/cmake/prefill" "$gate" 1 | tail -n 1
+"$scratch/cmake/prefill_static" "$gate" 1 | tail -n 1
+"$scratch/cmake/api_errors" "$gate" "$scratch/cmake-api" | tail -n 1
+echo "CMake build: prefill, prefill_static (libseerattn.a) and api_errors passed, loading $prefix/lib/$soname"
+
+# The C programs under ASan/UBSan/LSan, api_errors under valgrind memcheck,
+# against the same installed library.
+scripts/asan.sh "$prefix"
 
 # Fuzz smoke: cargo test above replayed every committed seed through the
 # fuzz targets' bodies on stable (tests/fuzz_replay.rs). Where cargo-fuzz and
