@@ -190,7 +190,11 @@ typedef uint32_t SeerThresholdCompare;
 // once; `seer_gate_set_layer_weights` and `seer_gate_upload` may run
 // concurrently with them (they wait for running calls of the handle);
 // `seer_gate_destroy` may race with other calls on the handle: those
-// running finish, later ones fail with `SEER_INVALID_ARGUMENT`.
+// running finish, later ones fail with `SEER_INVALID_ARGUMENT`. On CUDA,
+// calls running at once need their own workspaces, masks and outputs (on
+// any streams), and `seer_gate_upload` / `seer_gate_destroy` (which
+// allocate and free device memory) must not overlap a graph capture in
+// CUDA's global mode on another thread (README, "Thread safety").
 typedef struct SeerGate SeerGate;
 
 // Parameters of `seer_sparse_prefill`. Initialise with `seer_prefill_params_default`.

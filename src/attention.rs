@@ -85,6 +85,44 @@ pub fn sparse_prefill(
     Ok(())
 }
 
+/// Chosen query rows of [`sparse_prefill`]: for each `(t, h)` of `rows`
+/// (packed query row, query head), the row's output as `head_dim` f32 values
+/// (what `sparse_prefill` writes to an F32 `out`, bit for bit) and its lse.
+/// Only the keys these rows attend are read: spot checks of batches whose
+/// whole reference would take too long (the GPU scale tests sample rows of
+/// 256k-token sequences) cost what the sampled rows cost.
+///
+/// Checks as for [`sparse_prefill`] (the whole mask is validated), and every
+/// `(t, h)` must lie inside the batch's `total_q` rows and `q`'s heads
+/// ([`Error::InvalidArgument`] otherwise).
+pub fn sparse_prefill_rows(
+    q: &Tensor3,
+    k: &Tensor3,
+    v: &Tensor3,
+    batch: &Batch,
+    mask: BlockMaskRef<'_>,
+    params: &AttentionParams,
+    rows: &[(usize, usize)],
+) -> Result<Vec<(Vec<f32>, f32)>> {
+    let num_q_heads = check_common(
+        params,
+        [q.dtype(), k.dtype(), v.dtype(), DType::F32],
+        [q.shape(), k.shape(), v.shape(), q.shape()],
+        batch,
+        None,
+    )?;
+    let layout = MaskLayout::new(batch, num_q_heads, params.block_size)?;
+    mask.validate(&layout)?;
+    if let Some((t, h)) = rows.iter().find(|&&(t, h)| t >= batch.total_q() || h >= num_q_heads) {
+        return Err(Error::invalid(format!(
+            "row ({t}, {h}) lies outside the batch's {} query rows x {num_q_heads} heads",
+            batch.total_q()
+        )));
+    }
+    let scale = params.softmax_scale;
+    Ok(rows.iter().map(|&(t, h)| reference::attention::query_row(q, k, v, batch, &layout, mask, scale, t, h)).collect())
+}
+
 /// [`sparse_prefill`] on the GPU: the same computation and the same checks
 /// of shapes, dtypes and parameters, over tensors in device memory, enqueued
 /// on `stream` (see [`crate::gpu::attention`] for what the kernel requires
@@ -226,6 +264,41 @@ fn check_shapes([q, k, v, out]: [[usize; 3]; 4], batch: &Batch) -> Result<[usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_are_the_full_outputs_rows_and_are_checked() {
+        let batch = Batch::from_lens(&[(70, 70), (3, 130)]).unwrap();
+        let (hq, hkv, d) = (2, 1, 64);
+        let bytes = |n: usize, salt: usize| -> Vec<u8> {
+            (0..n).flat_map(|i| half::bf16::from_f32(((i * 31 + salt) % 17) as f32 / 9.0 - 0.9).to_le_bytes()).collect()
+        };
+        let (qb, kb, vb) = (bytes(73 * hq * d, 1), bytes(200 * hkv * d, 2), bytes(200 * hkv * d, 3));
+        let q = Tensor3::new("q", &qb, DType::BF16, crate::tensor::Layout3::contiguous(73, hq, d)).unwrap();
+        let k = Tensor3::new("k", &kb, DType::BF16, crate::tensor::Layout3::contiguous(200, hkv, d)).unwrap();
+        let v = Tensor3::new("v", &vb, DType::BF16, crate::tensor::Layout3::contiguous(200, hkv, d)).unwrap();
+        let layout = MaskLayout::new(&batch, hq, 64).unwrap();
+        let mut mask = crate::mask::BlockMask::empty(&layout);
+        for r in 0..layout.rows() {
+            mask.set_row(r, &[layout.row_id(r).q_block as i32]);
+        }
+        let params = AttentionParams::for_head_dim(d);
+        let mut out_bytes = vec![0u8; 73 * hq * d * 4];
+        let mut out =
+            Tensor3Mut::new("out", &mut out_bytes, DType::F32, crate::tensor::Layout3::contiguous(73, hq, d)).unwrap();
+        let mut lse = vec![0f32; hq * 73];
+        sparse_prefill(&q, &k, &v, &batch, mask.as_ref(), &params, &mut out, Some(&mut lse)).unwrap();
+        let rows = [(0, 0), (69, 1), (70, 0), (72, 1)];
+        let got = sparse_prefill_rows(&q, &k, &v, &batch, mask.as_ref(), &params, &rows).unwrap();
+        for (&(t, h), (o, l)) in rows.iter().zip(&got) {
+            let want: Vec<f32> = (0..d).map(|x| out.get(t, h, x)).collect();
+            assert_eq!(o, &want, "row {t} head {h}");
+            assert_eq!(l.to_bits(), lse[h * 73 + t].to_bits(), "row {t} head {h}: lse");
+        }
+        for bad in [(73, 0), (0, 2)] {
+            let r = sparse_prefill_rows(&q, &k, &v, &batch, mask.as_ref(), &params, &[bad]);
+            assert!(matches!(r, Err(Error::InvalidArgument(_))), "{bad:?}");
+        }
+    }
 
     #[test]
     fn params_for_head_dim() {

@@ -13,6 +13,7 @@
 //!   upload; graph capture.
 
 mod common;
+use common::capi::rule;
 use common::*;
 use seerattn::cuda::{self, testing, testing::Stream, Ctx, DeviceBuffer};
 use seerattn::ffi::args::{SeerBatch, SeerBlockMask, SeerDevice, SeerTensor};
@@ -507,18 +508,6 @@ fn cpu_mask(
     };
     assert_status(unsafe { seer_gate_compute_mask(gate.0, &p, batch, &qd, &kd, &md) }, SeerStatus::SEER_OK, "CPU mask");
     m
-}
-
-/// The Rust view of a C mask rule (for the tolerance of the comparison).
-fn rule(p: &SeerMaskParams) -> MaskParams {
-    MaskParams {
-        method: if p.sparsity_method == 0 { SparsityMethod::Threshold } else { SparsityMethod::NzRatio },
-        threshold: p.threshold,
-        nz_ratio: p.nz_ratio,
-        last_block_dense: p.last_block_dense != 0,
-        empty_rows: if p.empty_rows == 0 { EmptyRowPolicy::KeepDiagonal } else { EmptyRowPolicy::Empty },
-        threshold_compare: if p.threshold_compare == 0 { ThresholdCompare::F32 } else { ThresholdCompare::Bf16 },
-    }
 }
 
 /// The upstream gqa4_s1000 case on the device.

@@ -84,6 +84,7 @@ const SYMBOLS: &[&str] = &[
     "cuStreamSynchronize",
     "cuDeviceGetName",
     "cuMemcpyDtoDAsync_v2",
+    "cuMemcpyHtoDAsync_v2",
     "cuEventCreate",
     "cuEventRecord",
     "cuEventSynchronize",
@@ -95,6 +96,8 @@ const SYMBOLS: &[&str] = &[
     "cuGraphLaunch",
     "cuGraphExecDestroy",
     "cuGraphDestroy",
+    "cuGraphGetNodes",
+    "cuGraphNodeGetType",
     "cuTensorMapEncodeTiled",
 ];
 

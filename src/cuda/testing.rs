@@ -13,14 +13,23 @@ use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 /// `len` bytes of device memory in `ctx`, zeroed.
 pub fn alloc_zeroed(ctx: &Ctx, len: usize) -> Result<DeviceBuffer> {
     let buffer = DeviceBuffer::alloc(ctx, len)?;
-    if len > 0 {
-        let _current = ctx.make_current()?;
-        // SAFETY: the allocation holds `len` bytes.
-        check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(buffer.ptr(), 0, len) })?;
-        // The memset is ordered on the legacy stream, asynchronously.
-        sync_legacy_stream()?;
-    }
+    fill(ctx, buffer.ptr(), 0, len)?;
     Ok(buffer)
+}
+
+/// Set `len` bytes at device address `dst` to `byte`, complete on return
+/// (0xff poisons: NaN in bf16, f16 and f32, -1 in the mask's integers).
+pub fn fill(ctx: &Ctx, dst: CUdeviceptr, byte: u8, len: usize) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    driver()?;
+    let _current = ctx.make_current()?;
+    // SAFETY: the caller names a device range of `len` bytes; the driver
+    // refuses addresses it does not know.
+    check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(dst, byte, len) })?;
+    // The memset is ordered on the legacy stream, asynchronously.
+    sync_legacy_stream()
 }
 
 /// Copy `src` to device address `dst`, complete on return. cuMemcpyHtoD
@@ -42,6 +51,18 @@ pub fn copy_to_device(ctx: &Ctx, dst: CUdeviceptr, src: &[u8]) -> Result<()> {
 fn sync_legacy_stream() -> Result<()> {
     // SAFETY: the NULL stream is always valid in the current context.
     check("cuStreamSynchronize(NULL)", unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) })
+}
+
+/// Enqueue a copy of `src` to device address `dst` on `stream`, as an
+/// engine writes a step's new inputs before replaying a graph. From
+/// pageable memory the driver stages the bytes before it returns (so `src`
+/// may be dropped then); the copy is ordered before later work on `stream`.
+pub fn copy_to_device_async(stream: &Stream, dst: CUdeviceptr, src: &[u8]) -> Result<()> {
+    driver()?;
+    let _current = stream.ctx.make_current()?;
+    // SAFETY: `src` is a live slice; the caller names a device range of at
+    // least src.len() bytes, which the driver checks it knows.
+    check("cuMemcpyHtoDAsync", unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), src.len(), stream.raw) })
 }
 
 /// Copy `dst.len()` bytes from device address `src` (synchronous with
@@ -107,19 +128,42 @@ pub struct Graph {
     exec: sys::CUgraphExec,
 }
 
+/// Which calls fail a capture: those the driver deems unsafe during one (an
+/// allocation, a synchronous copy, a synchronization) made...
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// ...on the capturing thread; other threads (other tests running in
+    /// parallel) stay unaffected.
+    ThreadLocal,
+    /// ...on any thread of the process (CUDA's default mode): a capture that
+    /// succeeds proves that nothing anywhere allocated, copied synchronously
+    /// or synchronized while the work was enqueued. Nothing else in the
+    /// process may use CUDA meanwhile, or its calls fail.
+    Global,
+}
+
 /// Capture the work `enqueue` puts on `stream` into a graph, in thread-local
-/// capture mode: a call on this thread that is illegal during capture (a
-/// synchronous copy, an allocation, a synchronization) fails the capture,
-/// while other threads (other tests running in parallel) stay unaffected.
+/// capture mode (see [`capture_with`]).
 ///
 /// # Safety
 /// `enqueue` must only enqueue work on `stream`.
 pub unsafe fn capture(stream: &Stream, enqueue: impl FnOnce() -> Result<()>) -> Result<Graph> {
+    capture_with(stream, CaptureMode::ThreadLocal, enqueue)
+}
+
+/// Capture the work `enqueue` puts on `stream` into a graph in `mode`: a call
+/// illegal during capture that `mode` covers fails the capture (an error
+/// here, from `enqueue` or from ending the capture).
+///
+/// # Safety
+/// `enqueue` must only enqueue work on `stream`.
+pub unsafe fn capture_with(stream: &Stream, mode: CaptureMode, enqueue: impl FnOnce() -> Result<()>) -> Result<Graph> {
     let _current = stream.ctx.make_current()?;
-    check(
-        "cuStreamBeginCapture",
-        sys::cuStreamBeginCapture_v2(stream.raw, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
-    )?;
+    let mode = match mode {
+        CaptureMode::ThreadLocal => sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        CaptureMode::Global => sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
+    };
+    check("cuStreamBeginCapture", sys::cuStreamBeginCapture_v2(stream.raw, mode))?;
     let enqueued = enqueue();
     let mut graph: sys::CUgraph = std::ptr::null_mut();
     let ended = check("cuStreamEndCapture", sys::cuStreamEndCapture(stream.raw, &mut graph));
@@ -139,6 +183,48 @@ impl Graph {
         let _current = self.ctx.make_current()?;
         // SAFETY: a live executable graph of this context.
         check("cuGraphLaunch", unsafe { sys::cuGraphLaunch(self.exec, stream.raw) })
+    }
+
+    /// The kind of every node the capture recorded, in the driver's order:
+    /// `"kernel"`, `"memcpy"`, `"memset"`, `"host"`, `"mem_alloc"`,
+    /// `"mem_free"`, ... (`"type N"` for a kind not named here). Work that
+    /// copies, sets or allocates memory on the stream shows as such nodes.
+    pub fn node_kinds(&self) -> Result<Vec<String>> {
+        const NAMES: [&str; 14] = [
+            "kernel",
+            "memcpy",
+            "memset",
+            "host",
+            "child graph",
+            "empty",
+            "event wait",
+            "event record",
+            "semaphore signal",
+            "semaphore wait",
+            "mem_alloc",
+            "mem_free",
+            "batch mem op",
+            "conditional",
+        ];
+        let _current = self.ctx.make_current()?;
+        let mut count = 0usize;
+        // SAFETY: a live graph; a NULL node array asks for the count only.
+        check("cuGraphGetNodes", unsafe { sys::cuGraphGetNodes(self.graph, std::ptr::null_mut(), &mut count) })?;
+        let mut nodes: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); count];
+        // SAFETY: room for `count` nodes.
+        check("cuGraphGetNodes", unsafe { sys::cuGraphGetNodes(self.graph, nodes.as_mut_ptr(), &mut count) })?;
+        nodes.truncate(count);
+        nodes
+            .iter()
+            .map(|&node| {
+                // Read as a plain u32: a kind newer than the bindings' enum
+                // must not become an invalid enum value.
+                let mut kind = 0u32;
+                // SAFETY: a node of this graph; the driver writes one 32-bit enum.
+                check("cuGraphNodeGetType", unsafe { sys::cuGraphNodeGetType(node, (&mut kind as *mut u32).cast()) })?;
+                Ok(NAMES.get(kind as usize).map_or_else(|| format!("type {kind}"), |n| n.to_string()))
+            })
+            .collect()
     }
 }
 

@@ -90,6 +90,46 @@ pub(crate) fn sparse_prefill(
     }
 }
 
+/// One query of [`sparse_prefill`]: the output of packed query row `t`,
+/// head `h` (f32, before any rounding to an output dtype) and its lse.
+/// The same arithmetic in the same order as `sparse_prefill` (the attended
+/// keys ascending, the same two-pass softmax), so the two agree bit for bit;
+/// but only the keys this query attends are read, so that spot checks of
+/// very long sequences (the GPU scale tests) need not compute every row.
+/// Arguments as for [`sparse_prefill`] (trusted); `t < total_q`, `h < num_q_heads`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn query_row(
+    q: &Tensor3,
+    k: &Tensor3,
+    v: &Tensor3,
+    batch: &Batch,
+    layout: &MaskLayout,
+    mask: BlockMaskRef<'_>,
+    scale: f32,
+    t: usize,
+    h: usize,
+) -> (Vec<f32>, f32) {
+    let [_, num_q_heads, head_dim] = q.shape();
+    let kv_head = h / (num_q_heads / k.shape()[1]);
+    let block = layout.block_size;
+    // Every sequence has queries, so the last one starting at or before `t` owns it.
+    let s = (0..batch.len()).rev().find(|&s| batch.seq(s, block).q_offset <= t).expect("t < total_q");
+    let seq = batch.seq(s, block);
+    let p = seq.q_start + (t - seq.q_offset);
+    let row = mask.row(layout.row(s, h, p / block - seq.first_q_block));
+    let attended = attended_keys(row, p, block);
+    // The attended rows only, renumbered 0..n: `attend` sees the same values in the same order.
+    let gather = |x: &Tensor3| -> Vec<f32> {
+        attended.iter().flat_map(|&j| (0..head_dim).map(move |d| x.get(seq.k_offset + j, kv_head, d))).collect()
+    };
+    let (keys, values) = (gather(k), gather(v));
+    let query: Vec<f32> = (0..head_dim).map(|d| q.get(t, h, d)).collect();
+    let renumbered: Vec<usize> = (0..attended.len()).collect();
+    let mut out = vec![0f32; head_dim];
+    let lse = attend(&query, &keys, &values, &renumbered, scale, |d, value| out[d] = value);
+    (out, lse)
+}
+
 /// Rows `first..first + len` of `head` of `t`, as one `[len * dim]` f32 buffer.
 fn rows_f32(t: &Tensor3, first: usize, len: usize, head: usize) -> Vec<f32> {
     let dim = t.shape()[2];
@@ -309,6 +349,53 @@ mod tests {
         assert_eq!(&out[6..], &[4.0; 4]);
         assert_eq!(&lse[..3], &[f32::NEG_INFINITY; 3]);
         assert!(lse[3..].iter().all(|l| l.is_finite()));
+    }
+
+    #[test]
+    fn query_row_is_the_full_references_row_bit_for_bit() {
+        // GQA, a chunk, an empty row, partial blocks: every (row, head) of
+        // query_row equals what sparse_prefill wrote to an f32 output.
+        let lens = [(7, 7), (5, 11), (9, 9)];
+        let (block, hq, hkv, d) = (4, 4, 2, 3);
+        let batch = Batch::from_lens(&lens).unwrap();
+        let (tq, tk) = (batch.total_q(), batch.total_k());
+        let value = |i: usize, salt: usize| ((i * 37 + salt * 11) % 23) as f32 / 7.0 - 1.5;
+        let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+            (0..tq * hq * d).map(|i| value(i, 1)).collect(),
+            (0..tk * hkv * d).map(|i| value(i, 2)).collect(),
+            (0..tk * hkv * d).map(|i| value(i, 3)).collect(),
+        );
+        let layout = MaskLayout::new(&batch, hq, block).unwrap();
+        let rows: Vec<(usize, Vec<i32>)> = (0..layout.rows())
+            .map(|r| {
+                let id = layout.row_id(r);
+                // Row 5 empty; the others every other causal block, diagonal included.
+                let blocks = (0..=id.q_block as i32).filter(|&j| r != 5 && (j % 2 == 0 || j == id.q_block as i32));
+                (r, blocks.collect())
+            })
+            .collect();
+        let rows_ref: Vec<(usize, &[i32])> = rows.iter().map(|(r, b)| (*r, &b[..])).collect();
+        let (out, lse) = run(&lens, block, [hq, hkv, d], &q, &k, &v, &rows_ref, 0.7);
+
+        let (qb, kb, vb) = (f32_bytes(&q), f32_bytes(&k), f32_bytes(&v));
+        let q = Tensor3::new("q", &qb, DType::F32, Layout3::contiguous(tq, hq, d)).unwrap();
+        let k = Tensor3::new("k", &kb, DType::F32, Layout3::contiguous(tk, hkv, d)).unwrap();
+        let v = Tensor3::new("v", &vb, DType::F32, Layout3::contiguous(tk, hkv, d)).unwrap();
+        let mut mask = BlockMask::empty(&layout);
+        for (r, blocks) in &rows {
+            mask.set_row(*r, blocks);
+        }
+        for t in 0..tq {
+            for h in 0..hq {
+                let (o, l) = query_row(&q, &k, &v, &batch, &layout, mask.as_ref(), 0.7, t, h);
+                let want = &out[(t * hq + h) * d..(t * hq + h + 1) * d];
+                assert!(
+                    o.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "row {t} head {h}: {o:?} vs {want:?}"
+                );
+                assert_eq!(l.to_bits(), lse[h * tq + t].to_bits(), "row {t} head {h}: lse");
+            }
+        }
     }
 
     #[test]

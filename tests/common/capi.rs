@@ -7,6 +7,7 @@ use seerattn::ffi::attention::{seer_prefill_params_default, seer_sparse_prefill,
 use seerattn::ffi::gate::*;
 use seerattn::ffi::mask::{seer_mask_sizes, SeerMaskSizes};
 use seerattn::ffi::status::{seer_last_error_message, SeerStatus};
+use seerattn::{EmptyRowPolicy, MaskParams, SparsityMethod, ThresholdCompare};
 use std::ffi::{CStr, CString};
 use std::mem::MaybeUninit;
 
@@ -69,6 +70,18 @@ impl Gate {
         let mut p = unsafe { p.assume_init() };
         p.layer = layer;
         p
+    }
+}
+
+/// The Rust view of a C mask rule (for the reference and the tolerance of comparisons).
+pub fn rule(p: &SeerMaskParams) -> MaskParams {
+    MaskParams {
+        method: if p.sparsity_method == 0 { SparsityMethod::Threshold } else { SparsityMethod::NzRatio },
+        threshold: p.threshold,
+        nz_ratio: p.nz_ratio,
+        last_block_dense: p.last_block_dense != 0,
+        empty_rows: if p.empty_rows == 0 { EmptyRowPolicy::KeepDiagonal } else { EmptyRowPolicy::Empty },
+        threshold_compare: if p.threshold_compare == 0 { ThresholdCompare::F32 } else { ThresholdCompare::Bf16 },
     }
 }
 
