@@ -43,16 +43,17 @@
  * needs tiles shared between consumers (kernels/NOTES.md).
  * Per item: Q 64 * D * 2 bytes in, O 64 * D * sizeof(out) out.
  *
- * Shared memory: per consumer Q + kStages K + kStages V tiles of [64][D]
- * 16-bit elements in TMA's 128-byte swizzle (80 KB at D = 128 and two
- * stages; 160 KB per CTA), plus 1 KB alignment slack and the mbarriers.
+ * Shared memory: per consumer Q + kStages K + kStages V + one tail tile of
+ * [64][D] 16-bit elements in TMA's 128-byte swizzle (96 KB at D = 128 and
+ * two stages; 192 KB per CTA), plus 1 KB alignment slack and the mbarriers.
  *
  * Robustness: the mask is read as by the mma.sync kernels (counts, offsets
  * and indices only inside their declared lengths, indices outside the
  * causal range skipped); producer and consumer derive the same block
  * sequence from it. Keys past a sequence's end (only in its last, diagonal
- * block) are masked in S, and their V rows zeroed in shared memory (P is 0
- * there, but 0 * NaN from a neighbour's rows would be NaN).
+ * block) are masked in S, and P V reads a copy of that block's V with
+ * their rows zeroed (P is 0 there, but 0 * NaN from a neighbour's rows
+ * would be NaN).
  */
 #include "attention_row.cuh"
 #include "wgmma.cuh"
@@ -64,16 +65,19 @@ using namespace seer::tile;
 constexpr int kConsumers = 2;
 constexpr int kThreads = 128 * (1 + kConsumers);
 
-// One consumer's shared memory: Q, then the K ring, then the V ring (each
-// tile 1024-byte aligned, as TMA's 128-byte swizzle needs).
+// One consumer's shared memory: Q, then the K ring, then the V ring, then
+// the tail tile (each tile 1024-byte aligned, as TMA's 128-byte swizzle
+// needs). Only TMA writes Q, K and V; only the consumer's threads write the
+// tail tile (see v_tail).
 template <int D, int kStages>
 struct Buffers {
     static constexpr uint32_t kTile = kBlock * D * 2;
-    static constexpr uint32_t kBytes = (1 + 2 * kStages) * kTile;
+    static constexpr uint32_t kBytes = (2 + 2 * kStages) * kTile;
     uint32_t base;
     __device__ __forceinline__ uint32_t q() const { return base; }
     __device__ __forceinline__ uint32_t k(int st) const { return base + (1 + st) * kTile; }
     __device__ __forceinline__ uint32_t v(int st) const { return base + (1 + kStages + st) * kTile; }
+    __device__ __forceinline__ uint32_t tail() const { return base + (1 + 2 * kStages) * kTile; }
 };
 
 // One consumer's mbarriers (8 bytes each): Q full/empty, then per stage K
@@ -215,19 +219,27 @@ __device__ __forceinline__ void pv(float (&o)[D / 2], const uint32_t (&p)[4][4],
     wgmma_commit();
 }
 
-// Keys past the sequence (its last block only): zero their V rows (see the
-// top of the file), then make the zeros visible to wgmma (async proxy):
-// each writer fences, the warpgroup meets at its named barrier.
+// Keys past the sequence (its last block only): P is 0 there, but their V
+// rows may hold anything (a neighbour's keys, a cache's uninitialised
+// padding) and 0 * NaN is NaN. The block's V is copied into the tail tile
+// with those rows zeroed, and P V reads the copy; the ring buffer itself is
+// never written by threads (zeroing it in place raced with the next TMA
+// load of the same stage: a later tile sometimes kept zero rows). The copy
+// is made visible to wgmma (async proxy) by each writer's proxy fence and
+// the warpgroup's named barrier. Returns the tile P V must read.
 template <int D>
-__device__ __forceinline__ void zero_v_tail(uint32_t sV, int rows, int tid, int c) {
+__device__ __forceinline__ uint32_t v_tail(uint32_t sV, uint32_t sTail, int rows, int tid, int c) {
     using Tile = Boxes128<D>;
-    auto* smem = static_cast<unsigned char*>(__cvta_shared_to_generic(sV));
-    for (int idx = tid; idx < (kBlock - rows) * Tile::kChunks; idx += 128) {
-        const int r = rows + idx / Tile::kChunks, ch = idx % Tile::kChunks;
-        *reinterpret_cast<uint4*>(smem + Tile::offset(r, ch)) = make_uint4(0, 0, 0, 0);
+    const auto* src = static_cast<const unsigned char*>(__cvta_shared_to_generic(sV));
+    auto* dst = static_cast<unsigned char*>(__cvta_shared_to_generic(sTail));
+    for (int idx = tid; idx < kBlock * Tile::kChunks; idx += 128) {
+        const int r = idx / Tile::kChunks, ch = idx % Tile::kChunks;
+        const uint32_t off = Tile::offset(r, ch);
+        *reinterpret_cast<uint4*>(dst + off) = r < rows ? *reinterpret_cast<const uint4*>(src + off) : make_uint4(0, 0, 0, 0);
     }
     fence_proxy_async();
     named_sync(1 + c, 128);
+    return sTail;
 }
 
 // Consumer c (its warpgroup's 128 threads): the items, their key blocks, the
@@ -282,8 +294,9 @@ __device__ __forceinline__ void consume(const AttnArgs& a, const SeqTable<S>& ta
                 mbar_wait(bar.k_full(pos.stage), pos.parity);
                 qk<D, T>(sf, q, buf.k(pos.stage));
                 mbar_wait(bar.v_full(prev.stage), prev.parity);
-                if (work.key_rows(prev_kb) < kBlock) zero_v_tail<D>(buf.v(prev.stage), work.key_rows(prev_kb), tid, c);
-                pv<D, T>(o, p, buf.v(prev.stage));
+                uint32_t sV = buf.v(prev.stage);
+                if (work.key_rows(prev_kb) < kBlock) sV = v_tail<D>(sV, buf.tail(), work.key_rows(prev_kb), tid, c);
+                pv<D, T>(o, p, sV);
                 next_slot = work.mask.next(slot + 1, next_kb);
                 wgmma_wait<1>();  // S_j has landed; P_{j-1} V_{j-1} may still run
                 fence_accumulators(sf);
@@ -299,8 +312,9 @@ __device__ __forceinline__ void consume(const AttnArgs& a, const SeqTable<S>& ta
                 pack_p<T>(p, sf);
             }
             mbar_wait(bar.v_full(pos.stage), pos.parity);
-            if (work.key_rows(kb) < kBlock) zero_v_tail<D>(buf.v(pos.stage), work.key_rows(kb), tid, c);
-            pv<D, T>(o, p, buf.v(pos.stage));
+            uint32_t sV = buf.v(pos.stage);
+            if (work.key_rows(kb) < kBlock) sV = v_tail<D>(sV, buf.tail(), work.key_rows(kb), tid, c);
+            pv<D, T>(o, p, sV);
             wgmma_wait<0>();
             fence_accumulators(o);
             mbar_arrive(bar.v_empty(pos.stage));
@@ -366,8 +380,8 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
 }  // namespace seer::attn::sm90
 
 // One extern "C" symbol per (head_dim, input dtype, output dtype, table
-// capacity): seer_attn_fwd_wgmma_d{D}_{in}_{out}_s{S}; 384 threads,
-// 2 * (1 + 2 * kStages) * 64 * D * 2 + 1024 + 2 * 8 * (2 + 4 * kStages)
+// capacity): seer_attn_fwd_wgmma_k{kStages}_d{D}_{in}_{out}_s{S}; 384 threads,
+// 2 * (2 + 2 * kStages) * 64 * D * 2 + 1024 + 2 * 8 * (2 + 4 * kStages)
 // bytes of dynamic shared memory (src/gpu/attention.rs computes the same).
 // Built for sm_90a only; the sm_80 and compute_90 (PTX) images trap, and the
 // host selects these kernels only on compute capability 9.0.

@@ -527,3 +527,35 @@ fn gpu_prefill_refuses_layouts_it_cannot_read() {
     // Nothing above may have launched: the stream is idle and clean.
     stream.synchronize().unwrap();
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_prefill_ignores_non_finite_keys_past_a_sequence() {
+    // The first sequence ends mid-block (100 = 64 + 36 tokens): its last key
+    // tile also holds the next sequence's 28 keys, whose V rows are NaN
+    // here. P is 0 there, and the kernels must not compute 0 * NaN: the first
+    // sequence's output is finite and matches the reference (the second's is
+    // NaN, as its own keys are, and is not checked).
+    let ctx = ctx();
+    let mut p = Problem::new(&[(100, 100), (28, 28)], 4, 2, 128, DType::BF16, false, 1.0, 0, 31);
+    let row_bytes = p.v.1.strides[0] * 2;
+    p.v.0[100 * row_bytes..128 * row_bytes].fill(0xFF);
+    let cpu = p.reference(DType::BF16);
+    let gpu = run_gpu_with(&ctx, &p, DType::BF16, false);
+    let (hq, d) = (p.hq, p.d);
+    let (mut num, mut den) = (0f64, 0f64);
+    for t in 0..100 {
+        for h in 0..hq {
+            for x in 0..d {
+                let idx = (t * hq + h) * d + x;
+                let (g, c) = (gpu.0[idx] as f64, cpu.0[idx] as f64);
+                assert!(g.is_finite(), "token {t} head {h} dim {x}: {g} (a NaN key past the sequence leaked in)");
+                num += (g - c) * (g - c);
+                den += c * c;
+            }
+        }
+    }
+    let rel = (num / den).sqrt();
+    eprintln!("NaN keys past the sequence: relative error of the first sequence {rel:.2e}");
+    assert!(rel <= 1e-2, "relative error {rel}");
+}

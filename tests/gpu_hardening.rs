@@ -452,7 +452,20 @@ fn assert_same(what: &str, a: &Results, b: &Results) {
     ];
     for (name, diff) in parts {
         if let Some(i) = diff {
-            panic!("{what}: {name} differ, first at index {i}");
+            let (x, y): (&[u8], &[u8]) = match name {
+                "output bytes" => (&a.out, &b.out),
+                "lse bytes" => (&a.lse, &b.lse),
+                _ => panic!("{what}: {name} differ, first at index {i}"),
+            };
+            // How many, and where: a race shows as scattered bytes, a wrong
+            // tile as whole rows.
+            let differing: Vec<usize> = x.iter().zip(y).enumerate().filter(|(_, (p, q))| p != q).map(|(k, _)| k).collect();
+            panic!(
+                "{what}: {name} differ at {} of {} bytes, first at {i}, last at {}",
+                differing.len(),
+                x.len(),
+                differing.last().copied().unwrap_or(i)
+            );
         }
     }
 }

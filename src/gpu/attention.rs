@@ -333,8 +333,8 @@ pub(crate) unsafe fn sparse_prefill(
     }
     // The mma.sync kernels keep one Q, one K and one V tile of 64 rows in
     // shared memory (TMA: aligned to 1024 bytes, three mbarriers after it);
-    // the wgmma kernel a Q tile and WGMMA_STAGES K and V tiles per consumer
-    // warpgroup and 8-byte mbarriers (kernels/attention_sm90.cu).
+    // the wgmma kernel a Q tile, WGMMA_STAGES K and V tiles and a tail tile
+    // per consumer warpgroup and 8-byte mbarriers (kernels/attention_sm90.cu).
     let tile = (BLOCK * d * 2) as u32;
     let fatbin = kernels::fatbin(kernel.file())?;
     let (threads, smem) = match &kernel {
@@ -342,7 +342,7 @@ pub(crate) unsafe fn sparse_prefill(
         Kernel::Tma(_) => (64, 3 * tile + 1024 + 64),
         Kernel::Wgmma(_) => {
             let stages = WGMMA_STAGES as u32;
-            (384, 2 * (1 + 2 * stages) * tile + 1024 + 2 * 8 * (2 + 4 * stages))
+            (384, 2 * (2 + 2 * stages) * tile + 1024 + 2 * 8 * (2 + 4 * stages))
         }
     };
     for table in &plan.launches {
