@@ -50,6 +50,7 @@ from ._errors import (
     SeerIOError,
     UnsupportedError,
 )
+from ._lib import Device, DType, EmptyRows, Pool, RopeScaling, SparsityMethod, ThresholdCompare
 from ._lib import lib as _library
 from ._lib import path as library_path
 
@@ -66,6 +67,9 @@ __all__ = [
     "BlockMask",
     "BufferTooSmallError",
     "CudaError",
+    "DType",
+    "Device",
+    "EmptyRows",
     "FormatError",
     "Gate",
     "GateConfig",
@@ -75,9 +79,13 @@ __all__ = [
     "NoDeviceError",
     "NullPointerError",
     "PanicError",
+    "Pool",
+    "RopeScaling",
     "SeerError",
     "SeerIOError",
+    "SparsityMethod",
     "Tensor",
+    "ThresholdCompare",
     "UnsupportedError",
     "block_mask",
     "cuda_device_info",

@@ -350,7 +350,8 @@ def _batch(batch, q_desc, k_desc):
 
 
 GateConfig = collections.namedtuple("GateConfig", [name for name, _ in _lib.SeerGateConfig._fields_[1:]])
-GateConfig.__doc__ = "A gate's configuration: the fields of SeerGateConfig (enums as their integer values)."
+GateConfig.__doc__ = """A gate's configuration: the fields of SeerGateConfig, enums as their
+integer values (seerattn.Pool bits, seerattn.RopeScaling, seerattn.SparsityMethod)."""
 
 MaskSizes = collections.namedtuple("MaskSizes", ["rows", "row_offsets_len", "indices_len", "dense_bytes"])
 

@@ -227,7 +227,11 @@ class GateTest(unittest.TestCase):
         with seerattn.Gate(GATE_DIR) as gate:
             c = gate.config
             self.assertEqual((c.num_layers, c.num_q_heads, c.num_kv_heads, c.head_dim), (2, 8, 2, 128))
-            self.assertEqual((c.gate_hidden, c.block_size, c.rope_scaling), (128, 64, _lib.RopeScaling.LLAMA3))
+            self.assertEqual((c.gate_hidden, c.block_size, c.rope_scaling), (128, 64, seerattn.RopeScaling.LLAMA3))
+            self.assertEqual(
+                (c.q_pools, c.k_pools), (seerattn.Pool.AVG, seerattn.Pool.MAX | seerattn.Pool.MIN | seerattn.Pool.AVG)
+            )
+            self.assertEqual(c.sparsity_method, seerattn.SparsityMethod.THRESHOLD)
             self.assertAlmostEqual(c.threshold, 0.002, places=6)
             self.assertTrue(gate.has_layer(1))
             self.assertFalse(gate.has_layer(2))
