@@ -15,7 +15,7 @@ import sys
 import unittest
 
 import seerattn
-from support import UpstreamCase
+from support import GATE_DIR, UpstreamCase
 
 try:
     import torch
@@ -325,7 +325,11 @@ class WrongInputsTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.gate = seerattn.Gate(UpstreamCase().gate_dir)
+        cls.gate = seerattn.Gate(GATE_DIR)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gate.close()
 
     def setUp(self):
         self.n, self.hq, self.hkv, self.d = 128, 8, 2, 128
@@ -361,7 +365,7 @@ class WrongInputsTest(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "dense must be in host memory"):
             seerattn.mask_from_dense(torch.ones(64, dtype=torch.uint8, device="cuda"), self.batch, self.hq)
         with self.assertRaisesRegex(seerattn.InvalidArgumentError, "call seer_gate_upload"):
-            seerattn.block_mask(seerattn.Gate(UpstreamCase().gate_dir), 1, self.q, self.k)
+            seerattn.block_mask(seerattn.Gate(GATE_DIR), 1, self.q, self.k)
 
     def test_shapes_and_layouts(self):
         with self.assertRaisesRegex(ValueError, r"q must be \[tokens, heads, head_dim\], got shape \(1, 128, 8, 128\)"):
