@@ -17,6 +17,8 @@ def repo_root():
 
 UPSTREAM = os.path.join(repo_root(), "tests", "data", "upstream")
 GATE_DIR = os.path.join(UPSTREAM, "gqa4_s1000_gates")
+# The recorded inputs of a layer, in the order gate_attention takes them.
+INPUTS = ("q_nope", "k_nope", "q", "k", "v")
 
 
 def read_safetensors(path):

@@ -25,7 +25,7 @@ import unittest
 import seerattn
 from seerattn import _lib
 from seerattn._errors import error_for
-from support import GATE_DIR, UpstreamCase, repo_root
+from support import GATE_DIR, INPUTS, UpstreamCase, repo_root
 
 HEADER = os.path.join(repo_root(), "include", "seerattn.h")
 
@@ -452,24 +452,16 @@ class PrefillTest(unittest.TestCase):
         sizes = seerattn.mask_sizes(batch, c.hq)
         t = {
             name: seerattn.Tensor(c.rows(name, n), "bf16", (n, c.hq if name.startswith("q") else c.hkv, c.d))
-            for name in ("q_nope", "k_nope", "q", "k", "v")
+            for name in INPUTS
         }
         rule = seerattn.MaskRule(nz_ratio=0.5, last_block_dense=False)
         one_call = bytearray(n * c.hq * c.d * 2)
         mask_one = host_mask(sizes)
+        out = seerattn.Tensor(one_call, "bf16", (n, c.hq, c.d))
         returned = seerattn.gate_attention(
-            gate,
-            c.layer,
-            t["q_nope"],
-            t["k_nope"],
-            t["q"],
-            t["k"],
-            t["v"],
-            rule=rule,
-            mask=mask_one,
-            out=seerattn.Tensor(one_call, "bf16", (n, c.hq, c.d)),
+            gate, c.layer, *(t[name] for name in INPUTS), rule=rule, mask=mask_one, out=out
         )
-        self.assertIsInstance(returned, seerattn.Tensor)
+        self.assertIs(returned, out)
         mask_two = seerattn.block_mask(gate, c.layer, t["q_nope"], t["k_nope"], rule=rule, mask=host_mask(sizes))
         two_calls = bytearray(len(one_call))
         seerattn.sparse_prefill(

@@ -15,7 +15,7 @@ import sys
 import unittest
 
 import seerattn
-from support import GATE_DIR, UpstreamCase
+from support import GATE_DIR, INPUTS, UpstreamCase
 
 try:
     import torch
@@ -170,7 +170,7 @@ class SparseAgainstCpuTest(unittest.TestCase):
 def upstream_tensors(case):
     """The case's inputs as CUDA tensors."""
     out = {}
-    for name in ("q_nope", "k_nope", "q", "k", "v"):
+    for name in INPUTS:
         _, shape, data = case.tensors[name]
         out[name] = torch.frombuffer(bytearray(data), dtype=torch.bfloat16).view(shape).cuda()
     return out
@@ -203,9 +203,7 @@ class GateTest(unittest.TestCase):
         host = {name: x.cpu() for name, x in t.items()}
         for rule in self.RULES:
             mask = seerattn.BlockMask.empty(batch, c.hq, "cuda")
-            out = seerattn.gate_attention(
-                self.gate, c.layer, t["q_nope"], t["k_nope"], t["q"], t["k"], t["v"], rule=rule, mask=mask
-            )
+            out = seerattn.gate_attention(self.gate, c.layer, *(t[name] for name in INPUTS), rule=rule, mask=mask)
             torch.cuda.synchronize()
             # The CPU path on the GPU's mask.
             cpu = seerattn.sparse_prefill(
@@ -229,9 +227,7 @@ class GateTest(unittest.TestCase):
         two = seerattn.sparse_prefill(t["q"], t["k"], t["v"], mask)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        one = seerattn.gate_attention(
-            self.gate, c.layer, t["q_nope"], t["k_nope"], t["q"], t["k"], t["v"], rule=rule, stream=side
-        )
+        one = seerattn.gate_attention(self.gate, c.layer, *(t[name] for name in INPUTS), rule=rule, stream=side)
         side.synchronize()
         self.assertTrue(bool(torch.equal(one, two)))
 
@@ -278,22 +274,8 @@ class GateTest(unittest.TestCase):
         )
 
         def call(out, lse, mask=None):
-            s = static
-            return seerattn.gate_attention(
-                self.gate,
-                c.layer,
-                s["q_nope"],
-                s["k_nope"],
-                s["q"],
-                s["k"],
-                s["v"],
-                rule=rule,
-                mask=mask,
-                out=out,
-                lse=lse,
-                gate_workspace=gate_ws,
-                prefill_workspace=prefill_ws,
-            )
+            buffers = dict(mask=mask, out=out, lse=lse, gate_workspace=gate_ws, prefill_workspace=prefill_ws)
+            return seerattn.gate_attention(self.gate, c.layer, *(static[n] for n in INPUTS), rule=rule, **buffers)
 
         for name, x in self.t.items():
             static[name].copy_(x)

@@ -8,7 +8,7 @@ import unittest
 
 import seerattn
 import test_gpu
-from support import UpstreamCase
+from support import INPUTS, UpstreamCase
 
 torch = test_gpu.torch
 
@@ -25,10 +25,7 @@ class CpuDenseAgainstSdpaTest(test_gpu.DenseAgainstSdpaTest):
 
 def upstream_rows(case, n):
     """The first n tokens of the case's inputs as CPU tensors."""
-    return {
-        name: torch.frombuffer(case.rows(name, n), dtype=torch.bfloat16).view(n, -1, case.d)
-        for name in ("q_nope", "k_nope", "q", "k", "v")
-    }
+    return {name: torch.frombuffer(case.rows(name, n), dtype=torch.bfloat16).view(n, -1, case.d) for name in INPUTS}
 
 
 class AllocatedBuffersTest(unittest.TestCase):
@@ -42,7 +39,7 @@ class AllocatedBuffersTest(unittest.TestCase):
         t = upstream_rows(case, n)
         gate = seerattn.Gate(case.gate_dir)
         rule = seerattn.MaskRule(nz_ratio=0.3, last_block_dense=False)
-        args = (gate, case.layer, t["q_nope"], t["k_nope"], t["q"], t["k"], t["v"])
+        args = (gate, case.layer, *(t[name] for name in INPUTS))
         # Several rounds, so that memory freed too early would be reused.
         allocated = [seerattn.gate_attention(*args, rule=rule, lse=True) for _ in range(3)]
         batch = seerattn.Batch([0, n])
