@@ -9,15 +9,19 @@
 #         bin/    test executables (Rust tests link the library statically)
 #         c/      the examples-c programs, linked against lib/ through an rpath
 #         lib/    libseerattn.so (and its soname's link)     include/  the header
+#         python/ the Python binding, pip-installed (bindings/python)
 #         MANIFEST      commit, nvcc, the binaries
 #   scripts/gpu-test.sh run     on the GPU machine, from the repo root with
 #       .devbuild/ present: runs every test binary with --include-ignored
-#       (the #[ignore]d GPU tests included) and the C programs, prints PASS or
-#       FAIL per binary and a final "N passed, M failed" line; exits non-zero
-#       on any failure. Needs nothing but the NVIDIA driver. The hardening
-#       tests (gpu_hardening: threads, graphs, the hot path, 128k/256k tokens
-#       and 2^31 elements) need about 20 GB of GPU and host memory; one binary
-#       alone: SEERATTN_TEST_ROOT=$PWD .devbuild/bin/gpu_hardening --include-ignored
+#       (the #[ignore]d GPU tests included), the C programs, and the Python
+#       binding's tests (bindings/python/tests, GPU tests required) and
+#       example with the staged package and library; prints PASS or FAIL per
+#       step and a final "N passed, M failed" line; exits non-zero on any
+#       failure. Needs the NVIDIA driver, and python3 with PyTorch (CUDA) for
+#       the Python steps. The hardening tests (gpu_hardening: threads,
+#       graphs, the hot path, 128k/256k tokens and 2^31 elements) need about
+#       20 GB of GPU and host memory; one binary alone:
+#       SEERATTN_TEST_ROOT=$PWD .devbuild/bin/gpu_hardening --include-ignored
 #
 # Logs of the run go to $OUT/gpu-test-logs when OUT is set (the device
 # runner returns that folder), else .devbuild/logs.
@@ -73,6 +77,14 @@ build() {
     soname=$(readelf -d "$stage/lib/libseerattn.so" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
     ln -s libseerattn.so "$stage/lib/$soname"
     cp -r include "$stage/include"
+    # The Python binding as pip installs it (from a copy: setuptools builds
+    # in the source tree); the run points it at lib/ with SEERATTN_LIBRARY.
+    local pysrc
+    pysrc=$(mktemp -d)
+    cp -r bindings/python/. "$pysrc"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+        --target "$stage/python" "$pysrc"
+    rm -rf "$pysrc"
     local cc=${CC:-cc}
     for prog in api_errors prefill; do
         "$cc" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -Iinclude "examples-c/$prog.c" \
@@ -126,6 +138,10 @@ run() {
         read -r p f < <(awk '/^test result:/ {p += $4; f += $6} END {print p + 0, f + 0}' "$log")
         line=""
         if grep -q '^test result:' "$log"; then line="$p tests passed, $f failed"; fi
+        # unittest's "Ran 27 tests in 9.1s" and "OK (skipped=1)" / "FAILED (failures=2)".
+        if grep -qE '^Ran [0-9]+ tests? in' "$log"; then
+            line="$(grep -E '^Ran [0-9]+ tests? in' "$log" | tail -n 1 | cut -d' ' -f2) Python tests: $(grep -E '^(OK|FAILED)' "$log" | tail -n 1)"
+        fi
         tests_passed=$((tests_passed + p))
         tests_failed=$((tests_failed + f))
         if [ "$status" -eq 0 ]; then
@@ -175,6 +191,19 @@ run() {
     "$stage/c/api_errors" "$gate" "$scratch" >"$logs/c-api_errors.log" 2>&1 || status=$?
     record c/api_errors "$status" "$logs/c-api_errors.log"
     rm -rf "$scratch"
+    # The Python binding: its CPU and GPU tests (a missing GPU or PyTorch
+    # fails them rather than skipping), then the PyTorch layer example.
+    local py_env=(SEERATTN_REQUIRE_GPU=1 SEERATTN_LIBRARY="$PWD/$stage/lib/libseerattn.so" PYTHONPATH="$PWD/$stage/python")
+    echo "== python/tests"
+    status=0
+    env "${py_env[@]}" python3 -m unittest discover -s bindings/python/tests -v >"$logs/python-tests.log" 2>&1 || status=$?
+    grep -E 'relative error|near-ties' "$logs/python-tests.log" || true
+    record python/tests "$status" "$logs/python-tests.log"
+    echo "== python/torch_layer"
+    status=0
+    env "${py_env[@]}" python3 bindings/python/examples/torch_layer.py >"$logs/python-torch_layer.log" 2>&1 || status=$?
+    cat "$logs/python-torch_layer.log"
+    record python/torch_layer "$status" "$logs/python-torch_layer.log"
 
     echo
     printf '%s' "$summary"

@@ -9,7 +9,11 @@
 #    find_package (shared and static), then run: the bad-input table through
 #    the C API, and the end-to-end example; then again under ASan/UBSan/LSan
 #    and valgrind (scripts/asan.sh).
-# 3. A fuzz smoke where cargo-fuzz and nightly exist (the committed seeds
+# 3. The Python binding (bindings/python): pip-installed from a copy of its
+#    source, its tests run with python3 -m unittest against the installed
+#    library (the CPU tests; the GPU tests report SKIPPED here and run on
+#    the GPU machine through scripts/gpu-test.sh).
+# 4. A fuzz smoke where cargo-fuzz and nightly exist (the committed seeds
 #    are replayed on stable by cargo test in any case).
 #
 # The CUDA kernels are compiled for real: scripts/setup-cuda.sh provides a
@@ -19,7 +23,8 @@
 # (see README); this script runs none of them and claims none.
 #
 # Needs cargo, a C compiler with libasan, valgrind, pkg-config, cmake, and
-# python3 with pip (for nvcc, first run only).
+# python3 with pip (for nvcc on the first run, and to install the Python
+# binding, for which it fetches setuptools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,6 +104,16 @@ fi
 "$scratch/cmake/prefill_static" "$gate" 1 | tail -n 1
 "$scratch/cmake/api_errors" "$gate" "$scratch/cmake-api" | tail -n 1
 echo "CMake build: prefill, prefill_static (libseerattn.a) and api_errors passed, loading $prefix/lib/$soname"
+
+# The Python binding as a user gets it: pip install (from a copy, so that
+# setuptools' build/ stays out of the checkout), then its tests, against the
+# same installed library.
+echo "== Python binding (pip install bindings/python; python3 -m unittest)"
+cp -r bindings/python "$scratch/python-src"
+PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+    --target "$scratch/python" "$scratch/python-src"
+SEERATTN_LIBRARY="$prefix/lib/libseerattn.so" PYTHONPATH="$scratch/python" \
+    python3 -m unittest discover -s bindings/python/tests -v 2>&1 | tee target/python-tests.log
 
 # The C programs under ASan/UBSan/LSan, api_errors under valgrind memcheck,
 # against the same installed library.
