@@ -513,7 +513,7 @@ def _workspace(args, name, given, nbytes):
         return args.array(name, given, "uint8", args.device)
     if nbytes == 0:
         return None, 0
-    return args.array(name, args.empty(name, (nbytes,), "uint8"))
+    return args.array(name, args.empty(name, (nbytes,), "uint8"), "uint8")
 
 
 def _caches(args, gate, batch, caches):
