@@ -96,10 +96,16 @@ __device__ __forceinline__ void qk_tile(float (&s)[M][NT][4], uint32_t sQ, uint3
 }
 // O += P V for one warp: P's C fragments, packed to 16 bits, are the A
 // fragments of four k16 steps; V's B fragments (ldmatrix.trans) are loaded
-// once per step and reused by all M row tiles.
-template <int D, int M, int NT, typename T, typename Tile>
-__device__ __forceinline__ void pv_tile(WarpRows<D, M>& w, const float (&s)[M][NT][4], uint32_t sV, int col0,
-                                        int lane) {
+// once per step and reused by all M row tiles. Keys from `valid_keys` on
+// (past the sequence, in its last block) have P = 0 but V rows that may
+// hold anything, and 0 * NaN is NaN: their V elements are zeroed in the
+// fragments. Lane 4g + t holds keys 2t and 2t + 1 (low and high half) of
+// each 8-key matrix: matrices 0 and 2 are keys 0-7 of the k16 step, 1 and
+// 3 keys 8-15. (Zeroing them in shared memory instead, which TMA writes
+// again later, raced in the wgmma kernel: kernels/NOTES.md, v14.)
+template <int D, int M, int NT, typename T, typename Tile, bool kPartial>
+__device__ __forceinline__ void pv_tile_keys(WarpRows<D, M>& w, const float (&s)[M][NT][4], uint32_t sV, int col0,
+                                             int lane, int valid_keys) {
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
         uint32_t p[M][4];
@@ -115,6 +121,14 @@ __device__ __forceinline__ void pv_tile(WarpRows<D, M>& w, const float (&s)[M][N
             uint32_t b[4];
             ldmatrix_x4_trans(b,
                               sV + Tile::offset(col0 + kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
+            if constexpr (kPartial) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int key = col0 + kk * 16 + (j % 2) * 8 + 2 * (lane % 4);
+                    if (key >= valid_keys) b[j] = 0;
+                    else if (key + 1 >= valid_keys) b[j] &= 0xFFFFu;
+                }
+            }
 #pragma unroll
             for (int m = 0; m < M; ++m) {
                 mma_16816<T>(w.o[m][2 * dp], p[m], b[0], b[1]);
@@ -122,6 +136,14 @@ __device__ __forceinline__ void pv_tile(WarpRows<D, M>& w, const float (&s)[M][N
             }
         }
     }
+}
+
+// The full-block loop carries no key checks (a partial block is rare).
+template <int D, int M, int NT, typename T, typename Tile>
+__device__ __forceinline__ void pv_tile(WarpRows<D, M>& w, const float (&s)[M][NT][4], uint32_t sV, int col0,
+                                        int lane, int valid_keys) {
+    if (valid_keys < kBlock) pv_tile_keys<D, M, NT, T, Tile, true>(w, s, sV, col0, lane, valid_keys);
+    else pv_tile_keys<D, M, NT, T, Tile, false>(w, s, sV, col0, lane, valid_keys);
 }
 
 // The kernel body. M: m16 row tiles per warp; N: parts the 64 keys of a
@@ -230,25 +252,16 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
 
                 mbar_wait(barV, v_phase);  // V_j landed
                 v_phase ^= 1;
-                const int rows = key_rows(kb);
-                if (rows < kBlock) {
-                    // Keys past the sequence (the next sequence's, or
-                    // anything): P is 0 there, but 0 * inf or NaN is NaN, so
-                    // their V rows are zeroed.
-                    for (int idx = threadIdx.x; idx < (kBlock - rows) * Tile::kChunks; idx += kThreads) {
-                        const int r = rows + idx / Tile::kChunks, c = idx % Tile::kChunks;
-                        *reinterpret_cast<uint4*>(smem + (sV - sQ) + Tile::offset(r, c)) = make_uint4(0, 0, 0, 0);
-                    }
-                    fence_proxy_async();  // before TMA writes this buffer again
-                }
                 // One K stage: every warp is done with K_j before it is
-                // overwritten. Always: the zeros are visible before P V.
-                if (kKStages == 1 || rows < kBlock) __syncthreads();
+                // overwritten.
+                if (kKStages == 1) __syncthreads();
                 if (kKStages == 1) {
                     next_slot = mask.next(slot + 1, next_kb);
                     if (next_slot < mask.count && issuer) tma_tile(sK, map_k, 1, kv_head, key_token0(next_kb), barK);
                 }
-                pv_tile<D, M, kNT, T, Tile>(w, s, sV, col0, lane);
+                // Keys past the sequence's end: TMA brought whatever lies
+                // there (the next sequence's keys, or zeros past the tensor).
+                pv_tile<D, M, kNT, T, Tile>(w, s, sV, col0, lane, key_rows(kb));
                 if (next_slot >= mask.count) break;
                 slot = next_slot;
                 kb = next_kb;
@@ -281,7 +294,8 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
                 load_tile<D, kThreads>(sK, k, a.k_row_stride, key_token0(next_kb), 0, key_rows(next_kb));
                 cp_async_commit();
             }
-            pv_tile<D, M, kNT, T, Tile>(w, s, sV, col0, lane);
+            // load_tile zero-filled the rows past the sequence.
+            pv_tile<D, M, kNT, T, Tile>(w, s, sV, col0, lane, kBlock);
             if (next_slot >= mask.count) break;
             slot = next_slot;
             kb = next_kb;
