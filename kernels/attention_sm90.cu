@@ -12,17 +12,18 @@
  * A row that selects no block gives zeros and lse = -inf.
  *
  * Structure: a persistent grid of one CTA per SM, three warpgroups.
- * - Warpgroup 0 produces. Its warp c (c = 0, 1) feeds consumer c: one lane
- *   walks the consumer's work items and their key lists and brings Q once
- *   per item, and K and V per listed block, by TMA into a ring of kStages
- *   K and V buffers, each completing on a "full" mbarrier; it reuses a
- *   buffer once the consumer has arrived on its "empty" mbarrier. The mask
- *   decides what is fetched: skipped blocks cost nothing.
+ * - Warpgroup 0 produces. Its warps c and c + 2 (c = 0, 1) feed consumer
+ *   c: one lane of each walks the consumer's work items and their key lists;
+ *   the first brings Q once per item and K per listed block, the second V,
+ *   by TMA into rings of kStages K and V buffers, each completing on a
+ *   "full" mbarrier; a buffer is reused once the consumer has arrived on
+ *   its "empty" mbarrier. The mask decides what is fetched: skipped blocks
+ *   cost nothing.
  * - Warpgroups 1 and 2 consume, each its own work items, round robin over
  *   the launch (item = 2 * blockIdx.x + c + k * 2 * gridDim.x, so the items
  *   in flight are neighbours in the head-major, longest-first order). Per
  *   item, Q goes from its tile into registers (the A operand of S; its
- *   buffer is handed back at once). Per listed key block j: S_j = Q K_j^T
+ *   buffer is handed back after the item's first S). Per listed key block j: S_j = Q K_j^T
  *   (D / 16 wgmma m64n64k16, K from shared memory) is issued, then
  *   O += P_{j-1} V_{j-1} (4 wgmma m64nDk16, P from registers, V from shared
  *   memory read transposed through its descriptor); the online softmax of
@@ -139,11 +140,14 @@ __device__ __forceinline__ unsigned total_items(const AttnArgs& a) {
     return static_cast<unsigned>(a.units) * static_cast<unsigned>(a.hq) * static_cast<unsigned>(a.splits);
 }
 
-// The producer lane of consumer c: Q per item, K and V per listed block, in
-// exactly the order the consumer takes them.
+// A producer lane of consumer c, in exactly the order the consumer takes
+// them: with `keys`, Q per item and K per listed block; else V per listed
+// block. Two lanes (of two warps), so that a K load never waits behind
+// the release of a V buffer: the consumer frees K_j right after S_j but V_j
+// only after P_j V_j, a softmax later.
 template <int D, int kStages, int S>
 __device__ __forceinline__ void produce(const AttnArgs& a, const SeqTable<S>& tab, const TensorMap* map_q,
-                                        const TensorMap* map_k, const TensorMap* map_v, int c,
+                                        const TensorMap* map_k, const TensorMap* map_v, int c, bool keys,
                                         Buffers<D, kStages> buf, Barriers<kStages> bar) {
     uint32_t items = 0;
     RingPos<kStages> pos;
@@ -153,16 +157,21 @@ __device__ __forceinline__ void produce(const AttnArgs& a, const SeqTable<S>& ta
         int kb = -1;
         int slot = work.mask.next(0, kb);
         if (slot >= work.mask.count) continue;  // nothing to fetch: the consumer writes zeros
-        // The consumer has the previous item's Q in registers.
-        mbar_wait(bar.q_empty(), (items & 1) ^ 1);
-        tma_tile<D>(a, buf.q(), map_q, 0, work.head, work.q_token0, bar.q_full());
-        ++items;
+        if (keys) {
+            // The consumer has the previous item's Q in registers.
+            mbar_wait(bar.q_empty(), (items & 1) ^ 1);
+            tma_tile<D>(a, buf.q(), map_q, 0, work.head, work.q_token0, bar.q_full());
+            ++items;
+        }
         while (slot < work.mask.count) {
             const long long token0 = work.key_token0(kb);
-            mbar_wait(bar.k_empty(pos.stage), pos.parity ^ 1);
-            tma_tile<D>(a, buf.k(pos.stage), map_k, 1, work.kv_head, token0, bar.k_full(pos.stage));
-            mbar_wait(bar.v_empty(pos.stage), pos.parity ^ 1);
-            tma_tile<D>(a, buf.v(pos.stage), map_v, 2, work.kv_head, token0, bar.v_full(pos.stage));
+            if (keys) {
+                mbar_wait(bar.k_empty(pos.stage), pos.parity ^ 1);
+                tma_tile<D>(a, buf.k(pos.stage), map_k, 1, work.kv_head, token0, bar.k_full(pos.stage));
+            } else {
+                mbar_wait(bar.v_empty(pos.stage), pos.parity ^ 1);
+                tma_tile<D>(a, buf.v(pos.stage), map_v, 2, work.kv_head, token0, bar.v_full(pos.stage));
+            }
             slot = work.mask.next(slot + 1, kb);
             pos.advance();
         }
@@ -171,8 +180,8 @@ __device__ __forceinline__ void produce(const AttnArgs& a, const SeqTable<S>& ta
 
 // The warpgroup's 64 query rows as the A operand of D / 16 k16 steps, read
 // once per item from the TMA-written tile (ldmatrix, following its swizzle):
-// S then reads only K from shared memory (Q from shared memory too made the
-// S product shared-memory bound: 4 KB per m64n64k16, 128 bytes a cycle).
+// S then reads only K from shared memory (Q from shared memory too reads
+// 4 KB per m64n64k16, all of the 128 bytes a cycle shared memory serves).
 template <int D>
 __device__ __forceinline__ void load_q(uint32_t (&q)[D / 16][4], uint32_t sQ, int row0, int lane) {
 #pragma unroll
@@ -269,7 +278,6 @@ __device__ __forceinline__ void consume(const AttnArgs& a, const SeqTable<S>& ta
             ++items;
             uint32_t q[D / 16][4];
             load_q<D>(q, buf.q(), row0, lane);
-            mbar_arrive(bar.q_empty());  // the producer may bring the next item's Q
             float s[1][8][4];
             float(&sf)[32] = reinterpret_cast<float(&)[32]>(s[0]);
             uint32_t p[4][4];
@@ -280,6 +288,14 @@ __device__ __forceinline__ void consume(const AttnArgs& a, const SeqTable<S>& ta
             wgmma_wait<0>();
             fence_accumulators(sf);
             mbar_arrive(bar.k_empty(pos.stage));
+            // Q's buffer goes back only now: the first S has consumed the
+            // registers load_q filled, so those shared-memory reads are
+            // done. Handing it back right after the ldmatrix let the next
+            // item's TMA load overwrite Q under them now and then (seen as
+            // bit differences between graph replays, once the producer ran
+            // further ahead).
+            fence_proxy_async();
+            mbar_arrive(bar.q_empty());
             {
                 float corr[1][2];  // O is still zero: nothing to rescale
                 softmax_scores<D, 1, 8>(s, w, a.scale_log2, kb == work.qb, row0, 0, lane, corr);
@@ -352,15 +368,17 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
     using Buf = Buffers<D, kStages>;
     using Bar = Barriers<kStages>;
     // Registers per thread after setmaxnreg: the producer keeps a few, the
-    // consumers take the rest (40 * 128 + 232 * 256 = 64512 <= 65536).
-    constexpr int kProducerRegs = 40;
-    constexpr int kConsumerRegs = 232;
+    // consumers take the rest (48 * 128 + 224 * 256 = 63488 <= 65536).
+    constexpr int kProducerRegs = 48;
+    constexpr int kConsumerRegs = 224;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     // TMA's 128-byte swizzle needs 1024-byte aligned tiles (the host adds
     // the slack to the dynamic shared memory size).
     const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
     const int wg = threadIdx.x / 128;
-    const int c = wg == 0 ? (threadIdx.x / 32) % 4 : wg - 1;  // producer warp c feeds consumer c
+    // Producer warps 0 and 1 bring Q and K for consumers 0 and 1, warps 2
+    // and 3 their V.
+    const int c = wg == 0 ? (threadIdx.x / 32) % 2 : wg - 1;
     const Buf buf{base + c * Buf::kBytes};
     const Bar bar{base + kConsumers * Buf::kBytes + c * Bar::kBytes};
     if (threadIdx.x < kConsumers) {
@@ -370,7 +388,7 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
     __syncthreads();
     if (wg == 0) {
         regs_release<kProducerRegs>();
-        if (c < kConsumers && threadIdx.x % 32 == 0) produce<D, kStages>(a, tab, map_q, map_k, map_v, c, buf, bar);
+        if (threadIdx.x % 32 == 0) produce<D, kStages>(a, tab, map_q, map_k, map_v, c, threadIdx.x < 64, buf, bar);
     } else {
         regs_claim<kConsumerRegs>();
         consume<D, kStages, T, O>(a, tab, c, buf, bar);
