@@ -205,15 +205,6 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
     if constexpr (kTma) {
         if (slot < mask.count) {
             const bool issuer = threadIdx.x == 0;
-            // Loads one tile (D / 64 boxes) of `map` at (head, token0).
-            auto tma_tile = [&](uint32_t dst, const TensorMap* map, int which, int h, long long token0, uint32_t bar) {
-                const bool token_major = (a.tma_token_major >> which) & 1;
-                const int c1 = token_major ? static_cast<int>(token0) : h;
-                const int c2 = token_major ? h : static_cast<int>(token0);
-                mbar_expect_tx(bar, kTileBytes);
-#pragma unroll
-                for (int b = 0; b < D / 64; ++b) tma_load_3d(dst + b * 64 * 128, map, b * 64, c1, c2, bar);
-            };
             if (issuer) {
                 mbar_init(barQ, 1);
                 mbar_init(barV, 1);
@@ -224,8 +215,8 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
             if (issuer) {
                 // Rows outside [r_begin, r_end) hold other tokens (or TMA's
                 // zeros past the tensor): their outputs are never stored.
-                tma_tile(sQ, map_q, 0, head, q_token0, barQ);
-                tma_tile(sK, map_k, 1, kv_head, key_token0(kb), barK);
+                tma_tile<D>(a, sQ, map_q, 0, head, q_token0, barQ);
+                tma_tile<D>(a, sK, map_k, 1, kv_head, key_token0(kb), barK);
             }
             mbar_wait(barQ, 0);
             uint32_t v_phase = 0, k_phases = 0;  // bit st: parity of K stage st
@@ -241,9 +232,9 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
                 // with the other stage, read by S_{j-1}).
                 __syncthreads();
                 if (issuer) {
-                    tma_tile(sV, map_v, 2, kv_head, key_token0(kb), barV);
+                    tma_tile<D>(a, sV, map_v, 2, kv_head, key_token0(kb), barV);
                     if (kKStages == 2 && next_slot < mask.count)
-                        tma_tile(sK + (stage ^ 1) * kTileBytes, map_k, 1, kv_head, key_token0(next_kb), barK + 8 * (stage ^ 1));
+                        tma_tile<D>(a, sK + (stage ^ 1) * kTileBytes, map_k, 1, kv_head, key_token0(next_kb), barK + 8 * (stage ^ 1));
                 }
 
                 float s[M][kNT][4];
@@ -257,7 +248,7 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
                 if (kKStages == 1) __syncthreads();
                 if (kKStages == 1) {
                     next_slot = mask.next(slot + 1, next_kb);
-                    if (next_slot < mask.count && issuer) tma_tile(sK, map_k, 1, kv_head, key_token0(next_kb), barK);
+                    if (next_slot < mask.count && issuer) tma_tile<D>(a, sK, map_k, 1, kv_head, key_token0(next_kb), barK);
                 }
                 // Keys past the sequence's end: TMA brought whatever lies
                 // there (the next sequence's keys, or zeros past the tensor).

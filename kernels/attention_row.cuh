@@ -119,6 +119,22 @@ __device__ __forceinline__ RowWork decode_work(const AttnArgs& a, const SeqTable
     return w;
 }
 
+// TMA kernels (sm_90): loads one [64][D] tile (D / 64 boxes of 64 columns,
+// 128-byte swizzle) of `map` at (head, token0) into `dst`, completing on
+// `bar`. `which` selects the tensor's
+// coordinate order (AttnArgs::tma_token_major). Rows past the tensor arrive
+// as zeros and count towards the bytes all the same.
+template <int D>
+__device__ __forceinline__ void tma_tile(const AttnArgs& a, uint32_t dst, const TensorMap* map, int which, int head,
+                                         long long token0, uint32_t bar) {
+    const bool token_major = (a.tma_token_major >> which) & 1;
+    const int c1 = token_major ? static_cast<int>(token0) : head;
+    const int c2 = token_major ? head : static_cast<int>(token0);
+    mbar_expect_tx(bar, kBlock * D * 2);
+#pragma unroll
+    for (int b = 0; b < D / 64; ++b) tma_load_3d(dst + b * 64 * 128, map, b * 64, c1, c2, bar);
+}
+
 // One warp's share of a 64-row query tile: M m16 tiles (16 * M rows) and
 // their running softmax state.
 template <int D, int M>

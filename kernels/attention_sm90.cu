@@ -106,21 +106,6 @@ struct Barriers {
     }
 };
 
-// Loads one [64][D] tile (D / 64 boxes of 64 columns) of `map` at (head,
-// token0) into `dst`, completing on `bar`. `which` selects the tensor's
-// coordinate order (AttnArgs::tma_token_major). Rows past the tensor arrive
-// as zeros and count towards the bytes all the same.
-template <int D>
-__device__ __forceinline__ void tma_tile(const AttnArgs& a, uint32_t dst, const TensorMap* map, int which, int head,
-                                         long long token0, uint32_t bar) {
-    const bool token_major = (a.tma_token_major >> which) & 1;
-    const int c1 = token_major ? static_cast<int>(token0) : head;
-    const int c2 = token_major ? head : static_cast<int>(token0);
-    mbar_expect_tx(bar, kBlock * D * 2);
-#pragma unroll
-    for (int b = 0; b < D / 64; ++b) tma_load_3d(dst + b * 64 * 128, map, b * 64, c1, c2, bar);
-}
-
 // Position in a ring: the n-th tile a pipeline carries sits in stage
 // n % kStages, and that stage's barriers are in their (n / kStages)-th
 // phase, whose parity mbarrier waits take. Counted, not divided.

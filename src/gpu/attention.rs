@@ -9,8 +9,9 @@
 //!
 //! Launch plan: one CTA per mask row (sequence, query head, query block),
 //! or for the persistent wgmma kernel one CTA per SM whose two consumer
-//! warpgroups take the rows round robin in the same order; head-major: the CTAs in flight work on one KV head, whose K and V (16 MB
-//! at 32k tokens, head_dim 128, bf16) stay in L2 while the query heads of its
+//! warpgroups take the rows round robin in the same order; head-major: the
+//! CTAs in flight work on one KV head, whose K and V (16 MB at 32k tokens,
+//! head_dim 128, bf16) stay in L2 while the query heads of its
 //! GQA group pass over them (heads fastest, measured: 51% L2 hit rate and
 //! DRAM traffic). Within a head, sequences go longest first and each
 //! sequence's query blocks last to first, so long rows start early and short
