@@ -71,6 +71,18 @@ fn exclusive() -> MutexGuard<'static, ()> {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// How many times a repeated step runs: `full`, or fewer when
+/// `SEERATTN_TEST_REPEATS` says so. `scripts/gpu-test.sh sanitize` sets it:
+/// racecheck reports shared-memory hazards of each launch it watches, so two
+/// rounds show what twenty would, at a tenth of a run that otherwise takes
+/// longer than a device call may.
+fn repeats(full: usize) -> usize {
+    match std::env::var("SEERATTN_TEST_REPEATS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(n) if n >= 1 => n.min(full),
+        _ => full,
+    }
+}
+
 // ------------------------------------------------------------ test inputs --
 
 /// Element `i` of the deterministic stream `seed`, uniform in [-1, 1).
@@ -459,7 +471,8 @@ fn assert_same(what: &str, a: &Results, b: &Results) {
             };
             // How many, and where: a race shows as scattered bytes, a wrong
             // tile as whole rows.
-            let differing: Vec<usize> = x.iter().zip(y).enumerate().filter(|(_, (p, q))| p != q).map(|(k, _)| k).collect();
+            let differing: Vec<usize> =
+                x.iter().zip(y).enumerate().filter(|(_, (p, q))| p != q).map(|(k, _)| k).collect();
             panic!(
                 "{what}: {name} differ at {} of {} bytes, first at {i}, last at {}",
                 differing.len(),
@@ -557,7 +570,7 @@ fn gpu_eight_threads_share_one_handle_and_match_a_serial_run() {
     let (hq, hkv, d) = (c.num_q_heads as usize, c.num_kv_heads as usize, c.head_dim as usize);
     const THREADS: usize = 8;
     const SETS: usize = 3;
-    const ROUNDS: usize = 6;
+    let rounds = repeats(6);
     // Per thread: its own batch (a plain sequence and a chunk over a cache),
     // gate layer and mask rule, and three sets of inputs.
     let shape = |t: usize| vec![(700 + 61 * t, 700 + 61 * t), (64 + 37 * t, 900 + 13 * t)];
@@ -626,7 +639,7 @@ fn gpu_eight_threads_share_one_handle_and_match_a_serial_run() {
                     let stream = Stream::new(ctx).unwrap();
                     let layer = Layer::new(ctx, gate, &shape(t));
                     let rule = rule(t);
-                    for round in 0..ROUNDS {
+                    for round in 0..rounds {
                         let j = (t + round) % SETS;
                         layer.upload(ctx, &inputs[t][j]);
                         layer.outputs.poison(ctx);
@@ -676,7 +689,7 @@ fn gpu_eight_threads_share_one_handle_and_match_a_serial_run() {
         }
     });
     eprintln!(
-        "{THREADS} threads x {ROUNDS} rounds matched the serial run; {} gates created, uploaded, used and destroyed beside them",
+        "{THREADS} threads x {rounds} rounds matched the serial run; {} gates created, uploaded, used and destroyed beside them",
         cycles.load(Ordering::Relaxed)
     );
 }
@@ -721,7 +734,7 @@ fn gpu_graph_of_four_layers_replays_new_inputs_as_eager_runs() {
         .unwrap_or_else(|e| panic!("capturing four layers of gate + prefill: {e}"));
     let kinds = graph.node_kinds().unwrap();
     assert!(kinds.len() >= 8 && kinds.iter().all(|k| k == "kernel"), "the graph holds other than kernels: {kinds:?}");
-    for round in 0..20 {
+    for round in 0..repeats(20) as u64 {
         let x = inputs(round);
         // New inputs in the same buffers, on the stream, outside the graph.
         for (layer, x) in layers.iter().zip(&x) {
