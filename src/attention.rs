@@ -226,7 +226,7 @@ fn check_dtypes(dtype: DType, k: DType, v: DType, out: DType) -> Result<()> {
 }
 
 /// Checks shapes and returns q's `[total_q, num_q_heads, head_dim]`.
-fn check_shapes([q, k, v, out]: [[usize; 3]; 4], batch: &Batch) -> Result<[usize; 3]> {
+pub(crate) fn check_shapes([q, k, v, out]: [[usize; 3]; 4], batch: &Batch) -> Result<[usize; 3]> {
     let [q_tokens, num_q_heads, head_dim] = q;
     let [k_tokens, num_kv_heads, k_dim] = k;
     if q_tokens != batch.total_q() {

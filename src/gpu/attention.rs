@@ -131,40 +131,50 @@ pub fn workspace_bytes(batch: &Batch, hq: usize, head_dim: usize) -> usize {
     (splits * rows * head_dim * 4 + splits * rows * 4).div_ceil(256) * 256
 }
 
-/// `seer::attn::SeqEntry`.
+/// `seer::attn::SeqEntry` (also the distillation target's table,
+/// src/gpu/distill.rs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct SeqEntry {
-    q_off: i64,
-    k_off: i64,
-    row_base: i64,
-    unit_base: i64,
-    q_len: i32,
-    k_len: i32,
-    q_start: i32,
-    first_q_block: i32,
-    q_blocks: i32,
-    reserved: i32,
+pub(crate) struct SeqEntry {
+    pub q_off: i64,
+    pub k_off: i64,
+    pub row_base: i64,
+    pub unit_base: i64,
+    pub q_len: i32,
+    pub k_len: i32,
+    pub q_start: i32,
+    pub first_q_block: i32,
+    pub q_blocks: i32,
+    pub reserved: i32,
 }
 
 /// `seer::attn::SeqTable<S>`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct SeqTable<const S: usize> {
-    num_seqs: i32,
-    reserved: i32,
-    seq: [SeqEntry; S],
+pub(crate) struct SeqTable<const S: usize> {
+    pub num_seqs: i32,
+    pub reserved: i32,
+    pub seq: [SeqEntry; S],
+}
+
+impl<const S: usize> SeqTable<S> {
+    /// The table of `seqs` (at most S of them), zero-padded.
+    pub fn of(seqs: &[SeqEntry]) -> Self {
+        let mut table = SeqTable::<S> { num_seqs: seqs.len() as i32, reserved: 0, seq: [SeqEntry::default(); S] };
+        table.seq[..seqs.len()].copy_from_slice(seqs);
+        table
+    }
 }
 
 /// The launches of one batch: sequences in launch order (longest first),
 /// cut into tables of at most [`MAX_SEQS`].
 #[derive(Clone, Debug)]
-struct Plan {
-    launches: Vec<Vec<SeqEntry>>,
+pub(crate) struct Plan {
+    pub launches: Vec<Vec<SeqEntry>>,
 }
 
 impl Plan {
-    fn new(batch: &Batch, hq: usize) -> Result<Self> {
+    pub fn new(batch: &Batch, hq: usize) -> Result<Self> {
         let layout = MaskLayout::new(batch, hq, BLOCK)?;
         let mut seqs: Vec<(usize, SeqEntry)> = batch
             .seqs(BLOCK)
@@ -491,8 +501,7 @@ unsafe fn launch<const S: usize>(
     stream: CUstream,
 ) -> Result<()> {
     let with_maps = maps.is_some();
-    let mut table = SeqTable::<S> { num_seqs: seqs.len() as i32, reserved: 0, seq: [SeqEntry::default(); S] };
-    table.seq[..seqs.len()].copy_from_slice(seqs);
+    let mut table = SeqTable::<S>::of(seqs);
     let mut maps = maps.copied().unwrap_or([TensorMap([0; 16]); 3]);
     let [mq, mk, mv] = &mut maps;
     let mut params: [*mut c_void; 5] = [
