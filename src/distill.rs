@@ -45,6 +45,10 @@
 //!   data in a step is not stepped, as PyTorch skips parameters without
 //!   gradient), and `"format": "pt"`.
 //!
+//! Keep the file out of the gate directory (or give it another extension):
+//! the gate loader takes a directory's only `*.safetensors` file and refuses
+//! a directory with two.
+//!
 //! To resume: load the gate directory saved at the same step
 //! ([`crate::Gate::load_dir`], F32 weights), build a trainer with the same
 //! [`TrainConfig`], then [`GateTrainer::load_optimizer_state`].
