@@ -32,7 +32,10 @@ fn target_matches_upstream_attn_with_pooling() {
     //   bf16: 3 more relative errors of 2^-9.
     // The f32 scores and exponentials upstream computes add ~1e-6.
     let max_norm = |v: &Stored| {
-        v.to_f32().chunks(v.shape[2]).map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt()).fold(0.0, f64::max)
+        v.to_f32()
+            .chunks(v.shape[2])
+            .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt())
+            .fold(0.0, f64::max)
     };
     let r_max = max_norm(q) * max_norm(k) * scale * std::f64::consts::LOG2_E;
     let half_ulp = 2f64.powi(r_max.log2().floor() as i32 - 8);
@@ -262,7 +265,9 @@ fn planted_structure_is_learned() {
         let rule = MaskParams { method: SparsityMethod::Threshold, threshold, ..params };
         let (r0, d0) = measure_with(&random_gate, &rule);
         let (r, d) = measure_with(trainer.gate(), &rule);
-        println!("threshold {threshold}: random gate recall {r0:.3} density {d0:.3}; trained recall {r:.3} density {d:.3}");
+        println!(
+            "threshold {threshold}: random gate recall {r0:.3} density {d0:.3}; trained recall {r:.3} density {d:.3}"
+        );
         threshold_results.push((r, d));
     }
     assert!(loss_end < 0.5 * loss0, "held-out loss fell only from {loss0} to {loss_end}");
@@ -332,7 +337,8 @@ fn saved_gate_loads_back_with_identical_weights_and_masks() {
             MaskParams::from_config(&config),
             MaskParams { method: SparsityMethod::Threshold, threshold: 0.1, ..MaskParams::from_config(&config) },
         ] {
-            let mask = |g: &Gate| g.compute_block_mask(layer, &eval.q_nope(), &eval.k_nope(), &eval.batch, &params).unwrap();
+            let mask =
+                |g: &Gate| g.compute_block_mask(layer, &eval.q_nope(), &eval.k_nope(), &eval.batch, &params).unwrap();
             assert_eq!(mask(&loaded), mask(trained), "layer {layer} masks under {params:?}");
         }
     }
@@ -416,7 +422,8 @@ fn accumulation_over_calls_equals_one_batch() {
         r
     });
     let mut next = rows.into_iter();
-    let single: Vec<Inputs> = lens.iter().map(|&l| Inputs::build(&[l], &config, |_, _, _, _| next.next().unwrap())).collect();
+    let single: Vec<Inputs> =
+        lens.iter().map(|&l| Inputs::build(&[l], &config, |_, _, _, _| next.next().unwrap())).collect();
 
     let train = TrainConfig::upstream(10);
     let mut a = GateTrainer::new(init_gate(config.clone(), 8).unwrap(), train).unwrap();
