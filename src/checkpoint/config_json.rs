@@ -323,7 +323,8 @@ mod tests {
         let mut c = parse_config("cfg.json", &with(r#""seerattn_threshold": 0.1, "seerattn_nz_ratio": 0.3"#)).unwrap();
         let text = config_to_json(&c, None).unwrap();
         assert_eq!(parse_config("cfg.json", &text).unwrap(), c);
-        assert!(text.contains("\"seerattn_threshold\": 0.1,"), "{text}");
+        // The shortest form of the f32, not its f64 expansion 0.10000000149011612.
+        assert!(text.contains("\"seerattn_threshold\": 0.1") && !text.contains("0.1000"), "{text}");
         c.rope.scaling = RopeScaling::Llama3 {
             factor: 8.0,
             low_freq_factor: 1.0,
