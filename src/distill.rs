@@ -127,9 +127,7 @@ impl DistillBackend for CpuReference {
         params: &LossParams,
         grads: &mut LayerGrads,
     ) -> Result<SeqLosses> {
-        if target.layout.num_heads != config.num_q_heads
-            || target.layout != crate::mask::MaskLayout::new(batch, config.num_q_heads, config.block_size)?
-        {
+        if target.layout != crate::mask::MaskLayout::new(batch, config.num_q_heads, config.block_size)? {
             return Err(Error::invalid("distillation target: computed for another batch or head count"));
         }
         Ok(reference::distill_loss_and_grad(config, weights, q_nope, k_nope, batch, target, params, grads))
@@ -476,7 +474,9 @@ impl<B: DistillBackend> GateTrainer<B> {
     /// One optimizer step over every layer fed since the last step: the
     /// gradient of `loss_scale * Σ_layers mean_sequences(loss)`, clipped to
     /// `max_grad_norm` (global norm), AdamW at the schedule's learning rate.
-    /// Layers fed nothing are left alone. Errors when nothing was fed.
+    /// Layers fed nothing are left alone. Errors when nothing was fed, and
+    /// when the gradient is not finite (then the accumulated gradients are
+    /// discarded, and weights, moments and the step count stay as they were).
     pub fn step(&mut self) -> Result<StepReport> {
         if self.layers.iter().all(|l| l.sequences == 0) {
             return Err(Error::invalid("optimizer step: no layer was fed a batch since the last step"));
@@ -489,6 +489,15 @@ impl<B: DistillBackend> GateTrainer<B> {
             .collect();
         let grad_norm =
             self.layers.iter().zip(&scales).map(|(l, s)| s * s * l.grads.squared_norm()).sum::<f64>().sqrt();
+        if !grad_norm.is_finite() {
+            // One batch with NaN or infinite activations must not poison the
+            // gate: drop what was accumulated, keep weights and moments.
+            self.discard_accumulated();
+            return Err(Error::invalid(format!(
+                "optimizer step: the accumulated gradient is not finite (norm {grad_norm}; non-finite inputs?); \
+                 it was discarded and nothing was updated"
+            )));
+        }
         // torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6) when below 1.
         let clip = self.config.max_grad_norm.map_or(1.0, |max| (max / (grad_norm + 1e-6)).min(1.0));
         let lr = self.config.adamw.lr * self.config.schedule.factor(self.step);
@@ -523,6 +532,15 @@ impl<B: DistillBackend> GateTrainer<B> {
     /// release as upstream does.
     pub fn save_gate_dir(&self, dir: &Path, dtype: DType, base_config: Option<&str>) -> Result<()> {
         checkpoint::save_gate_dir(&self.gate, dir, dtype, base_config)
+    }
+
+    /// Drop every gradient and loss accumulated since the last step.
+    pub fn discard_accumulated(&mut self) {
+        for state in &mut self.layers {
+            state.grads.clear();
+            state.sequences = 0;
+            state.loss_sum = 0.0;
+        }
     }
 
     fn ensure_between_steps(&self, what: &str) -> Result<()> {

@@ -447,3 +447,35 @@ fn accumulation_over_calls_equals_one_batch() {
     assert_eq!(a.adam_state(0).unwrap().0.step, 0);
     assert!(a.step().is_err(), "a step with nothing fed is an error");
 }
+
+#[test]
+fn a_non_finite_batch_is_discarded_not_applied() {
+    let config = q_proj_config();
+    let good = random_inputs(&[(200, 200)], &config, 41);
+    let mut rng = Rng(42);
+    let d = config.head_dim;
+    let mut count = 0usize;
+    let bad = Inputs::build(&[(200, 200)], &config, |_, _, _, _| {
+        count += 1;
+        // One infinite activation among the queries (bf16 keeps inf).
+        (0..d).map(|x| if count == 150 && x == 3 { f32::INFINITY } else { rng.uniform(-2.0, 2.0) }).collect()
+    });
+    let mut trainer = GateTrainer::new(init_gate(config.clone(), 2).unwrap(), TrainConfig::upstream(10)).unwrap();
+    let feed =
+        |t: &mut GateTrainer, x: &Inputs| t.accumulate(0, &x.q_nope(), &x.k_nope(), &x.q(), &x.k(), &x.batch, 0.35);
+    feed(&mut trainer, &good).unwrap();
+    trainer.step().unwrap();
+    let before = trainer.gate().clone();
+    let adam_before = trainer.adam_state(0).unwrap().0.clone();
+    feed(&mut trainer, &good).unwrap();
+    feed(&mut trainer, &bad).unwrap();
+    assert!(matches!(trainer.step(), Err(Error::InvalidArgument(m)) if m.contains("not finite")));
+    assert_eq!(trainer.gate().layer(0).unwrap(), before.layer(0).unwrap());
+    assert_eq!(trainer.adam_state(0).unwrap().0, &adam_before);
+    assert_eq!(trainer.steps_taken(), 1);
+    // Training goes on with the next good batch.
+    feed(&mut trainer, &good).unwrap();
+    let report = trainer.step().unwrap();
+    assert_eq!((report.step, report.layer_sequences[0]), (2, 1));
+    assert!(report.grad_norm.is_finite());
+}
