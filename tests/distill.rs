@@ -479,3 +479,42 @@ fn a_non_finite_batch_is_discarded_not_applied() {
     assert_eq!((report.step, report.layer_sequences[0]), (2, 1));
     assert!(report.grad_norm.is_finite());
 }
+
+#[test]
+fn bad_arguments_are_refused_naming_the_problem() {
+    let config = q_proj_config();
+    let x = random_inputs(&[(100, 200)], &config, 51);
+    let other = Batch::from_lens(&[(100, 201)]).unwrap();
+    let invalid = |r: Result<_>| match r {
+        Err(Error::InvalidArgument(m)) => m,
+        other => panic!(
+            "expected an invalid argument, got {:?}",
+            other.map(|_: seerattn::reference::distill::DistillTarget| ())
+        ),
+    };
+    assert!(invalid(distill_target(&x.q(), &x.k(), &other, 64, 0.3)).contains("key tokens"));
+    assert!(invalid(distill_target(&x.q(), &x.k(), &x.batch, 64, f64::NAN)).contains("softmax_scale"));
+    assert!(invalid(distill_target(&x.q(), &x.k(), &x.batch, 0, 0.3)).contains("block_size"));
+    // 4 query heads over 3 "KV heads": a view of the keys with another head count.
+    let k3 = Tensor3::new("k", &x.k, DType::BF16, Layout3::contiguous(200, 3, 4)).unwrap();
+    assert!(invalid(distill_target(&x.q(), &k3, &x.batch, 64, 0.3)).contains("kv heads"));
+
+    let mut bad = TrainConfig::upstream(10);
+    bad.loss.skip_fraction = 1.0;
+    assert!(
+        matches!(GateTrainer::new(init_gate(config.clone(), 1).unwrap(), bad), Err(Error::InvalidArgument(m)) if m.contains("skip_fraction"))
+    );
+    let mut bad = TrainConfig::upstream(10);
+    bad.adamw.beta2 = 1.0;
+    assert!(
+        matches!(GateTrainer::new(init_gate(config.clone(), 1).unwrap(), bad), Err(Error::InvalidArgument(m)) if m.contains("beta2"))
+    );
+
+    let mut trainer = GateTrainer::new(init_gate(config.clone(), 1).unwrap(), TrainConfig::upstream(10)).unwrap();
+    // A target computed for another batch, and a layer the gate does not have.
+    let target = trainer.target(&x.q(), &x.k(), &x.batch, 0.3).unwrap();
+    let y = random_inputs(&[(64, 200)], &config, 52);
+    assert!(trainer.accumulate_target(0, &y.q_nope(), &y.k_nope(), &y.batch, &target).is_err());
+    assert!(trainer.accumulate_target(2, &x.q_nope(), &x.k_nope(), &x.batch, &target).is_err());
+    assert!(trainer.step().is_err(), "nothing was fed");
+}
