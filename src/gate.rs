@@ -99,6 +99,13 @@ impl Gate {
         }
     }
 
+    /// Layer `layer`'s weights for in-place updates (the trainer's optimizer
+    /// step), or an error naming the layer if it has none.
+    pub(crate) fn layer_mut(&mut self, layer: usize) -> Result<&mut LayerWeights> {
+        self.layer(layer)?;
+        Ok(self.layers[layer].as_mut().expect("checked by layer()"))
+    }
+
     /// Gate logits and probabilities of layer `layer` for a batch, from
     /// pre-RoPE `q_nope: [total_q, num_q_heads, head_dim]` and
     /// `k_nope: [total_k, num_kv_heads, head_dim]` (bf16 or f16).
@@ -123,7 +130,9 @@ impl Gate {
         Ok(select_blocks(params, &scores))
     }
 
-    fn check_inputs(&self, q_nope: &Tensor3, k_nope: &Tensor3, batch: &Batch) -> Result<()> {
+    /// Check the gate's pre-RoPE inputs against the config and the batch:
+    /// bf16 or f16, `[tokens, heads, head_dim]`.
+    pub(crate) fn check_inputs(&self, q_nope: &Tensor3, k_nope: &Tensor3, batch: &Batch) -> Result<()> {
         let c = &self.config;
         for (name, t, tokens, heads) in
             [("q_nope", q_nope, batch.total_q(), c.num_q_heads), ("k_nope", k_nope, batch.total_k(), c.num_kv_heads)]

@@ -9,6 +9,10 @@
 //!                  pooling)       scores)         select → mask) attention)
 //! ```
 //!
+//! Training the gate is the stage after: [`distill`] (CPU reference in
+//! `reference::distill`) distils each layer's gate from the model's own
+//! attention map and saves a gate directory this library loads.
+//!
 //! [`Gate`] holds a layer-indexed gate (config + weights, loaded from a
 //! released checkpoint by [`checkpoint`]); [`Gate::compute_block_mask`] runs
 //! the first three stages and [`attention::sparse_prefill`] the last, on
@@ -21,6 +25,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod cuda;
+pub mod distill;
 pub mod error;
 pub mod gate;
 pub mod gpu;

@@ -76,6 +76,68 @@ pub fn parse_config(path: &str, text: &str) -> Result<GateConfig> {
     Ok(config)
 }
 
+/// The `config.json` text of `config`: the attention geometry, RoPE and
+/// every `seerattn_*` field [`parse_config`] reads, so that parsing the text
+/// gives `config` back exactly. Upstream saves the base model's whole config
+/// with the gate's fields added; pass that model config's text as `base` to do
+/// the same (its fields are kept, the ones written here replace theirs, and
+/// `hidden_size` stays consistent because `head_dim` is always written).
+/// `base` must be a JSON object.
+pub fn config_to_json(config: &GateConfig, base: Option<&str>) -> Result<String> {
+    let mut obj = match base {
+        None => Map::new(),
+        Some(text) => match serde_json::from_str(text) {
+            Ok(Value::Object(o)) => o,
+            Ok(_) => return Err(Error::invalid("base config: top level is not a JSON object")),
+            Err(e) => return Err(Error::invalid(format!("base config: invalid JSON: {e}"))),
+        },
+    };
+    // f32 fields are written in their shortest decimal form ("0.1", not
+    // 0.10000000149011612): the f64 read back rounds to the same f32.
+    let f32_value = |x: f32| -> Value {
+        let shortest: f64 = x.to_string().parse().expect("an f32's Display parses as f64");
+        serde_json::Number::from_f64(shortest).map_or(Value::Null, Value::Number)
+    };
+    let f64_value = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
+    let rope_scaling = match config.rope.scaling {
+        RopeScaling::None => Value::Null,
+        RopeScaling::Linear { factor } => serde_json::json!({ "rope_type": "linear", "factor": f64_value(factor) }),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            serde_json::json!({
+                "rope_type": "llama3",
+                "factor": f64_value(factor),
+                "low_freq_factor": f64_value(low_freq_factor),
+                "high_freq_factor": f64_value(high_freq_factor),
+                "original_max_position_embeddings": f64_value(original_max_position_embeddings),
+            })
+        }
+    };
+    let method = match config.sparsity_method {
+        SparsityMethod::Threshold => "threshold",
+        SparsityMethod::NzRatio => "nz_ratio",
+    };
+    let fields = [
+        ("num_hidden_layers", Value::from(config.num_layers)),
+        ("num_attention_heads", Value::from(config.num_q_heads)),
+        ("num_key_value_heads", Value::from(config.num_kv_heads)),
+        ("head_dim", Value::from(config.head_dim)),
+        ("rope_theta", f64_value(config.rope.theta)),
+        ("rope_scaling", rope_scaling),
+        ("seerattn_gate_type", Value::from(config.gate_type.name())),
+        ("seerattn_gate_block_size", Value::from(config.block_size)),
+        ("seerattn_gate_hidden_size", Value::from(config.gate_hidden)),
+        ("seerattn_gate_force_double", Value::from(config.force_double)),
+        ("seerattn_sparsity_method", Value::from(method)),
+        ("seerattn_threshold", f32_value(config.threshold)),
+        ("seerattn_nz_ratio", f32_value(config.nz_ratio)),
+        ("seerattn_last_block_dense", Value::from(config.last_block_dense)),
+    ];
+    for (key, value) in fields {
+        obj.insert(key.to_string(), value);
+    }
+    Ok(serde_json::to_string_pretty(&Value::Object(obj)).expect("a JSON value serializes"))
+}
+
 /// Attach the file to errors that lack it.
 fn with_path(path: &str, e: Error) -> Error {
     match e {
@@ -254,6 +316,33 @@ mod tests {
             r#"{"num_attention_heads": 8, "num_key_value_heads": 3, "head_dim": 64, "num_hidden_layers": 1}"#,
         );
         assert!(format_msg(kv).contains("num_kv_heads"));
+    }
+
+    #[test]
+    fn written_configs_parse_back_identical() {
+        let mut c = parse_config("cfg.json", &with(r#""seerattn_threshold": 0.1, "seerattn_nz_ratio": 0.3"#)).unwrap();
+        let text = config_to_json(&c, None).unwrap();
+        assert_eq!(parse_config("cfg.json", &text).unwrap(), c);
+        // The shortest form of the f32, not its f64 expansion 0.10000000149011612.
+        assert!(text.contains("\"seerattn_threshold\": 0.1") && !text.contains("0.1000"), "{text}");
+        c.rope.scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        c.gate_type = GateType::parse("Qmaxavg_Kmin").unwrap();
+        c.sparsity_method = SparsityMethod::NzRatio;
+        c.last_block_dense = false;
+        assert_eq!(parse_config("cfg.json", &config_to_json(&c, None).unwrap()).unwrap(), c);
+        c.rope.scaling = RopeScaling::Linear { factor: 2.0 };
+        // A base model config keeps its own fields; ours replace its gate fields.
+        let base =
+            r#"{"model_type": "llama", "hidden_size": 1024, "num_attention_heads": 99, "seerattn_threshold": 0.5}"#;
+        let text = config_to_json(&c, Some(base)).unwrap();
+        assert_eq!(parse_config("cfg.json", &text).unwrap(), c);
+        assert!(text.contains("\"model_type\": \"llama\""));
+        assert!(config_to_json(&c, Some("[1]")).is_err());
     }
 
     #[test]

@@ -34,12 +34,14 @@ use half::{bf16, f16};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-pub use config_json::read_config;
+pub use config_json::{config_to_json, read_config};
 
 /// File name of the weights in a released gate directory.
 pub const PTH_WEIGHTS_FILE: &str = "attn_gate_weights.pth";
 /// File name of the config in a gate directory.
 pub const CONFIG_FILE: &str = "config.json";
+/// File name of the weights [`save_gate_dir`] writes.
+pub const SAFETENSORS_WEIGHTS_FILE: &str = "attn_gate_weights.safetensors";
 
 /// A named tensor as stored in a checkpoint: contiguous, row-major,
 /// little-endian bytes of `dtype`.
@@ -91,6 +93,82 @@ pub fn parse_safetensors(name: &str, bytes: &[u8]) -> Result<Vec<RawTensor>> {
 pub fn write_safetensors(path: &Path, tensors: &[RawTensor]) -> Result<()> {
     let bytes = safetensors_io::safetensors_bytes(tensors)?;
     std::fs::write(path, bytes).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}
+
+/// As [`write_safetensors`], with `metadata` added to the header (the key
+/// `format` is reserved).
+pub fn write_safetensors_with_metadata(
+    path: &Path,
+    tensors: &[RawTensor],
+    metadata: &std::collections::HashMap<String, String>,
+) -> Result<()> {
+    let bytes = safetensors_io::safetensors_bytes_with_metadata(tensors, metadata)?;
+    std::fs::write(path, bytes).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}
+
+/// Every tensor of a `.safetensors` file and its header's `__metadata__` map.
+pub fn read_safetensors_with_metadata(
+    path: &Path,
+) -> Result<(Vec<RawTensor>, std::collections::HashMap<String, String>)> {
+    safetensors_io::read_safetensors_with_metadata(&path.display().to_string(), &read_file(path)?)
+}
+
+/// Write a gate directory that [`load_gate_dir`] loads back as the same gate:
+/// `config.json` ([`config_to_json`], over `base_config`, the model's own
+/// config text, when given) and [`SAFETENSORS_WEIGHTS_FILE`] holding every
+/// layer's projections under upstream's tensor names, in `dtype`. F32 keeps
+/// trained weights exactly; BF16 is upstream's release format (rounded to
+/// nearest even; what `torch.save` of the bf16 model would hold).
+///
+/// Creates `dir` when missing and replaces the two files. Refuses a gate with
+/// a layer that has no weights, and a `dir` that holds `attn_gate_weights.pth`
+/// or another `*.safetensors` file: the loader would read the `.pth` instead,
+/// or refuse the ambiguity.
+pub fn save_gate_dir(gate: &Gate, dir: &Path, dtype: DType, base_config: Option<&str>) -> Result<()> {
+    let c = gate.config();
+    let mut tensors = Vec::with_capacity(2 * c.num_layers);
+    for layer in 0..c.num_layers {
+        let w = gate.layer(layer)?;
+        tensors.push(weight_tensor(gate_name(layer, Proj::K), c.k_weight_shape(), &w.k_proj, dtype));
+        if let (Some(q), Some(shape)) = (&w.q_proj, c.q_weight_shape()) {
+            tensors.push(weight_tensor(gate_name(layer, Proj::Q), shape, q, dtype));
+        }
+    }
+    let config_text = config_to_json(c, base_config)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    if dir.join(PTH_WEIGHTS_FILE).exists() {
+        return Err(Error::invalid(format!(
+            "{}: holds {PTH_WEIGHTS_FILE}, which the loader would read instead of the saved weights",
+            dir.display()
+        )));
+    }
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let p = entry.map_err(io(dir))?.path();
+        if p.extension().is_some_and(|e| e == "safetensors") && p.file_name() != Some(SAFETENSORS_WEIGHTS_FILE.as_ref())
+        {
+            return Err(Error::invalid(format!(
+                "{}: holds another weights file {}; the loader needs exactly one",
+                dir.display(),
+                p.display()
+            )));
+        }
+    }
+    write_safetensors(&dir.join(SAFETENSORS_WEIGHTS_FILE), &tensors)?;
+    let config_path = dir.join(CONFIG_FILE);
+    std::fs::write(&config_path, config_text).map_err(io(&config_path))
+}
+
+/// A weight tensor of `values` (f32, row-major) rounded to `dtype`.
+fn weight_tensor(name: String, shape: [usize; 3], values: &[f32], dtype: DType) -> RawTensor {
+    let mut data = vec![0u8; values.len() * dtype.size()];
+    for (i, &v) in values.iter().enumerate() {
+        crate::tensor::store_f32(&mut data, dtype, i, v);
+    }
+    RawTensor { name, dtype, shape: shape.to_vec(), data }
 }
 
 /// Convert a `torch.save` archive to `.safetensors`, bytes and dtypes unchanged.

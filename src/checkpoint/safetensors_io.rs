@@ -13,11 +13,23 @@ use std::collections::HashMap;
 /// Parse a whole `.safetensors` file; `path` names it in errors. Tensors come
 /// back in file (data offset) order.
 pub(crate) fn read_safetensors_bytes(path: &str, bytes: &[u8]) -> Result<Vec<RawTensor>> {
+    read_safetensors_with_metadata(path, bytes).map(|(tensors, _)| tensors)
+}
+
+/// As [`read_safetensors_bytes`], with the header's `__metadata__` map
+/// (empty when the file has none).
+pub(crate) fn read_safetensors_with_metadata(
+    path: &str,
+    bytes: &[u8],
+) -> Result<(Vec<RawTensor>, HashMap<String, String>)> {
     let st =
         SafeTensors::deserialize(bytes).map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
     let mut views: Vec<(String, TensorView<'_>)> = st.tensors();
     views.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
-    views
+    let tensors = views
         .into_iter()
         .map(|(name, v)| {
             let dtype = match v.dtype() {
@@ -32,11 +44,21 @@ pub(crate) fn read_safetensors_bytes(path: &str, bytes: &[u8]) -> Result<Vec<Raw
             };
             Ok(RawTensor { name, dtype, shape: v.shape().to_vec(), data: v.data().to_vec() })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok((tensors, metadata))
 }
 
 /// Serialize `tensors` to the bytes of a `.safetensors` file.
 pub(crate) fn safetensors_bytes(tensors: &[RawTensor]) -> Result<Vec<u8>> {
+    safetensors_bytes_with_metadata(tensors, &HashMap::new())
+}
+
+/// As [`safetensors_bytes`], with `metadata` added to the header's
+/// `__metadata__` map next to `"format": "pt"` (which it may not replace).
+pub(crate) fn safetensors_bytes_with_metadata(
+    tensors: &[RawTensor],
+    metadata: &HashMap<String, String>,
+) -> Result<Vec<u8>> {
     let mut seen = std::collections::HashSet::new();
     let mut views = Vec::with_capacity(tensors.len());
     for t in tensors {
@@ -59,7 +81,11 @@ pub(crate) fn safetensors_bytes(tensors: &[RawTensor]) -> Result<Vec<u8>> {
         })?;
         views.push((t.name.as_str(), view));
     }
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    if metadata.contains_key("format") {
+        return Err(Error::invalid("safetensors metadata: the key 'format' is reserved (always \"pt\")"));
+    }
+    let mut metadata = metadata.clone();
+    metadata.insert("format".to_string(), "pt".to_string());
     safetensors::serialize(views, Some(metadata))
         .map_err(|e| Error::invalid(format!("cannot serialize safetensors: {e}")))
 }
@@ -85,6 +111,18 @@ mod tests {
         let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
         assert!(header.contains(r#""__metadata__":{"format":"pt"}"#), "{header}");
+    }
+
+    #[test]
+    fn metadata_round_trips() {
+        let meta = HashMap::from([("step".to_string(), "12".to_string())]);
+        let bytes = safetensors_bytes_with_metadata(&[t("a", DType::F32, &[2])], &meta).unwrap();
+        let (tensors, back) = read_safetensors_with_metadata("x", &bytes).unwrap();
+        assert_eq!(tensors.len(), 1);
+        assert_eq!(back.get("step").map(String::as_str), Some("12"));
+        assert_eq!(back.get("format").map(String::as_str), Some("pt"));
+        let reserved = HashMap::from([("format".to_string(), "np".to_string())]);
+        assert!(safetensors_bytes_with_metadata(&[], &reserved).is_err());
     }
 
     #[test]
