@@ -1,10 +1,10 @@
-//! The distillation target on the GPU (kernels/distill.cu) against a plain
-//! computation on the CPU and against upstream's `attn_with_pooling`
+//! The distillation target on the GPU (kernels/distill.cu) against the CPU
+//! reference (src/reference/distill.rs) and against upstream's `attn_with_pooling`
 //! (`distill_target` in the mqa_s3072 vectors). Every GPU test here needs a
 //! CUDA GPU: ignored by plain `cargo test`, run by `scripts/gpu-test.sh run`.
 //!
 //! The kernel multiplies 16-bit inputs with f32 accumulation and takes
-//! exp2 with MUFU; the CPU side accumulates in f64. Targets are
+//! exp2 with MUFU; the reference accumulates in f64. Targets are
 //! probabilities in [0, 1]: they must agree within 2e-3 absolute plus 1e-2
 //! relative, every slot must be written (the buffer is poisoned with NaN
 //! first) and each row must sum to 1.
@@ -14,6 +14,7 @@ use common::*;
 use seerattn::cuda::{self, testing, testing::Stream, Ctx, DeviceBuffer};
 use seerattn::gpu::distill::{distill_target, target_len, workspace_bytes};
 use seerattn::gpu::DeviceTensor;
+use seerattn::reference::distill;
 use seerattn::*;
 
 fn ctx() -> Ctx {
@@ -24,59 +25,6 @@ fn upload(ctx: &Ctx, bytes: &[u8]) -> DeviceBuffer {
     let b = testing::alloc_zeroed(ctx, bytes.len().max(16)).unwrap();
     testing::copy_to_device(ctx, b.ptr(), bytes).unwrap();
     b
-}
-
-/// The target by definition, on the CPU: per (sequence, head, query block)
-/// row, per causal key block, the largest softmax probability of a valid
-/// query row over the block's causal keys, the row then normalised. Values
-/// in the mask's slot layout.
-fn cpu_target(
-    q: &[f32],
-    (q_row, q_head): (usize, usize),
-    k: &[f32],
-    (k_row, k_head): (usize, usize),
-    batch: &Batch,
-    hq: usize,
-    hkv: usize,
-    d: usize,
-    scale: f64,
-) -> Vec<f64> {
-    let layout = MaskLayout::new(batch, hq, 64).unwrap();
-    let offsets = layout.row_offsets();
-    let mut out = vec![0f64; layout.index_capacity()];
-    for (s, sq) in batch.seqs(64).enumerate() {
-        for h in 0..hq {
-            let kh = h / (hq / hkv);
-            for i in 0..sq.q_blocks {
-                let qb = sq.first_q_block + i;
-                let slot0 = offsets[layout.row(s, h, i)] as usize;
-                let mut pooled = vec![0f64; qb + 1];
-                for pos in (qb * 64).max(sq.q_start)..((qb + 1) * 64).min(sq.k_len) {
-                    let qt = sq.q_offset + pos - sq.q_start;
-                    let x: Vec<f64> = (0..=pos)
-                        .map(|j| {
-                            let kt = sq.k_offset + j;
-                            let dot: f64 = (0..d)
-                                .map(|e| q[qt * q_row + h * q_head + e] as f64 * k[kt * k_row + kh * k_head + e] as f64)
-                                .sum();
-                            dot * scale
-                        })
-                        .collect();
-                    let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let lse = m + x.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
-                    for (j, v) in x.iter().enumerate() {
-                        let p = (v - lse).exp();
-                        pooled[j / 64] = pooled[j / 64].max(p);
-                    }
-                }
-                let sum: f64 = pooled.iter().sum();
-                for (kb, p) in pooled.iter().enumerate() {
-                    out[slot0 + kb] = p / sum;
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Runs the kernel on host tensors (16-bit bytes with their layouts) and
@@ -156,22 +104,13 @@ fn random_case(
     let batch = Batch::from_lens(lens).unwrap();
     let (qv, ql) = random_tensor(batch.total_q(), hq, d, padded, &mut rng);
     let (kv, kl) = random_tensor(batch.total_k(), hkv, d, padded, &mut rng);
-    // The CPU side sees the 16-bit values the GPU sees.
     let (qb, kb) = (encode(&qv, dtype), encode(&kv, dtype));
-    let (qr, kr) = (decode(&qb, dtype), decode(&kb, dtype));
     let scale = 1.0 / (d as f32).sqrt();
     let gpu = gpu_target(ctx, (&qb, ql), (&kb, kl), dtype, &batch, scale).unwrap();
-    let cpu = cpu_target(
-        &qr,
-        (ql.strides[0], ql.strides[1]),
-        &kr,
-        (kl.strides[0], kl.strides[1]),
-        &batch,
-        hq,
-        hkv,
-        d,
-        scale as f64,
-    );
+    let q_view = Tensor3::new("q", &qb, dtype, ql).unwrap();
+    let k_view = Tensor3::new("k", &kb, dtype, kl).unwrap();
+    let cpu: Vec<f64> =
+        distill::distill_target(&q_view, &k_view, &batch, 64, scale as f64).values.iter().map(|&v| v as f64).collect();
     let what = format!("{lens:?} hq {hq} hkv {hkv} d {d} {dtype:?} padded {padded}");
     check(&what, &gpu, &cpu, &MaskLayout::new(&batch, hq, 64).unwrap());
     eprintln!("{what}: ok ({} slots)", gpu.len());
