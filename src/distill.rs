@@ -148,6 +148,36 @@ pub fn distill_target(
     CpuReference.target(q, k, batch, block_size, softmax_scale)
 }
 
+/// The distillation target of one layer on the GPU (kernels/distill.cu):
+/// post-RoPE `q: [batch.total_q(), hq, d]` and `k: [batch.total_k(), hkv, d]`
+/// device tensors (bf16 or f16, head_dim 64 or 128, rows 16-byte aligned),
+/// written as f32 in the block mask's slot layout (the layout of
+/// [`DistillTarget::values`]) to `target = (device address, values)`, at
+/// least [`crate::gpu::distill::target_len`] values. `workspace = (device
+/// address, bytes)` of at least [`crate::gpu::distill::workspace_bytes`] for
+/// the GPU. Enqueued on `stream`: no allocation, copy or synchronization.
+/// The block size is 64 (the kernel's tile).
+///
+/// # Safety
+/// The device buffers must stay valid until the work completes; `stream`
+/// must belong to their context (or be NULL).
+pub unsafe fn distill_target_cuda(
+    q: &crate::gpu::DeviceTensor,
+    k: &crate::gpu::DeviceTensor,
+    batch: &Batch,
+    softmax_scale: f64,
+    target: (u64, usize),
+    workspace: (u64, usize),
+    stream: crate::cuda::CUstream,
+) -> Result<()> {
+    if !(softmax_scale.is_finite() && softmax_scale > 0.0 && (softmax_scale as f32).is_normal()) {
+        return Err(Error::invalid(format!(
+            "distillation target: softmax_scale = {softmax_scale} must be finite and > 0"
+        )));
+    }
+    crate::gpu::distill::distill_target(q, k, batch, softmax_scale as f32, target, workspace, stream)
+}
+
 fn check_target_inputs(q: &Tensor3, k: &Tensor3, batch: &Batch, block_size: usize, softmax_scale: f64) -> Result<()> {
     let [tq, hq, d] = q.shape();
     let [tk, hkv, dk] = k.shape();

@@ -50,7 +50,17 @@ fn gpu_target(
     let stream = Stream::new(ctx).unwrap();
     let qt = DeviceTensor { ptr: bq.ptr(), dtype, layout: q.1 };
     let kt = DeviceTensor { ptr: bk.ptr(), dtype, layout: k.1 };
-    unsafe { distill_target(&qt, &kt, batch, scale, (target.ptr(), len), (ws.ptr(), ws_bytes), stream.raw())? };
+    unsafe {
+        seerattn::distill::distill_target_cuda(
+            &qt,
+            &kt,
+            batch,
+            scale as f64,
+            (target.ptr(), len),
+            (ws.ptr(), ws_bytes),
+            stream.raw(),
+        )?
+    };
     stream.synchronize().unwrap();
     let mut bytes = vec![0u8; len * 4];
     testing::copy_to_host(ctx, &mut bytes, target.ptr()).unwrap();
