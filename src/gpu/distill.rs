@@ -13,8 +13,10 @@
 //! kernels/distill.cu). [`workspace_bytes`] sizes it for a device.
 
 use super::attention::{Plan, SeqTable, MAX_SEQS};
+use super::gate::{self, DeviceGate, GatePlan};
 use super::{check_buffer, DeviceTensor};
 use crate::batch::Batch;
+use crate::config::GateConfig;
 use crate::cuda::{self, kernels, CUstream};
 use crate::error::{Error, Result};
 use crate::mask::MaskLayout;
@@ -193,6 +195,144 @@ pub unsafe fn distill_target(
     Ok(())
 }
 
+/// `seer::distill_grad::GradArgs` (kernels/distill_grad.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GradArgs {
+    target: u64,
+    logits: u64,
+    row_loss: u64,
+    seq_loss: u64,
+    dk: u64,
+    dw: u64,
+    skip_fraction: f64,
+}
+
+/// Scratch of [`loss_and_grad`] after the gate's own: logits, per-row loss
+/// terms, and dk_proj, each 256-byte aligned. Returns (offsets, total).
+fn grad_scratch(config: &GateConfig, plan: &GatePlan) -> ([usize; 3], usize) {
+    let align = |x: usize| x.div_ceil(256) * 256;
+    let (rows, slots) = plan.rows_and_slots();
+    let (kblock_rows, _) = plan.kblock_rows();
+    let logits = align(plan.workspace_bytes());
+    let row_loss = align(logits + slots * 4);
+    let dk = align(row_loss + rows * 4);
+    let end = align(dk + config.num_q_heads * kblock_rows * config.head_dim * 4);
+    ([logits, row_loss, dk], end)
+}
+
+/// Workspace bytes [`loss_and_grad`] needs for `batch` with the gate of `config`.
+pub fn loss_workspace_bytes(config: &GateConfig, batch: &Batch) -> Result<usize> {
+    let plan = GatePlan::new(config, batch)?;
+    Ok(grad_scratch(config, &plan).1)
+}
+
+/// Values of the gradient buffer of one layer: `[hq][3 * head_dim][head_dim]` f32.
+pub fn grad_len(config: &GateConfig) -> usize {
+    config.num_q_heads * 3 * config.head_dim * config.head_dim
+}
+
+/// The distillation loss of one layer's gate and its gradient, on the GPU
+/// (the released gate type: a K projection per query head, no Q weight).
+/// `q_nope`, `k_nope`: the pre-RoPE inputs as [`crate::gpu::gate::compute_mask`]
+/// takes them; the gate's weights are `device`'s (the layer's bf16 copy).
+/// `target`: the layer's target, f32 in the slot layout (as
+/// [`distill_target`] writes it). Writes each sequence's loss (f32, the
+/// reference's [`crate::reference::distill::SeqLosses`]) to `seq_losses`
+/// and **adds** the gradient of their sum to `grads` (f32, [`grad_len`]
+/// values, the weights' layout). Rows before `floor(k_blocks * skip_fraction)`
+/// are left out, as [`crate::reference::distill::LossParams`].
+///
+/// # Safety
+/// As [`crate::gpu::gate::compute_mask`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn loss_and_grad(
+    config: &GateConfig,
+    device: &DeviceGate,
+    layer: usize,
+    batch: &Batch,
+    q_nope: &DeviceTensor,
+    k_nope: &DeviceTensor,
+    target: (u64, usize),
+    skip_fraction: f64,
+    grads: (u64, usize),
+    seq_losses: (u64, usize),
+    workspace: (u64, usize),
+    stream: CUstream,
+) -> Result<()> {
+    if !(0.0..1.0).contains(&skip_fraction) {
+        return Err(Error::invalid(format!("skip_fraction = {skip_fraction}: must be in [0, 1)")));
+    }
+    let plan = GatePlan::new(config, batch)?;
+    let (offsets, need) = grad_scratch(config, &plan);
+    if workspace.1 < need {
+        return Err(Error::BufferTooSmall(format!(
+            "workspace holds {} bytes, the distillation loss needs {need} (loss_workspace_bytes)",
+            workspace.1
+        )));
+    }
+    let (rows, slots) = plan.rows_and_slots();
+    let ctx = device.ctx();
+    for (name, (ptr, len), want) in
+        [("target", target, slots), ("grads", grads, grad_len(config)), ("seq_losses", seq_losses, batch.len())]
+    {
+        if len < want {
+            return Err(Error::BufferTooSmall(format!("{name} holds {len} values, this batch needs {want}")));
+        }
+        if ptr % 4 != 0 {
+            return Err(Error::invalid(format!("{name} is not aligned to 4 bytes")));
+        }
+        check_buffer(ctx, "the gate's weights", name, ptr, want * 4)?;
+    }
+    let logits = workspace.0 + offsets[0] as u64;
+    let (plan, mut args) = gate::compute_logits(
+        config,
+        device,
+        layer,
+        batch,
+        q_nope,
+        k_nope,
+        (logits, slots),
+        workspace.0,
+        workspace.1,
+        stream,
+    )?;
+    let mut g = GradArgs {
+        target: target.0,
+        logits,
+        row_loss: workspace.0 + offsets[1] as u64,
+        seq_loss: seq_losses.0,
+        dk: workspace.0 + offsets[2] as u64,
+        dw: grads.0,
+        skip_fraction,
+    };
+    let d = config.head_dim;
+    let fatbin = kernels::fatbin("distill_grad")?;
+    let (_, max_k_blocks) = plan.kblock_rows();
+    let n = plan.num_seqs() as u32;
+    let small = plan.num_seqs() <= SMALL_SEQS;
+    let s = if small { SMALL_SEQS } else { MAX_SEQS };
+    let mut small_table = plan.table::<SMALL_SEQS>();
+    let mut big_table;
+    let table: *mut c_void = if small {
+        (&mut small_table as *mut gate::SeqTable<SMALL_SEQS>).cast()
+    } else {
+        big_table = plan.table::<MAX_SEQS>();
+        (&mut big_table as *mut gate::SeqTable<MAX_SEQS>).cast()
+    };
+    let mut params: [*mut c_void; 3] =
+        [(&mut args as *mut gate::GateArgs).cast(), (&mut g as *mut GradArgs).cast(), table];
+    let f = cuda::function(ctx, fatbin, &format!("seer_distill_loss_s{s}"))?;
+    cuda::launch(f, [rows.div_ceil(4) as u32, 1, 1], [128, 1, 1], 0, stream, &mut params)?;
+    let f = cuda::function(ctx, fatbin, &format!("seer_distill_seq_loss_s{s}"))?;
+    cuda::launch(f, [n, 1, 1], [128, 1, 1], 0, stream, &mut params)?;
+    let f = cuda::function(ctx, fatbin, &format!("seer_distill_dk_d{d}_s{s}"))?;
+    let grid = [max_k_blocks.div_ceil(16) as u32, n, config.num_q_heads as u32];
+    cuda::launch(f, grid, [d as u32, 1, 1], 0, stream, &mut params)?;
+    let f = cuda::function(ctx, fatbin, &format!("seer_distill_dw_d{d}"))?;
+    cuda::launch(f, [(3 * d / 64) as u32, config.num_q_heads as u32, 1], [256, 1, 1], 0, stream, &mut params[..2])
+}
+
 unsafe fn launch<const S: usize>(
     f: cuda::CUfunction,
     seqs: &[super::attention::SeqEntry],
@@ -214,6 +354,7 @@ mod tests {
     fn args_match_the_kernel() {
         // kernels/distill.cu static_asserts the same size.
         assert_eq!(std::mem::size_of::<DistillArgs>(), 96);
+        assert_eq!(std::mem::size_of::<GradArgs>(), 56);
     }
 
     #[test]

@@ -56,7 +56,7 @@ const WIDE_TILE: usize = 64;
 /// One sequence, as `seer::SeqEntry` in kernels/gate.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct SeqEntry {
+pub(crate) struct SeqEntry {
     q_off: i64,
     k_off: i64,
     kblock_base: i64,
@@ -76,7 +76,7 @@ struct SeqEntry {
 /// `seer::SeqTable<S>`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct SeqTable<const S: usize> {
+pub(crate) struct SeqTable<const S: usize> {
     total_q_blocks: i64,
     num_seqs: i32,
     reserved: i32,
@@ -86,7 +86,7 @@ struct SeqTable<const S: usize> {
 /// `seer::GateArgs`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct GateArgs {
+pub(crate) struct GateArgs {
     q: u64,
     k: u64,
     q_row_stride: i64,
@@ -237,8 +237,20 @@ impl GatePlan {
     pub fn workspace_bytes(&self) -> usize {
         self.workspace_bytes
     }
+    /// Sequences of the batch.
+    pub(crate) fn num_seqs(&self) -> usize {
+        self.seqs.len()
+    }
+    /// Mask rows and index slots of the batch.
+    pub(crate) fn rows_and_slots(&self) -> (usize, usize) {
+        (self.total_rows, self.total_slots)
+    }
+    /// Key-block rows of the batch (all sequences) and the most of one sequence.
+    pub(crate) fn kblock_rows(&self) -> (usize, usize) {
+        (self.kblock_rows, self.max_k_blocks)
+    }
 
-    fn table<const S: usize>(&self) -> SeqTable<S> {
+    pub(crate) fn table<const S: usize>(&self) -> SeqTable<S> {
         let mut seq = [SeqEntry::default(); S];
         seq[..self.seqs.len()].copy_from_slice(&self.seqs);
         SeqTable { total_q_blocks: self.total_q_blocks as i64, num_seqs: self.seqs.len() as i32, reserved: 0, seq }
@@ -274,7 +286,7 @@ impl DeviceGate {
         &self.ctx
     }
 
-    fn layer(&self, layer: usize) -> Result<u64> {
+    pub(crate) fn layer(&self, layer: usize) -> Result<u64> {
         match self.layers.get(layer) {
             Some(Some(b)) => Ok(b.ptr()),
             Some(None) => Err(Error::invalid(format!(
@@ -567,10 +579,70 @@ unsafe fn compute(
         }
     };
     if plan.seqs.len() <= SMALL_SEQS {
-        launch_all::<SMALL_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, cached, stream)
+        launch_all::<SMALL_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, cached, true, stream)
     } else {
-        launch_all::<MAX_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, cached, stream)
+        launch_all::<MAX_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, cached, true, stream)
     }
+}
+
+/// For distillation (src/gpu/distill.rs): the gate's pool, projection and
+/// logits kernels of `layer` without the selection, the f32 logit of every
+/// causal (row, key block) pair written to `logits = (device address,
+/// values)` in the mask's slot layout. Returns the plan and the launch
+/// arguments, whose scratch pointers (q_gate, pooled_k, the RoPE table) the
+/// gradient kernels read next on the same stream.
+///
+/// # Safety
+/// As [`compute_mask`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn compute_logits(
+    config: &GateConfig,
+    device: &DeviceGate,
+    layer: usize,
+    batch: &Batch,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    logits: (u64, usize),
+    workspace: u64,
+    workspace_len: usize,
+    stream: CUstream,
+) -> Result<(GatePlan, GateArgs)> {
+    let mut plan = GatePlan::new(config, batch)?;
+    let weights = device.layer(layer)?;
+    let (d, hq, hkv) = (config.head_dim, config.num_q_heads, config.num_kv_heads);
+    check_input(device, "q_nope", q, batch.total_q(), hq, d)?;
+    check_input(device, "k_nope", k, batch.total_k(), hkv, d)?;
+    if q.dtype != k.dtype {
+        return Err(Error::invalid(format!("q_nope is {} but k_nope is {}", q.dtype.name(), k.dtype.name())));
+    }
+    if logits.1 < plan.total_slots {
+        return Err(Error::BufferTooSmall(format!(
+            "logits hold {} values, this batch needs {}",
+            logits.1, plan.total_slots
+        )));
+    }
+    if logits.0 % 4 != 0 {
+        return Err(Error::invalid("logits are not aligned to 4 bytes"));
+    }
+    check_buffer(device.ctx(), WEIGHTS_CONTEXT, "logits", logits.0, plan.total_slots * 4)?;
+    check_workspace(&plan, workspace, workspace_len)?;
+    let mut args = GateArgs {
+        q: q.ptr,
+        q_row_stride: q.layout.strides[0] as i64,
+        q_head_stride: q.layout.strides[1] as i64,
+        k: k.ptr,
+        k_row_stride: k.layout.strides[0] as i64,
+        k_head_stride: k.layout.strides[1] as i64,
+        indices: logits.0,
+        ..GateArgs::new(config, &plan, workspace, weights)
+    };
+    plan.use_workspace_k_gate(workspace, d);
+    if plan.seqs.len() <= SMALL_SEQS {
+        launch_all::<SMALL_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, false, false, stream)?;
+    } else {
+        launch_all::<MAX_SEQS>(device.ctx(), &plan, &mut args, d, q.dtype, false, false, stream)?;
+    }
+    Ok((plan, args))
 }
 
 /// How the pool kernel splits a token row: `slices` CTAs per block, each
@@ -710,6 +782,7 @@ unsafe fn launch_all<const S: usize>(
     d: usize,
     dtype: DType,
     cached: bool,
+    with_select: bool,
     stream: CUstream,
 ) -> Result<()> {
     let mut table = plan.table::<S>();
@@ -756,6 +829,9 @@ unsafe fn launch_all<const S: usize>(
     // selects in place.
     let logits_x = plan.max_q_blocks.div_ceil(TILE * row_warps) as u32;
     cuda::launch(logits, [logits_x, n, args.hq as u32], [THREADS, 1, 1], 0, stream, &mut params)?;
+    if !with_select {
+        return Ok(());
+    }
     let select_x = plan.total_rows.div_ceil(THREADS as usize / 32) as u32;
     cuda::launch(select, [select_x, 1, 1], [THREADS, 1, 1], 0, stream, &mut params)
 }
