@@ -13,6 +13,8 @@
 
 use seerattn::attention::{sparse_prefill_cuda, AttentionParams};
 use seerattn::cuda::{self, testing, testing::Stream};
+use seerattn::distill::cuda::CudaGateTrainer;
+use seerattn::distill::TrainConfig;
 use seerattn::gpu::distill::{distill_target, target_len, workspace_bytes};
 use seerattn::gpu::{DeviceMask, DeviceTensor};
 use seerattn::*;
@@ -95,6 +97,34 @@ fn main() -> Result<()> {
             "{seq:>7} {target_ms:>14.3} {target_tf:>10.1} {dense_ms:>14.3} {dense_tf:>10.1} {:>8.2}",
             target_ms / dense_ms
         );
+        // Training throughput of one layer: a feed (target, gate logits,
+        // loss and gradient; synchronized to return the losses) and an
+        // optimizer step, wall clock.
+        let config = common::config();
+        let gate = seerattn::distill::init_gate(config, 5)?;
+        let mut trainer = CudaGateTrainer::new(gate, TrainConfig::upstream(1000), &ctx)?;
+        let train_once = |trainer: &mut CudaGateTrainer| -> Result<()> {
+            unsafe {
+                trainer.accumulate(0, &q, &k, &q, &k, &batch, scale as f64, stream.raw())?;
+                trainer.step(stream.raw())?;
+            }
+            stream.synchronize()
+        };
+        for _ in 0..warmup.min(2) {
+            train_once(&mut trainer)?;
+        }
+        let mut times = vec![];
+        for _ in 0..reps.min(10) {
+            let t0 = std::time::Instant::now();
+            train_once(&mut trainer)?;
+            times.push(t0.elapsed().as_secs_f32() * 1e3);
+        }
+        let train_ms = median(times);
+        let tokens_per_s = seq as f64 / (train_ms as f64 * 1e-3);
+        println!("{seq:>7} train step (feed + AdamW, one layer): {train_ms:.3} ms, {tokens_per_s:.0} tokens/s");
+        lines.push(format!(
+            "{{\"impl\":\"seerattn_distill_train_step\",\"seq_len\":{seq},\"density\":1.0,\"ms\":{train_ms:.4},\"tflops\":0.0,\"tokens_per_s\":{tokens_per_s:.0},\"device\":\"{device_name}\",\"date\":\"{date}\",\"q_heads\":{HQ},\"kv_heads\":{HKV},\"head_dim\":{D},\"dtype\":\"bf16\",\"bench\":\"bench_distill\",\"what\":\"one layer: target + gate logits + loss and gradient + AdamW step, wall clock\"}}"
+        ));
         for (name, ms, tf) in
             [("seerattn_distill_target", target_ms, target_tf), ("seerattn_prefill", dense_ms, dense_tf)]
         {

@@ -233,7 +233,74 @@ __device__ void dw_tile(const GateArgs& a, const GradArgs& g) {
     for (int r = 0; r < R; ++r) dw[static_cast<long long>(r) * D] += acc[r];
 }
 
+// ------------------------------------------------------------- optimizer --
+
+// One AdamW update of a layer's f32 master weights, as the CPU trainer's
+// AdamState::update (src/distill/mod.rs) computes it: f64 arithmetic, each
+// operation rounded as written (no contraction into FMA), f32 stored, so the
+// two agree bit for bit given the same gradient. Also writes the bf16 copy
+// the gate kernels read and zeroes the gradient for the next step.
+struct AdamArgs {
+    float* param;
+    float* m;
+    float* v;
+    float* grad;
+    __nv_bfloat16* weights;  // the gate's bf16 copy of param
+    long long n;
+    double lr, beta1, beta2, eps, weight_decay;
+    double bias1;        // 1 - beta1^step
+    double bias2_sqrt;   // sqrt(1 - beta2^step)
+    double factor;       // loss scale / sequences * clip
+};
+static_assert(sizeof(AdamArgs) == 112, "AdamArgs layout is shared with Rust");
+
+__device__ void adamw(const AdamArgs& a) {
+    for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < a.n;
+         i += static_cast<long long>(gridDim.x) * blockDim.x) {
+        const double g = __dmul_rn(static_cast<double>(a.grad[i]), a.factor);
+        const double decayed = __dmul_rn(static_cast<double>(a.param[i]), __dsub_rn(1.0, __dmul_rn(a.lr, a.weight_decay)));
+        const double m_new = __dadd_rn(__dmul_rn(a.beta1, static_cast<double>(a.m[i])), __dmul_rn(__dsub_rn(1.0, a.beta1), g));
+        const double v_new =
+            __dadd_rn(__dmul_rn(a.beta2, static_cast<double>(a.v[i])), __dmul_rn(__dmul_rn(__dsub_rn(1.0, a.beta2), g), g));
+        const float m32 = static_cast<float>(m_new), v32 = static_cast<float>(v_new);
+        const double denom = __dadd_rn(__ddiv_rn(__dsqrt_rn(static_cast<double>(v32)), a.bias2_sqrt), a.eps);
+        const double step = __ddiv_rn(__dmul_rn(__ddiv_rn(a.lr, a.bias1), static_cast<double>(m32)), denom);
+        const float p = static_cast<float>(__dsub_rn(decayed, step));
+        a.m[i] = m32;
+        a.v[i] = v32;
+        a.param[i] = p;
+        a.weights[i] = __float2bfloat16_rn(p);
+        a.grad[i] = 0.f;
+    }
+}
+
+// Sum of squares of n f32 values: CTA b writes its part to partial[b]
+// (f64, a fixed reduction order: the host adds the parts in order).
+__device__ void sum_squares(const float* x, long long n, double* partial) {
+    __shared__ double part[256];
+    double s = 0.0;
+    for (long long i = blockIdx.x * 256LL + threadIdx.x; i < n; i += gridDim.x * 256LL) {
+        const double v = x[i];
+        s = fma(v, v, s);
+    }
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (int w = 128; w > 0; w >>= 1) {
+        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = part[0];
+}
+
 }  // namespace seer::distill_grad
+
+extern "C" __global__ void __launch_bounds__(256) seer_distill_adamw(const seer::distill_grad::AdamArgs a) {
+    seer::distill_grad::adamw(a);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    seer_distill_sum_squares(const float* x, long long n, double* partial) {
+    seer::distill_grad::sum_squares(x, n, partial);
+}
 
 #define SEER_DISTILL_GRAD_SEQ(S)                                                                              \
     extern "C" __global__ void __launch_bounds__(seer::distill_grad::kThreads)                                \

@@ -13,6 +13,8 @@ mod common;
 use common::*;
 use seerattn::config::{RopeConfig, RopeScaling};
 use seerattn::cuda::{self, testing, testing::Stream, Ctx, DeviceBuffer};
+use seerattn::distill::cuda::CudaGateTrainer;
+use seerattn::distill::{AdamState, TrainConfig};
 use seerattn::gpu::distill::{distill_target, target_len, workspace_bytes};
 use seerattn::gpu::DeviceTensor;
 use seerattn::reference::distill;
@@ -376,4 +378,261 @@ fn gpu_loss_and_gradient_match_the_reference() {
     loss_case(&ctx, &[(1000, 1000), (130, 130)], 8, 2, 64, 12);
     // A chunk over cached keys, a sequence of one block, a partial block.
     loss_case(&ctx, &[(100, 900), (64, 64), (200, 777)], 4, 1, 128, 13);
+}
+
+// ------------------------------------------------------------ the trainer --
+
+/// Planted structure (as tests/distill.rs, at a head_dim the GPU gate
+/// takes): query head `h` looks along its own direction; the keys of its
+/// planted blocks (block 0, shared, and `PLANTED[h]`) carry it, every other
+/// key is noise. Host bytes of q_nope, k_nope, q, k (bf16) for `lens`.
+const PLANTED: [usize; 4] = [5, 11, 8, 16];
+
+struct Planted {
+    batch: Batch,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    q_nope: Vec<u8>,
+    k_nope: Vec<u8>,
+    q: Vec<u8>,
+    k: Vec<u8>,
+}
+
+impl Planted {
+    fn new(lens: &[(usize, usize)], config: &GateConfig, seed: u64) -> Planted {
+        let batch = Batch::from_lens(lens).unwrap();
+        let (hq, hkv, d) = (config.num_q_heads, config.num_kv_heads, config.head_dim);
+        let group = hq / hkv;
+        let inv_freq = config.rope.inv_freq(d);
+        // The lowest RoPE frequency pair: the alignment survives RoPE.
+        let direction = |h: usize| if h % 2 == 0 { d / 2 - 1 } else { d - 1 };
+        let mut rng = Rng(seed);
+        let (mut qn, mut kn, mut q, mut k) = (vec![], vec![], vec![], vec![]);
+        for seq in batch.seqs(64) {
+            for (is_q, heads, positions, nope, roped) in
+                [(true, hq, seq.q_start..seq.k_len, &mut qn, &mut q), (false, hkv, 0..seq.k_len, &mut kn, &mut k)]
+            {
+                for pos in positions {
+                    for h in 0..heads {
+                        let mut row: Vec<f32> = (0..d).map(|_| 0.5 * rng.uniform(-1.732, 1.732)).collect();
+                        if is_q {
+                            row[direction(h)] += 4.0;
+                        } else {
+                            for qh in h * group..(h + 1) * group {
+                                if pos / 64 == 0 || pos / 64 == PLANTED[qh] {
+                                    row[direction(qh)] += 4.0;
+                                }
+                            }
+                        }
+                        let row: Vec<f32> = row.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+                        nope.extend(row.iter().copied());
+                        let mut rotated = row;
+                        seerattn::reference::scores::apply_rope(&mut rotated, &inv_freq, pos);
+                        roped.extend(rotated);
+                    }
+                }
+            }
+        }
+        let bf = |v: &[f32]| encode(v, DType::BF16);
+        Planted { batch, hq, hkv, d, q_nope: bf(&qn), k_nope: bf(&kn), q: bf(&q), k: bf(&k) }
+    }
+
+    fn view<'a>(&self, bytes: &'a [u8], is_q: bool) -> Tensor3<'a> {
+        let (tokens, heads) = if is_q { (self.batch.total_q(), self.hq) } else { (self.batch.total_k(), self.hkv) };
+        Tensor3::new("x", bytes, DType::BF16, Layout3::contiguous(tokens, heads, self.d)).unwrap()
+    }
+
+    /// Recall of the planted (row, block) pairs in `mask` and its density.
+    fn recall(&self, gate: &Gate, params: &MaskParams) -> (f64, f64) {
+        let mask = gate
+            .compute_block_mask(0, &self.view(&self.q_nope, true), &self.view(&self.k_nope, false), &self.batch, params)
+            .unwrap();
+        let layout = MaskLayout::new(&self.batch, self.hq, 64).unwrap();
+        let (mut found, mut planted) = (0usize, 0usize);
+        for r in 0..layout.rows() {
+            let id = layout.row_id(r);
+            for b in [0, PLANTED[id.head]] {
+                if b <= id.q_block {
+                    planted += 1;
+                    found += mask.as_ref().row(r).contains(&(b as i32)) as usize;
+                }
+            }
+        }
+        (found as f64 / planted as f64, mask.as_ref().density(&layout))
+    }
+}
+
+/// A planted batch's four tensors on the device.
+struct PlantedOnDevice {
+    _bufs: Vec<DeviceBuffer>,
+    t: [DeviceTensor; 4],
+}
+
+fn planted_on_device(ctx: &Ctx, p: &Planted) -> PlantedOnDevice {
+    let bufs: Vec<DeviceBuffer> = [&p.q_nope, &p.k_nope, &p.q, &p.k].iter().map(|b| upload(ctx, b)).collect();
+    let (tq, tk) = (p.batch.total_q(), p.batch.total_k());
+    let lay = [(tq, p.hq), (tk, p.hkv), (tq, p.hq), (tk, p.hkv)];
+    let t = std::array::from_fn(|i| DeviceTensor {
+        ptr: bufs[i].ptr(),
+        dtype: DType::BF16,
+        layout: Layout3::contiguous(lay[i].0, lay[i].1, p.d),
+    });
+    PlantedOnDevice { _bufs: bufs, t }
+}
+
+fn feed(trainer: &mut CudaGateTrainer, x: &PlantedOnDevice, p: &Planted, stream: &Stream) -> f64 {
+    let [qn, kn, q, k] = &x.t;
+    let scale = 1.0 / (p.d as f64).sqrt();
+    unsafe { trainer.accumulate(0, qn, kn, q, k, &p.batch, scale, stream.raw()) }.unwrap().mean()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_adamw_step_is_the_cpu_update_bit_for_bit() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let config = released_config(4, 2, 64);
+    let gate = seerattn::distill::init_gate(config.clone(), 3).unwrap();
+    // No clipping: the factor is then loss_scale / sequences exactly on both sides.
+    let train = TrainConfig { max_grad_norm: None, ..TrainConfig::upstream(10) };
+    let mut trainer = CudaGateTrainer::new(gate.clone(), train, &ctx).unwrap();
+    let p = Planted::new(&[(700, 700), (300, 300)], &config, 4);
+    let x = planted_on_device(&ctx, &p);
+    let mut host_w = gate.layer(0).unwrap().k_proj.clone();
+    let mut adam = AdamState::new(host_w.len());
+    for step in 0..3u64 {
+        feed(&mut trainer, &x, &p, &stream);
+        let g = unsafe { trainer.gradient(0, stream.raw()) }.unwrap();
+        let report = unsafe { trainer.step(stream.raw()) }.unwrap();
+        let factor = train.loss_scale / 2.0;
+        let g64: Vec<f64> = g.iter().map(|&v| f64::from(v) * factor).collect();
+        adam.update(&mut host_w, &g64, report.lr, &train.adamw);
+        let got = unsafe { trainer.gate(stream.raw()) }.unwrap().layer(0).unwrap().k_proj.clone();
+        let bad = got.iter().zip(&host_w).position(|(a, b)| a.to_bits() != b.to_bits());
+        assert!(
+            bad.is_none(),
+            "step {step}: weight {bad:?} differs: GPU {:?}, CPU {:?}",
+            bad.map(|i| got[i]),
+            bad.map(|i| host_w[i])
+        );
+        if step == 0 {
+            assert_eq!(report.lr, 0.0, "the first step has lr 0 (Hugging Face's schedule)");
+        }
+    }
+    eprintln!("3 AdamW steps on the device equal AdamState::update bit for bit");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_trainer_learns_planted_structure() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let config =
+        GateConfig { rope: RopeConfig { theta: 500000.0, scaling: RopeScaling::None }, ..released_config(4, 2, 64) };
+    let train = planted_train(&config);
+    let eval = Planted::new(&[(1536, 1536)], &config, 2);
+    // Upstream's recipe; at head_dim 64 with noise in every dimension 300
+    // steps reach recall 0.90 (measured on H100), 600 reach 0.99.
+    let steps = 600;
+    let mut trainer = CudaGateTrainer::new(
+        seerattn::distill::init_gate(config.clone(), 7).unwrap(),
+        TrainConfig::upstream(steps),
+        &ctx,
+    )
+    .unwrap();
+    let x = planted_on_device(&ctx, &train);
+    let params = MaskParams::from_config(&config);
+    let (recall0, density0) = eval.recall(unsafe { trainer.gate(stream.raw()) }.unwrap(), &params);
+    println!("step  lr        loss      grad norm  recall  density");
+    println!("   0                                  {recall0:.3}   {density0:.3}");
+    let mut curve = vec![];
+    let start = std::time::Instant::now();
+    for _ in 0..steps {
+        let loss = feed(&mut trainer, &x, &train, &stream);
+        let report = unsafe { trainer.step(stream.raw()) }.unwrap();
+        assert_eq!(report.layer_losses[0], Some(loss));
+        curve.push(loss);
+        if report.step % 50 == 0 || report.step <= 2 {
+            let (recall, density) = eval.recall(unsafe { trainer.gate(stream.raw()) }.unwrap(), &params);
+            println!(
+                "{:4}  {:.2e}  {loss:.6}  {:.3e}  {recall:.3}   {density:.3}",
+                report.step, report.lr, report.grad_norm
+            );
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let (recall, density) = eval.recall(unsafe { trainer.gate(stream.raw()) }.unwrap(), &params);
+    let threshold = MaskParams { method: SparsityMethod::Threshold, threshold: 0.05, ..params };
+    let (recall_t, density_t) = eval.recall(unsafe { trainer.gate(stream.raw()) }.unwrap(), &threshold);
+    println!(
+        "{steps} steps in {seconds:.2} s ({:.0} tokens/s incl. the CPU recall checks); top-k: recall {recall0:.3} -> {recall:.3} at density {density:.3}; threshold 0.05: recall {recall_t:.3} at density {density_t:.3}",
+        (steps as usize * train.batch.total_q()) as f64 / seconds
+    );
+    assert!(recall0 < 0.9, "the random gate already finds the planted blocks: the test proves nothing");
+    assert!(curve[steps as usize - 1] < 0.5 * curve[0], "training loss {:?}", curve);
+    assert!(recall >= 0.95 && density <= 0.20, "top-k: recall {recall} at density {density}");
+    // Under the threshold rule the density is the gate's own doing; it
+    // falls as the gate learns (0.52 at 300 steps, 0.40 at 600, measured)
+    // but the noise blocks keep some mass here: recall is asserted, the
+    // density printed.
+    assert!(recall_t >= 0.95, "threshold 0.05: recall {recall_t} at density {density_t}");
+}
+
+fn planted_train(config: &GateConfig) -> Planted {
+    // Three sequences: one with a partial last block, one a chunk over a longer cache.
+    Planted::new(&[(1536, 1536), (1490, 1490), (1000, 1536)], config, 1)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_trainer_resumes_from_its_files_bit_for_bit() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let config = released_config(4, 2, 64);
+    let train = TrainConfig::upstream(40);
+    let p = planted_train(&config);
+    let x = planted_on_device(&ctx, &p);
+    let dir = std::env::temp_dir().join(format!("seerattn-gpu-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (gate_dir, state) = (dir.join("gate"), dir.join("adam.safetensors"));
+
+    let mut a = CudaGateTrainer::new(seerattn::distill::init_gate(config.clone(), 9).unwrap(), train, &ctx).unwrap();
+    for _ in 0..25 {
+        feed(&mut a, &x, &p, &stream);
+        unsafe { a.step(stream.raw()) }.unwrap();
+    }
+    unsafe { a.save_gate_dir(&gate_dir, DType::F32, None, stream.raw()) }.unwrap();
+    unsafe { a.save_optimizer_state(&state, stream.raw()) }.unwrap();
+    let params = MaskParams::from_config(&config);
+    let (qn, kn) = (p.view(&p.q_nope, true), p.view(&p.k_nope, false));
+    let mask_at_save =
+        unsafe { a.gate(stream.raw()) }.unwrap().compute_block_mask(0, &qn, &kn, &p.batch, &params).unwrap();
+    for _ in 0..5 {
+        feed(&mut a, &x, &p, &stream);
+        unsafe { a.step(stream.raw()) }.unwrap();
+    }
+    let mut b = CudaGateTrainer::new(Gate::load_dir(&gate_dir).unwrap(), train, &ctx).unwrap();
+    unsafe { b.load_optimizer_state(&state, stream.raw()) }.unwrap();
+    assert_eq!(b.steps_taken(), 25);
+    for _ in 0..5 {
+        feed(&mut b, &x, &p, &stream);
+        unsafe { b.step(stream.raw()) }.unwrap();
+    }
+    let wa = unsafe { a.gate(stream.raw()) }.unwrap().layer(0).unwrap().k_proj.clone();
+    let wb = unsafe { b.gate(stream.raw()) }.unwrap().layer(0).unwrap().k_proj.clone();
+    assert!(wa.iter().zip(&wb).all(|(x, y)| x.to_bits() == y.to_bits()), "resumed training differs from uninterrupted");
+    // The saved gate loads and gives the trainer's masks at the step it was saved.
+    let saved = Gate::load_dir(&gate_dir).unwrap();
+    let mask = saved.compute_block_mask(0, &qn, &kn, &p.batch, &params).unwrap();
+    assert!(
+        mask.counts == mask_at_save.counts && mask.indices == mask_at_save.indices,
+        "the saved gate's masks differ from the trainer's"
+    );
+    // With a feed pending (gradients not applied), saving the state is refused.
+    feed(&mut b, &x, &p, &stream);
+    assert!(unsafe { b.save_optimizer_state(&dir.join("x.safetensors"), stream.raw()) }.is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+    eprintln!("resumed after 25 of 30 steps: weights equal bit for bit to uninterrupted training");
 }

@@ -35,6 +35,57 @@ impl DeviceBuffer {
         Ok(buffer)
     }
 
+    /// `len` zeroed bytes in `ctx` (synchronously: ready when this returns).
+    /// For state the library owns outside any hot path (a trainer's
+    /// moments and gradients).
+    pub fn zeroed(ctx: &Ctx, len: usize) -> Result<DeviceBuffer> {
+        let buffer = DeviceBuffer::alloc(ctx, len)?;
+        if len > 0 {
+            let _current = ctx.make_current()?;
+            // SAFETY: the allocation holds `len` bytes.
+            check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(buffer.ptr, 0, len) })?;
+            sync_legacy_stream()?;
+        }
+        Ok(buffer)
+    }
+
+    /// Overwrite the buffer's first `bytes.len()` bytes (synchronously).
+    /// The caller orders this against its own streams (synchronize first).
+    pub fn write(&self, bytes: &[u8]) -> Result<()> {
+        if bytes.len() > self.len {
+            return Err(crate::error::Error::invalid(format!(
+                "writing {} bytes into a device buffer of {}",
+                bytes.len(),
+                self.len
+            )));
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let _current = self.ctx.make_current()?;
+        // SAFETY: the allocation holds at least bytes.len() bytes; the source is a live slice.
+        check("cuMemcpyHtoD", unsafe { sys::cuMemcpyHtoD_v2(self.ptr, bytes.as_ptr().cast(), bytes.len()) })?;
+        sync_legacy_stream()
+    }
+
+    /// The buffer's bytes, after the work enqueued on `stream` so far (the
+    /// stream is synchronized first: outside any hot path only).
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of the buffer's context, or NULL.
+    pub unsafe fn read(&self, stream: sys::CUstream) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.len];
+        if self.len == 0 {
+            return Ok(out);
+        }
+        let _current = self.ctx.make_current()?;
+        // SAFETY: the caller's stream belongs to this context (or is NULL).
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })?;
+        // SAFETY: `out` holds self.len writable bytes; the allocation as many.
+        check("cuMemcpyDtoH", unsafe { sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), self.ptr, self.len) })?;
+        Ok(out)
+    }
+
     /// Uninitialised device memory (crate-internal and test support).
     pub(crate) fn alloc(ctx: &Ctx, len: usize) -> Result<DeviceBuffer> {
         driver()?;
@@ -63,6 +114,14 @@ impl DeviceBuffer {
     pub fn ctx(&self) -> &Ctx {
         &self.ctx
     }
+}
+
+/// Wait for the legacy default stream, where the synchronous copies and
+/// memsets above are ordered (not `cuCtxSynchronize`, which would also wait
+/// on a graph capture running on another thread).
+fn sync_legacy_stream() -> Result<()> {
+    // SAFETY: the NULL stream is always valid in the current context.
+    check("cuStreamSynchronize(NULL)", unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) })
 }
 
 impl Drop for DeviceBuffer {

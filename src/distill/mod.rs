@@ -53,6 +53,8 @@
 //! ([`crate::Gate::load_dir`], F32 weights), build a trainer with the same
 //! [`TrainConfig`], then [`GateTrainer::load_optimizer_state`].
 
+pub mod cuda;
+
 use crate::batch::Batch;
 use crate::checkpoint::{self, RawTensor};
 use crate::config::GateConfig;
@@ -555,6 +557,22 @@ impl<B: DistillBackend> GateTrainer<B> {
         }
         self.step += 1;
         Ok(StepReport { step: self.step, lr, grad_norm, layer_losses, layer_sequences })
+    }
+
+    /// Replace every layer's K-projection AdamW state and the step count
+    /// (the GPU trainer saves through this; Q states stay as they are).
+    pub(crate) fn set_adam_states(&mut self, k_states: Vec<AdamState>, step: u64) -> Result<()> {
+        if k_states.len() != self.layers.len() {
+            return Err(Error::invalid("optimizer state: one AdamW state per layer"));
+        }
+        for (state, adam) in self.layers.iter_mut().zip(k_states) {
+            if adam.m.len() != state.adam_k.m.len() {
+                return Err(Error::invalid("optimizer state: a layer's moments have the wrong length"));
+            }
+            state.adam_k = adam;
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// Save the gate being trained as a gate directory
