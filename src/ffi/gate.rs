@@ -797,6 +797,9 @@ fn cuda_device(handle: &SeerGate, g: &Gate) -> FfiResult<Arc<DeviceGate>> {
 /// sequence's `k_len` (what the GPU code checks against the driver), for
 /// the host-side overlap checks.
 fn cache_regions(config: &GateConfig, batch: &Batch, caches: &[u64]) -> FfiResult<Vec<args::Region>> {
+    // The cache layout is the CUDA kernels' (as seer_kblock_cache_size): a
+    // build without them refuses every cache call as unsupported.
+    require_cuda_build()?;
     caches
         .iter()
         .zip(batch.seqs(config.block_size))
