@@ -3,7 +3,7 @@
 
 use seerattn::checkpoint::{
     convert_pth_to_safetensors, describe_gate_dir, load_gate_dir, parse_pth, parse_safetensors, read_pth,
-    read_safetensors, write_safetensors, RawTensor,
+    read_safetensors, write_pth, write_safetensors, RawTensor,
 };
 use seerattn::{DType, Error};
 use std::path::{Path, PathBuf};
@@ -468,6 +468,40 @@ fn gate_dir_config_errors() {
     unsupported_message(load_gate_dir(yarn.path()), "rope_scaling type 'yarn'");
     let gt = gate_dir("gatetype", &TINY_CONFIG.replace("Qavg_Kmaxminavg", "Qavg_Kmedian"), &[]);
     unsupported_message(load_gate_dir(gt.path()), "Qavg_Kmedian");
+}
+
+// ------------------------------------------------- writing upstream's .pth
+
+#[test]
+fn written_pth_reads_back_bit_identical() {
+    let tmp = TempDir::new("write");
+    let tensors: Vec<RawTensor> = [(DType::BF16, vec![2, 3, 5]), (DType::F32, vec![7]), (DType::F16, vec![4, 1, 3, 2])]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (dtype, shape))| {
+            let n = shape.iter().product::<usize>() * dtype.size();
+            // Every byte value, NaN and infinity patterns included: bits, not values, must survive.
+            RawTensor { name: format!("t{i}"), dtype, shape, data: (0..n).map(|b| (b * 37 + i) as u8).collect() }
+        })
+        .collect();
+    let path = tmp.path().join("my.weights.pth");
+    write_pth(&path, &tensors).unwrap();
+    assert_eq!(read_pth(&path).unwrap(), tensors);
+    // The records live under the file name without its extension, as torch names them.
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.windows(17).any(|w| w == b"my.weights/data.p"));
+    assert!(matches!(write_pth(&path, &[tensors[0].clone(), tensors[0].clone()]), Err(Error::InvalidArgument(_))));
+}
+
+#[test]
+fn released_pth_is_rewritten_byte_for_byte() {
+    let tmp = TempDir::new("rewrite");
+    for dir in [GQA, MQA] {
+        let src = repo(dir).join("attn_gate_weights.pth");
+        let dst = tmp.path().join("attn_gate_weights.pth");
+        write_pth(&dst, &read_pth(&src).unwrap()).unwrap();
+        assert!(std::fs::read(&dst).unwrap() == std::fs::read(&src).unwrap(), "{dir}: bytes differ from torch's");
+    }
 }
 
 // ------------------------------------------------------ damaged safetensors

@@ -10,6 +10,9 @@
 //! file yields an error, never code execution. `.safetensors` weights are
 //! read and written through the `safetensors` crate.
 //!
+//! Writing goes the other way for upstream: [`write_pth`] produces the
+//! archive `torch.save` would (`pth_write`, `zip_write`).
+//!
 //! Choices made for gate directories ([`load_gate_dir`]):
 //! - when `attn_gate_weights.pth` exists it is used, even if `.safetensors`
 //!   files sit next to it: it is the released original, and a converted copy
@@ -23,8 +26,10 @@
 pub mod config_json;
 mod pickle;
 mod pth;
+mod pth_write;
 mod safetensors_io;
 mod zip;
+mod zip_write;
 
 use crate::config::{GateConfig, SparsityMethod};
 use crate::error::{Error, Result};
@@ -77,6 +82,29 @@ pub fn read_pth(path: &Path) -> Result<Vec<RawTensor>> {
 /// As [`read_pth`], for an archive already in memory; `name` labels it in errors.
 pub fn parse_pth(name: &str, bytes: Vec<u8>) -> Result<Vec<RawTensor>> {
     pth::read_pth_bytes(name, bytes)
+}
+
+/// Write `tensors` (in that order) as the `torch.save` archive of the dict
+/// `{t.name: t}`: `torch.load(path, weights_only=True)` gives them back, and
+/// the bytes are those torch 2.x writes for such a dict of CPU tensors. The
+/// records live under the file name without its extension, as torch names
+/// them (`archive` for a name that is not ASCII). BF16, F16 and F32; each
+/// tensor gets its own storage. Archives of 4 GiB or more are refused.
+pub fn write_pth(path: &Path, tensors: &[RawTensor]) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    // torch's basename(): up to the last '.', unless that leaves nothing.
+    let stem = match name.rfind('.') {
+        Some(dot) => &name[..dot],
+        None => name,
+    };
+    let archive = if stem.is_empty() || !stem.is_ascii() { "archive" } else { stem };
+    let bytes = pth_bytes(archive, tensors)?;
+    std::fs::write(path, bytes).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}
+
+/// As [`write_pth`], in memory, with the records under `archive_name/`.
+pub fn pth_bytes(archive_name: &str, tensors: &[RawTensor]) -> Result<Vec<u8>> {
+    pth_write::pth_bytes(archive_name, tensors)
 }
 
 /// Every tensor of a `.safetensors` file, in file order.
