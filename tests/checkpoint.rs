@@ -490,6 +490,15 @@ fn written_pth_reads_back_bit_identical() {
     // The records live under the file name without its extension, as torch names them.
     let bytes = std::fs::read(&path).unwrap();
     assert!(bytes.windows(17).any(|w| w == b"my.weights/data.p"));
+    // A backslash separates too (torch's basename(): the name starts right after the
+    // header's zero byte); a name without a stem gets torch's default.
+    for (file, top) in [("dir\\w.pth", &b"\x00w/data.pkl"[..]), (".pth", b"archive/data.pkl")] {
+        let path = tmp.path().join(file);
+        write_pth(&path, &tensors).unwrap();
+        assert_eq!(read_pth(&path).unwrap(), tensors);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.windows(top.len()).any(|w| w == top), "{file}");
+    }
     assert!(matches!(write_pth(&path, &[tensors[0].clone(), tensors[0].clone()]), Err(Error::InvalidArgument(_))));
 }
 

@@ -95,7 +95,8 @@ pub fn parse_pth(name: &str, bytes: Vec<u8>) -> Result<Vec<RawTensor>> {
 /// tensor gets its own storage. Archives of 4 GiB or more are refused.
 pub fn write_pth(path: &Path, tensors: &[RawTensor]) -> Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    // torch's basename(): up to the last '.', unless that leaves nothing.
+    // torch's basename(): after the last '/' or '\\', up to the last '.'.
+    let name = name.rsplit(['/', '\\']).next().unwrap_or("");
     let stem = match name.rfind('.') {
         Some(dot) => &name[..dot],
         None => name,
