@@ -2,8 +2,8 @@
 //! hostile ones with the right error variant (never a panic).
 
 use seerattn::checkpoint::{
-    convert_pth_to_safetensors, describe_gate_dir, load_gate_dir, parse_pth, parse_safetensors, read_pth,
-    read_safetensors, write_safetensors, RawTensor,
+    convert_pth_to_safetensors, describe_gate_dir, export_gate_dir_to_pth, load_gate_dir, parse_pth, parse_safetensors,
+    read_pth, read_safetensors, write_pth, write_safetensors, PthExport, RawTensor,
 };
 use seerattn::{DType, Error};
 use std::path::{Path, PathBuf};
@@ -468,6 +468,134 @@ fn gate_dir_config_errors() {
     unsupported_message(load_gate_dir(yarn.path()), "rope_scaling type 'yarn'");
     let gt = gate_dir("gatetype", &TINY_CONFIG.replace("Qavg_Kmaxminavg", "Qavg_Kmedian"), &[]);
     unsupported_message(load_gate_dir(gt.path()), "Qavg_Kmedian");
+}
+
+// ------------------------------------------------- writing upstream's .pth
+
+#[test]
+fn written_pth_reads_back_bit_identical() {
+    let tmp = TempDir::new("write");
+    let tensors: Vec<RawTensor> = [(DType::BF16, vec![2, 3, 5]), (DType::F32, vec![7]), (DType::F16, vec![4, 1, 3, 2])]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (dtype, shape))| {
+            let n = shape.iter().product::<usize>() * dtype.size();
+            // Every byte value, NaN and infinity patterns included: bits, not values, must survive.
+            RawTensor { name: format!("t{i}"), dtype, shape, data: (0..n).map(|b| (b * 37 + i) as u8).collect() }
+        })
+        .collect();
+    let path = tmp.path().join("my.weights.pth");
+    write_pth(&path, &tensors).unwrap();
+    assert_eq!(read_pth(&path).unwrap(), tensors);
+    // The records live under the file name without its extension, as torch names them.
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.windows(17).any(|w| w == b"my.weights/data.p"));
+    // A backslash separates too (torch's basename(): the name starts right after the
+    // header's zero byte); a name without a stem gets torch's default.
+    for (file, top) in [("dir\\w.pth", &b"\x00w/data.pkl"[..]), (".pth", b"archive/data.pkl")] {
+        let path = tmp.path().join(file);
+        write_pth(&path, &tensors).unwrap();
+        assert_eq!(read_pth(&path).unwrap(), tensors);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.windows(top.len()).any(|w| w == top), "{file}");
+    }
+    assert!(matches!(write_pth(&path, &[tensors[0].clone(), tensors[0].clone()]), Err(Error::InvalidArgument(_))));
+}
+
+#[test]
+fn released_pth_is_rewritten_byte_for_byte() {
+    let tmp = TempDir::new("rewrite");
+    for dir in [GQA, MQA] {
+        let src = repo(dir).join("attn_gate_weights.pth");
+        let dst = tmp.path().join("attn_gate_weights.pth");
+        write_pth(&dst, &read_pth(&src).unwrap()).unwrap();
+        assert!(std::fs::read(&dst).unwrap() == std::fs::read(&src).unwrap(), "{dir}: bytes differ from torch's");
+    }
+}
+
+#[test]
+fn exported_released_gate_is_the_released_gate() {
+    let tmp = TempDir::new("export");
+    let out = tmp.path().join("out");
+    export_gate_dir_to_pth(&repo(GQA), &out, &PthExport::default()).unwrap();
+    // Same tensors, dtype and order: torch's own file again.
+    assert!(
+        std::fs::read(out.join("attn_gate_weights.pth")).unwrap()
+            == std::fs::read(repo(GQA).join("attn_gate_weights.pth")).unwrap()
+    );
+    let (a, b) = (load_gate_dir(&out).unwrap(), load_gate_dir(&repo(GQA)).unwrap());
+    assert_eq!(a.config(), b.config());
+    for layer in 0..2 {
+        assert_eq!(a.layer(layer).unwrap(), b.layer(layer).unwrap());
+    }
+    // Upstream's fields stay: its loader reads base_model, Hugging Face the rest.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo(GQA).join("config.json")).unwrap()).unwrap();
+    for (key, value) in original.as_object().unwrap() {
+        assert_eq!(&config[key], value, "field {key}");
+    }
+
+    // A new base model; bf16 weights converted to f32 exactly.
+    let options = PthExport {
+        dtype: Some(DType::F32),
+        base_model: Some("meta-llama/Llama-3.1-8B".into()),
+        ..PthExport::default()
+    };
+    let done = export_gate_dir_to_pth(&repo(MQA), &out, &options).unwrap();
+    // The synthetic vector's config is not a whole model config.
+    assert_eq!(done.tensors, 2);
+    assert_eq!(done.missing_model_fields, ["intermediate_size", "vocab_size"]);
+    let text = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(text.contains("\"base_model\": \"meta-llama/Llama-3.1-8B\""), "{text}");
+    let raw = read_pth(&out.join("attn_gate_weights.pth")).unwrap();
+    assert!(raw.iter().all(|t| t.dtype == DType::F32));
+    let (a, b) = (load_gate_dir(&out).unwrap(), load_gate_dir(&repo(MQA)).unwrap());
+    for layer in 0..2 {
+        assert_eq!(a.layer(layer).unwrap(), b.layer(layer).unwrap());
+    }
+}
+
+#[test]
+fn export_refusals() {
+    let tmp = TempDir::new("export-refusals");
+    // No base_model anywhere: upstream could not load the result.
+    let d = gate_dir("nobase", TINY_CONFIG, &[tiny_k(0), tiny_k(1)]);
+    match export_gate_dir_to_pth(d.path(), &tmp.path().join("a"), &PthExport::default()) {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("base_model"), "{m}"),
+        other => panic!("expected a refusal naming base_model, got {other:?}"),
+    }
+    assert!(!tmp.path().join("a").join("attn_gate_weights.pth").exists());
+    let named = PthExport { base_model: Some("tiny".into()), ..PthExport::default() };
+    export_gate_dir_to_pth(d.path(), &tmp.path().join("a"), &named).unwrap();
+    // Into the source directory itself.
+    assert!(matches!(export_gate_dir_to_pth(d.path(), d.path(), &named), Err(Error::InvalidArgument(_))));
+    // A gate saved without the model's config, completed by it.
+    let model = r#"{"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "vocab_size": 1000,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 2,
+        "rope_theta": 10000.0, "rms_norm_eps": 1e-5}"#;
+    let full = PthExport { model_config: Some(model.into()), ..named.clone() };
+    let done = export_gate_dir_to_pth(d.path(), &tmp.path().join("c"), &full).unwrap();
+    assert!(done.missing_model_fields.is_empty(), "{done:?}");
+    let text = std::fs::read_to_string(tmp.path().join("c").join("config.json")).unwrap();
+    let written: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let want = serde_json::json!({"rms_norm_eps": 1e-5, "vocab_size": 1000, "seerattn_gate_hidden_size": 64, "base_model": "tiny"});
+    for (key, value) in want.as_object().unwrap() {
+        assert_eq!(&written[key], value, "{key} in {text}");
+    }
+    // A model config of another geometry is refused.
+    let other = PthExport {
+        model_config: Some(model.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 4")),
+        ..named.clone()
+    };
+    match export_gate_dir_to_pth(d.path(), &tmp.path().join("e"), &other) {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("model config"), "{m}"),
+        other => panic!("expected a refusal of the model config, got {other:?}"),
+    }
+    // A source that does not load as a gate.
+    let missing = gate_dir("exmissing", TINY_CONFIG, &[tiny_k(0)]);
+    format_message(export_gate_dir_to_pth(missing.path(), &tmp.path().join("b"), &named), "missing tensor");
 }
 
 // ------------------------------------------------------ damaged safetensors

@@ -362,6 +362,62 @@ fn saved_gate_loads_back_with_identical_weights_and_masks() {
 }
 
 #[test]
+fn trained_gate_exported_to_pth_loads_back_identical() {
+    use seerattn::checkpoint::{export_gate_dir_to_pth, read_pth, PthExport};
+    let config = q_proj_config();
+    let data = [random_inputs(&[(300, 300)], &config, 31)];
+    let mut train = TrainConfig::upstream(10);
+    train.schedule.warmup_steps = 1;
+    let mut trainer = GateTrainer::new(init_gate(config.clone(), 8).unwrap(), train).unwrap();
+    train_steps(&mut trainer, &data, 0..3);
+    let trained = trainer.gate();
+
+    let saved = temp_dir("export-src");
+    trainer.save_gate_dir(&saved, DType::F32, Some(r#"{"model_type": "llama", "base_model": "org/base"}"#)).unwrap();
+    let out = temp_dir("export-out");
+    export_gate_dir_to_pth(&saved, &out, &PthExport::default()).unwrap();
+
+    // Upstream's state-dict order: per layer mask_linear_q, then mask_linear_k.
+    let raw = read_pth(&out.join("attn_gate_weights.pth")).unwrap();
+    let names: Vec<String> = raw.iter().map(|t| t.name.clone()).collect();
+    let want: Vec<String> = (0..2)
+        .flat_map(|l| ["q", "k"].map(|p| format!("model.layers.{l}.self_attn.attn_gate.mask_linear_{p}.weight")))
+        .collect();
+    assert_eq!(names, want);
+    assert!(raw.iter().all(|t| t.dtype == DType::F32));
+
+    let loaded = Gate::load_dir(&out).unwrap();
+    assert_eq!(loaded.config(), trained.config());
+    let eval = random_inputs(&[(400, 400), (64, 300)], &config, 13);
+    for layer in 0..2 {
+        assert_eq!(loaded.layer(layer).unwrap(), trained.layer(layer).unwrap(), "layer {layer} weights");
+        for params in [
+            MaskParams::from_config(&config),
+            MaskParams { method: SparsityMethod::Threshold, threshold: 0.1, ..MaskParams::from_config(&config) },
+        ] {
+            let mask =
+                |g: &Gate| g.compute_block_mask(layer, &eval.q_nope(), &eval.k_nope(), &eval.batch, &params).unwrap();
+            assert_eq!(mask(&loaded), mask(trained), "layer {layer} masks under {params:?}");
+        }
+    }
+    let text = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(text.contains("\"base_model\": \"org/base\"") && text.contains("\"model_type\": \"llama\""), "{text}");
+
+    // Upstream's release dtype: every weight rounded to nearest even.
+    let bf16 = PthExport { dtype: Some(DType::BF16), ..PthExport::default() };
+    export_gate_dir_to_pth(&saved, &out, &bf16).unwrap();
+    let rounded = Gate::load_dir(&out).unwrap();
+    let round = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<_>>();
+    for layer in 0..2 {
+        let (a, b) = (rounded.layer(layer).unwrap(), trained.layer(layer).unwrap());
+        assert_eq!(a.k_proj, round(&b.k_proj));
+        assert_eq!(a.q_proj.as_deref().unwrap(), round(b.q_proj.as_deref().unwrap()));
+    }
+    std::fs::remove_dir_all(&saved).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
 fn resumed_training_matches_uninterrupted_training() {
     let config = q_proj_config();
     let data = [random_inputs(&[(300, 300)], &config, 21), random_inputs(&[(200, 200), (90, 260)], &config, 22)];

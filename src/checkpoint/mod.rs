@@ -10,6 +10,12 @@
 //! file yields an error, never code execution. `.safetensors` weights are
 //! read and written through the `safetensors` crate.
 //!
+//! Writing goes the other way for upstream: [`write_pth`] produces the
+//! archive `torch.save` would (`pth_write`, `zip_write`), and
+//! [`export_gate_dir_to_pth`] turns any gate directory (a trained one saved by
+//! [`save_gate_dir`] included) into a released-format directory upstream's
+//! `SeerAttn*ForCausalLM.from_pretrained` loads.
+//!
 //! Choices made for gate directories ([`load_gate_dir`]):
 //! - when `attn_gate_weights.pth` exists it is used, even if `.safetensors`
 //!   files sit next to it: it is the released original, and a converted copy
@@ -23,8 +29,10 @@
 pub mod config_json;
 mod pickle;
 mod pth;
+mod pth_write;
 mod safetensors_io;
 mod zip;
+mod zip_write;
 
 use crate::config::{GateConfig, SparsityMethod};
 use crate::error::{Error, Result};
@@ -77,6 +85,30 @@ pub fn read_pth(path: &Path) -> Result<Vec<RawTensor>> {
 /// As [`read_pth`], for an archive already in memory; `name` labels it in errors.
 pub fn parse_pth(name: &str, bytes: Vec<u8>) -> Result<Vec<RawTensor>> {
     pth::read_pth_bytes(name, bytes)
+}
+
+/// Write `tensors` (in that order) as the `torch.save` archive of the dict
+/// `{t.name: t}`: `torch.load(path, weights_only=True)` gives them back, and
+/// the bytes are those torch 2.x writes for such a dict of CPU tensors. The
+/// records live under the file name without its extension, as torch names
+/// them (`archive` for a name that is not ASCII). BF16, F16 and F32; each
+/// tensor gets its own storage. Archives of 4 GiB or more are refused.
+pub fn write_pth(path: &Path, tensors: &[RawTensor]) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    // torch's basename(): after the last '/' or '\\', up to the last '.'.
+    let name = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let stem = match name.rfind('.') {
+        Some(dot) => &name[..dot],
+        None => name,
+    };
+    let archive = if stem.is_empty() || !stem.is_ascii() { "archive" } else { stem };
+    let bytes = pth_bytes(archive, tensors)?;
+    std::fs::write(path, bytes).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}
+
+/// As [`write_pth`], in memory, with the records under `archive_name/`.
+pub fn pth_bytes(archive_name: &str, tensors: &[RawTensor]) -> Result<Vec<u8>> {
+    pth_write::pth_bytes(archive_name, tensors)
 }
 
 /// Every tensor of a `.safetensors` file, in file order.
@@ -174,6 +206,140 @@ fn weight_tensor(name: String, shape: [usize; 3], values: &[f32], dtype: DType) 
 /// Convert a `torch.save` archive to `.safetensors`, bytes and dtypes unchanged.
 pub fn convert_pth_to_safetensors(src: &Path, dst: &Path) -> Result<()> {
     write_safetensors(dst, &read_pth(src)?)
+}
+
+/// How [`export_gate_dir_to_pth`] writes a gate.
+#[derive(Clone, Debug, Default)]
+pub struct PthExport {
+    /// Store every weight in this dtype: `Some(BF16)` is upstream's release
+    /// format (rounded to nearest even, as `tensor.to(torch.bfloat16)`).
+    /// `None` keeps each tensor's stored dtype, so the exported gate is the
+    /// same gate bit for bit (an F32 checkpoint loads into upstream's bf16
+    /// model through `load_state_dict`, which rounds the same way).
+    pub dtype: Option<DType>,
+    /// The `base_model` written to `config.json`: the model upstream's
+    /// `from_pretrained` loads before adding the gate. `None` keeps the
+    /// source config's; a config with neither is refused.
+    pub base_model: Option<String>,
+    /// The text of the base model's own `config.json`, for a gate directory
+    /// saved without it: its fields are added under the gate's. It must
+    /// describe the gate's geometry and RoPE.
+    pub model_config: Option<String>,
+}
+
+/// What [`export_gate_dir_to_pth`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PthExported {
+    /// Tensors in `attn_gate_weights.pth`.
+    pub tensors: usize,
+    /// Fields of [`MODEL_FIELDS`] the written `config.json` lacks. Upstream
+    /// builds the whole model from that file (its config class's defaults,
+    /// Llama-7B's, fill what is missing), so a gate meant for upstream should
+    /// have none missing: save it with the model's config or give
+    /// [`PthExport::model_config`].
+    pub missing_model_fields: Vec<&'static str>,
+}
+
+/// A heuristic for a `config.json` that holds only the gate's fields, not the
+/// model's: fields every model config has, whose defaults in upstream's
+/// config class would build another model. A full model config has them
+/// (and more that this does not check, such as `rms_norm_eps`).
+pub const MODEL_FIELDS: [&str; 3] = ["hidden_size", "intermediate_size", "vocab_size"];
+
+/// Export the gate directory `dir` (any format [`load_gate_dir`] reads) as
+/// upstream releases gates: `out_dir/attn_gate_weights.pth` ([`write_pth`];
+/// per layer `mask_linear_q` before `mask_linear_k`, the order of upstream's
+/// state dict) and `out_dir/config.json`: the source config's fields as they
+/// are, over the base model's ([`PthExport::model_config`]) when given, with
+/// `base_model` set.
+///
+/// The source must load as a gate: what fails [`load_gate_dir`] fails here.
+/// `out_dir` is created when missing and must not be `dir` itself. The
+/// written directory is read back before returning: the weights must come
+/// back bit for bit and the directory must load as a gate of the source's
+/// config.
+pub fn export_gate_dir_to_pth(dir: &Path, out_dir: &Path, options: &PthExport) -> Result<PthExported> {
+    use serde_json::{Map, Value};
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    let parts = GateParts::read(dir)?;
+    let gate = parts.gate()?;
+    let config_name = parts.config_path.display().to_string();
+    let config_text = std::fs::read_to_string(&parts.config_path).map_err(io(&parts.config_path))?;
+    let object = |name: &str, text: &str| match serde_json::from_str(text) {
+        Ok(Value::Object(o)) => Ok(o),
+        Ok(_) => Err(Error::format(name, "top level is not a JSON object")),
+        Err(e) => Err(Error::format(name, format!("invalid JSON: {e}"))),
+    };
+    let source: Map<String, Value> = object(&config_name, &config_text)?;
+
+    let mut config = Map::new();
+    if let Some(text) = &options.model_config {
+        let model = object("model config", text)?;
+        // The model's geometry and RoPE with the gate's seerattn_* fields
+        // must read as the gate's own config.
+        let mut check = model.clone();
+        check.extend(source.iter().filter(|(k, _)| k.starts_with("seerattn_")).map(|(k, v)| (k.clone(), v.clone())));
+        let as_gate = config_json::parse_config("model config", &Value::Object(check).to_string())?;
+        if &as_gate != gate.config() {
+            return Err(Error::invalid(format!(
+                "model config: describes {as_gate:?}, but the gate's {config_name} describes {:?}",
+                gate.config()
+            )));
+        }
+        config = model;
+    }
+    config.extend(source);
+    match (&options.base_model, config.get("base_model")) {
+        (Some(name), _) if !name.is_empty() => {
+            config.insert("base_model".into(), Value::String(name.clone()));
+        }
+        (Some(_), _) => return Err(Error::invalid("base_model: an empty name")),
+        (None, Some(Value::String(name))) if !name.is_empty() => {}
+        (None, _) => {
+            return Err(Error::invalid(format!(
+                "{config_name}: no base_model (a string naming the model); upstream's from_pretrained loads the \
+                 model it names before adding the gate, so give one"
+            )))
+        }
+    }
+    let missing_model_fields = MODEL_FIELDS.into_iter().filter(|f| !config.contains_key(*f)).collect();
+    let out_config = serde_json::to_string_pretty(&Value::Object(config)).expect("a JSON value serializes");
+
+    let mut tensors: Vec<RawTensor> = Vec::with_capacity(parts.tensors.len());
+    for layer in 0..gate.config().num_layers {
+        for proj in [Proj::Q, Proj::K] {
+            let Some(t) = parts.tensors.iter().find(|t| parse_gate_name(&t.name) == Some((layer, proj))) else {
+                continue;
+            };
+            tensors.push(match options.dtype {
+                Some(dtype) if dtype != t.dtype => {
+                    let shape: [usize; 3] = t.shape.as_slice().try_into().expect("checked 3-d by GateParts::gate");
+                    weight_tensor(t.name.clone(), shape, &t.to_f32(), dtype)
+                }
+                _ => t.clone(),
+            });
+        }
+    }
+
+    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    if std::fs::canonicalize(dir).map_err(io(dir))? == std::fs::canonicalize(out_dir).map_err(io(out_dir))? {
+        return Err(Error::invalid(format!("{}: export into another directory than the source", out_dir.display())));
+    }
+    let pth_path = out_dir.join(PTH_WEIGHTS_FILE);
+    write_pth(&pth_path, &tensors)?;
+    let config_path = out_dir.join(CONFIG_FILE);
+    std::fs::write(&config_path, out_config).map_err(io(&config_path))?;
+
+    if read_pth(&pth_path)? != tensors {
+        return Err(Error::invalid(format!("{}: the written weights read back differently", pth_path.display())));
+    }
+    if load_gate_dir(out_dir)?.config() != gate.config() {
+        return Err(Error::invalid(format!("{}: the written config reads back differently", config_path.display())));
+    }
+    Ok(PthExported { tensors: tensors.len(), missing_model_fields })
 }
 
 /// Load a gate directory: `config.json` plus its weights (see the module
