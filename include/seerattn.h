@@ -10,6 +10,11 @@
 #define SEER_VERSION_STRING "0.1.0"
 
 
+// CTAs of 128 threads per SM (`__launch_bounds__(128, 4)`; 48 KB of
+// shared memory each at head_dim 128: four fit in Hopper's 228 KB, three
+// in A100's 164 KB, where the fourth waits; nothing waits on it).
+#define CTAS_PER_SM 4
+
 // ABI version of this library. It changes only when an existing entry point,
 // struct layout or enum value changes incompatibly; compare it with
 // `SEER_ABI_VERSION` from the header you compiled against.
@@ -197,6 +202,17 @@ typedef uint32_t SeerThresholdCompare;
 // CUDA's global mode on another thread (README, "Thread safety").
 typedef struct SeerGate SeerGate;
 
+// A gate being trained by self-distillation (opaque): its weights, the
+// gradients accumulated since the last step and the AdamW state. Created
+// by `seer_trainer_create` (from a gate's weights) or
+// `seer_trainer_create_random`, released by `seer_trainer_destroy`.
+//
+// Thread safety: every call may come from any thread; calls on one trainer
+// run one at a time (each waits for the one running). `seer_trainer_destroy`
+// may race with other calls: those running finish, later ones fail with
+// `SEER_INVALID_ARGUMENT`.
+typedef struct SeerTrainer SeerTrainer;
+
 // Parameters of `seer_sparse_prefill`. Initialise with `seer_prefill_params_default`.
 typedef struct SeerPrefillParams {
   // `sizeof(SeerPrefillParams)`, set by the caller.
@@ -298,6 +314,34 @@ typedef struct SeerMaskParams {
   size_t num_kblock_caches;
 } SeerMaskParams;
 
+// How a training run is configured: AdamW, the learning-rate schedule and
+// the loss. Initialise with `seer_train_params_default` (upstream's
+// recipe), then change what you need.
+typedef struct SeerTrainParams {
+  // `sizeof(SeerTrainParams)`, set by the caller.
+  size_t struct_size;
+  // Peak learning rate (upstream: 1e-3); finite, >= 0.
+  double lr;
+  // AdamW betas (upstream: 0.9, 0.999), each in [0, 1).
+  double beta1;
+  double beta2;
+  // AdamW eps (1e-8); finite, > 0.
+  double eps;
+  // Decoupled weight decay (upstream: 0); finite, >= 0.
+  double weight_decay;
+  // Steps of linear warmup from 0 (upstream: 20).
+  uint64_t warmup_steps;
+  // Steps of the run: the cosine decay reaches 0 here (and stays 0 after); >= 1.
+  uint64_t total_steps;
+  // Query-block rows of each sequence left out of the loss, as a fraction
+  // of its key blocks (upstream: 0.25, the first quarter); in [0, 1).
+  double skip_fraction;
+  // Factor on the summed per-layer losses before the gradient (upstream: 10); finite, > 0.
+  double loss_scale;
+  // Clip the global gradient norm to this (upstream: 1.0); 0 = no clipping.
+  double max_grad_norm;
+} SeerTrainParams;
+
 // Everything that defines a gate apart from its weights. Initialise with
 // `seer_gate_config_default`, then set the model's fields.
 typedef struct SeerGateConfig {
@@ -333,6 +377,32 @@ typedef struct SeerGateConfig {
   uint32_t last_block_dense;
 } SeerGateConfig;
 
+// Parameters of `seer_trainer_accumulate`. Initialise with
+// `seer_train_feed_params_default`.
+typedef struct SeerTrainFeedParams {
+  // `sizeof(SeerTrainFeedParams)`, set by the caller.
+  size_t struct_size;
+  // Which layer's gate the inputs train.
+  uint32_t layer;
+  // The attention's multiplier of `q·k` before the softmax (for the
+  // target); 0 selects `1/sqrt(head_dim)`. Finite and >= 0.
+  double softmax_scale;
+} SeerTrainFeedParams;
+
+// What `seer_trainer_step` did.
+typedef struct SeerStepReport {
+  // `sizeof(SeerStepReport)`, set by the caller.
+  size_t struct_size;
+  // Optimizer steps taken, this one included.
+  uint64_t step;
+  // Learning rate of this step (the peak times the schedule's factor).
+  double lr;
+  // Global L2 norm of the (loss-scaled, sequence-averaged) gradient before clipping.
+  double grad_norm;
+  // Layers that were fed since the previous step (the others were not updated).
+  uint32_t layers_stepped;
+} SeerStepReport;
+
 // Buffer sizes of a block mask for one batch shape (`seer_mask_sizes`).
 typedef struct SeerMaskSizes {
   // `sizeof(SeerMaskSizes)`, set by the caller.
@@ -349,6 +419,9 @@ typedef struct SeerMaskSizes {
 
 // Head dimensions the CUDA kernel is built for.
 #define CUDA_HEAD_DIMS { 64, 128, }
+
+// Head dimensions the kernel is built for.
+#define HEAD_DIMS { 64, 128, }
 
 #ifdef __cplusplus
 extern "C" {
@@ -449,6 +522,120 @@ SeerStatus seer_gate_attention(const struct SeerGate *gate,
 // reason) without a CUDA driver or GPU; `SEER_UNSUPPORTED` for a build
 // without CUDA kernels. Both pointers are required.
 SeerStatus seer_cuda_device_info(int32_t *out_compute_capability, int32_t *out_sm_count);
+
+// Fill `*out` with upstream's recipe for a run of `total_steps` optimizer
+// steps: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0, 20 warmup
+// steps then cosine decay, skip fraction 0.25, loss scale 10, gradient
+// clipping to 1.0. Writes `struct_size`.
+SeerStatus seer_train_params_default(uint64_t total_steps, struct SeerTrainParams *out);
+
+// Create a trainer starting from a copy of `gate`'s config and weights
+// (every layer must have weights; the gate handle stays independent of the
+// trainer and may be destroyed). On success `*out` receives the handle.
+SeerStatus seer_trainer_create(const struct SeerGate *gate,
+                               const struct SeerTrainParams *params,
+                               struct SeerTrainer **out);
+
+// Create a trainer for a new gate of `*config` with random weights in every
+// layer: each projection uniform in `±1/sqrt(fan_in)` (PyTorch's
+// `nn.Linear` bound) from a fixed stream of `seed`, so runs reproduce. On
+// success `*out` receives the handle.
+SeerStatus seer_trainer_create_random(const struct SeerGateConfig *config,
+                                      uint64_t seed,
+                                      const struct SeerTrainParams *params,
+                                      struct SeerTrainer **out);
+
+// Release a trainer. NULL is accepted and ignored; so is a pointer that is
+// not a live handle (a double destroy), reported through
+// `seer_last_error_message` only. A destroy racing with calls on the
+// handle in other threads is safe: calls already running finish, calls
+// that start after it fail with `SEER_INVALID_ARGUMENT`.
+void seer_trainer_destroy(struct SeerTrainer *trainer);
+
+// Fill `*out` with layer 0 and the softmax scale `1/sqrt(head_dim)` (0).
+// Writes `struct_size`.
+SeerStatus seer_train_feed_params_default(struct SeerTrainFeedParams *out);
+
+// Feed layer `params->layer` one batch, as the model's forward pass over
+// calibration text produces it: pre-RoPE `q_nope` `[total_q, num_q_heads,
+// head_dim]` and `k_nope` `[total_k, num_kv_heads, head_dim]` (bf16 or
+// f16, what the gate sees), post-RoPE `q` and `k` of the same shapes (any
+// dtype, what attention sees; their causal attention map, max-pooled over
+// blocks, is the target). Any strides. The gradient of the batch's
+// per-sequence losses is added to the layer's accumulator; nothing is
+// updated until `seer_trainer_step`. Feed any number of batches and layers
+// between steps (gradient accumulation: each layer's step uses the mean
+// over the sequences it was fed).
+//
+// The device of `q_nope` picks the path; `k_nope`, `q` and `k` must be on
+// the same device (else `SEER_INVALID_ARGUMENT` naming the argument).
+// - `SEER_DEVICE_CPU`: the CPU reference trainer, synchronous.
+// - `SEER_DEVICE_CUDA`: `SEER_UNSUPPORTED`: the GPU trainer is not built yet.
+SeerStatus seer_trainer_accumulate(struct SeerTrainer *trainer,
+                                   const struct SeerTrainFeedParams *params,
+                                   const struct SeerBatch *batch,
+                                   const struct SeerTensor *q_nope,
+                                   const struct SeerTensor *k_nope,
+                                   const struct SeerTensor *q,
+                                   const struct SeerTensor *k);
+
+// One AdamW step over every layer fed since the last step: the gradient of
+// `loss_scale * Σ_layers mean_sequences(loss)`, clipped to
+// `max_grad_norm`, at the schedule's learning rate. Layers fed nothing are
+// left alone. `maybe_out_report` (NULL for none; its `struct_size` set by
+// the caller) receives what the step did; the per-layer losses are read
+// with `seer_trainer_layer_losses`.
+//
+// `SEER_INVALID_ARGUMENT` when nothing was fed since the last step, and
+// when the accumulated gradient is not finite (non-finite inputs): then the
+// accumulated gradients are dropped and weights, optimizer state, step
+// count and the last step's losses stay as they were.
+SeerStatus seer_trainer_step(struct SeerTrainer *trainer, struct SeerStepReport *maybe_out_report);
+
+// The last successful step's loss per layer: for each layer, the mean over
+// the sequences fed to it before that step of its distillation loss (KL of
+// the target from the gate's block distribution, before the loss scale),
+// or NaN for a layer that was not fed. Writes `num_layers` values to
+// `out_losses` (`losses_len` entries; `SEER_BUFFER_TOO_SMALL` when fewer
+// than `num_layers`) and their count to `*out_written`; before the first
+// step it writes none and a count of 0.
+SeerStatus seer_trainer_layer_losses(const struct SeerTrainer *trainer,
+                                     double *out_losses,
+                                     size_t losses_len,
+                                     size_t *out_written);
+
+// Optimizer steps taken so far (after `seer_trainer_load_optimizer_state`:
+// the saved run's).
+SeerStatus seer_trainer_get_step(const struct SeerTrainer *trainer, uint64_t *out_step);
+
+// Save the gate being trained as a gate directory `dir` (created when
+// missing): `config.json` and `attn_gate_weights.safetensors` with
+// upstream's tensor names, which `seer_gate_load` loads back. `dtype`:
+// `SEER_DTYPE_F32` keeps the weights exactly (to resume training),
+// `SEER_DTYPE_BF16` is upstream's release format. `maybe_base_config`
+// (NULL for none): the model's own `config.json` text, whose fields are
+// kept in the saved config (as upstream saves its gates). Refuses a `dir`
+// holding `attn_gate_weights.pth` or another `*.safetensors` file (the
+// loader would read that one, or refuse the ambiguity).
+SeerStatus seer_trainer_save_gate_dir(const struct SeerTrainer *trainer,
+                                      const char *dir,
+                                      uint32_t dtype,
+                                      const char *maybe_base_config);
+
+// Write the optimizer state (AdamW moments, step counts) to the file
+// `path`, a `.safetensors` file (format in docs/distillation.md). Keep it
+// out of the gate directory. Between steps only: with gradients fed and not
+// yet stepped, `SEER_INVALID_ARGUMENT`.
+SeerStatus seer_trainer_save_optimizer_state(const struct SeerTrainer *trainer, const char *path);
+
+// Replace the trainer's optimizer state (and step count) with the one saved
+// at `path` by `seer_trainer_save_optimizer_state` for a gate of the same
+// shape. Between steps only. To resume a run: load the gate directory saved
+// (as F32) at the same step with `seer_gate_load`, `seer_trainer_create`
+// from it with the same params, then this. `SEER_FORMAT_ERROR` for a file
+// that is not such a state or is of another gate shape; `SEER_IO_ERROR` when
+// it cannot be read. On failure the trainer is unchanged.
+SeerStatus seer_trainer_load_optimizer_state(struct SeerTrainer *trainer, const char *path);
 
 // Fill `*out` with the defaults of a released gate (`Qavg_Kmaxminavg`,
 // 64-token blocks, gate_hidden 128, threshold method with threshold 0 and

@@ -82,7 +82,7 @@ fn live_gates<R>(f: impl FnOnce(&mut BTreeMap<usize, Arc<SeerGate>>) -> R) -> R 
 }
 
 /// The gate of a live handle, kept alive for the caller's call.
-fn gate_handle(ptr: *const SeerGate) -> FfiResult<Arc<SeerGate>> {
+pub(crate) fn gate_handle(ptr: *const SeerGate) -> FfiResult<Arc<SeerGate>> {
     if ptr.is_null() {
         return Err(args::null("gate"));
     }
@@ -90,7 +90,7 @@ fn gate_handle(ptr: *const SeerGate) -> FfiResult<Arc<SeerGate>> {
         .ok_or_else(|| invalid("gate is not a live handle (never created, or already destroyed)"))
 }
 
-fn read_gate(h: &SeerGate) -> std::sync::RwLockReadGuard<'_, Gate> {
+pub(crate) fn read_gate(h: &SeerGate) -> std::sync::RwLockReadGuard<'_, Gate> {
     h.gate.read().unwrap_or_else(|poison| poison.into_inner())
 }
 
@@ -330,7 +330,7 @@ fn method_to(m: SparsityMethod) -> u32 {
 }
 
 impl SeerGateConfig {
-    fn to_config(self) -> FfiResult<GateConfig> {
+    pub(crate) fn to_config(self) -> FfiResult<GateConfig> {
         let scaling = match self.rope_scaling {
             0 => RopeScaling::None,
             1 => RopeScaling::Linear { factor: self.rope_factor },

@@ -11,7 +11,8 @@
 //!
 //! Submodules follow the C-visible concepts: [`status`] (codes, messages,
 //! versions), [`gate`] (the gate handle), [`mask`] (mask sizes and dense
-//! conversion), [`attention`] (sparse prefill), [`cuda`] (device queries).
+//! conversion), [`attention`] (sparse prefill), [`cuda`] (device queries),
+//! [`distill`] (the trainer handle: gate self-distillation).
 
 //! # Safety
 //! Every entry point is `unsafe` for one reason, stated once here: the
@@ -28,5 +29,6 @@ pub mod status;
 pub mod args;
 pub mod attention;
 pub mod cuda;
+pub mod distill;
 pub mod gate;
 pub mod mask;
