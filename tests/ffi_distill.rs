@@ -62,7 +62,10 @@ struct Batch2 {
 
 impl Batch2 {
     fn new(lens: &[(usize, usize)], seed: u64) -> Batch2 {
-        Batch2 { nope: Inputs::random(lens, 4, 2, 8, 2.0, seed), roped: Inputs::random(lens, 4, 2, 8, 2.0, seed + 1000) }
+        Batch2 {
+            nope: Inputs::random(lens, 4, 2, 8, 2.0, seed),
+            roped: Inputs::random(lens, 4, 2, 8, 2.0, seed + 1000),
+        }
     }
     fn descs(&self) -> [SeerTensor; 4] {
         [self.nope.q_desc(), self.nope.k_desc(), self.roped.q_desc(), self.roped.k_desc()]
@@ -339,9 +342,24 @@ fn bad_arguments_get_a_status_and_a_message() {
     let mut p = params;
     p.loss_scale = 0.0;
     check(create(&config, &p, &mut out), SEER_INVALID_ARGUMENT, "loss_scale 0", "loss_scale");
-    check(unsafe { seer_trainer_create_random(std::ptr::null(), 1, &params, &mut out) }, SEER_NULL_POINTER, "", "config");
-    check(unsafe { seer_trainer_create_random(&config, 1, std::ptr::null(), &mut out) }, SEER_NULL_POINTER, "", "params");
-    check(unsafe { seer_trainer_create_random(&config, 1, &params, std::ptr::null_mut()) }, SEER_NULL_POINTER, "", "out");
+    check(
+        unsafe { seer_trainer_create_random(std::ptr::null(), 1, &params, &mut out) },
+        SEER_NULL_POINTER,
+        "",
+        "config",
+    );
+    check(
+        unsafe { seer_trainer_create_random(&config, 1, std::ptr::null(), &mut out) },
+        SEER_NULL_POINTER,
+        "",
+        "params",
+    );
+    check(
+        unsafe { seer_trainer_create_random(&config, 1, &params, std::ptr::null_mut()) },
+        SEER_NULL_POINTER,
+        "",
+        "out",
+    );
     let mut zero = config;
     zero.num_layers = 0;
     check(create(&zero, &params, &mut out), SEER_INVALID_ARGUMENT, "0 layers", "");
@@ -352,7 +370,12 @@ fn bad_arguments_get_a_status_and_a_message() {
     block.block_size = 32;
     check(create(&block, &params, &mut out), SEER_UNSUPPORTED, "block 32", "");
     check(unsafe { seer_trainer_create(std::ptr::null(), &params, &mut out) }, SEER_NULL_POINTER, "", "gate");
-    check(unsafe { seer_trainer_create(0x40 as *const SeerGate, &params, &mut out) }, SEER_INVALID_ARGUMENT, "", "live");
+    check(
+        unsafe { seer_trainer_create(0x40 as *const SeerGate, &params, &mut out) },
+        SEER_INVALID_ARGUMENT,
+        "",
+        "live",
+    );
     assert_eq!(out, sentinel);
 
     // Handles.

@@ -1,14 +1,16 @@
 //! `seerattn`: a small command line over the library: the end-to-end demo,
-//! and looking at gate checkpoints without Python. Arguments are parsed by hand (a dependency
+//! training a gate by self-distillation, and looking at gate checkpoints
+//! without Python. Arguments are parsed by hand (a dependency
 //! would outweigh a few subcommands); each subcommand is one arm of the `match`
 //! in `main`, so adding one means adding an arm and a line of help.
 
 mod demo;
+mod distill;
 
 use std::path::Path;
 use std::process::ExitCode;
 
-const HELP: &str = "\
+const HELP_HEAD: &str = "\
 seerattn - SeerAttention block-sparse attention
 
 usage:
@@ -17,6 +19,9 @@ usage:
       (default: the bundled upstream test gate and its recorded inputs; other
       gates get N random tokens, default 1024), prints mask density, error
       against dense causal attention, and the time of each stage
+";
+
+const HELP_TAIL: &str = "\
   seerattn inspect <gate_dir>
       print the config, gate type and per-tensor shapes and weight statistics
       of a gate directory (config.json + attn_gate_weights.pth or *.safetensors)
@@ -85,21 +90,26 @@ fn export_pth(dir: &Path, out: &Path, options: &[&str]) -> seerattn::Result<()> 
     Ok(())
 }
 
+fn help() -> String {
+    format!("{HELP_HEAD}{}{HELP_TAIL}", distill::HELP)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match argv.as_slice() {
         [] | ["help" | "-h" | "--help"] => {
-            print!("{HELP}");
+            print!("{}", help());
             Ok(())
         }
         ["demo", ..] => demo::run(&args[1..]),
+        ["distill", ..] => distill::run(&args[1..]),
         ["inspect", dir] => seerattn::checkpoint::describe_gate_dir(Path::new(dir)).map(|s| print!("{s}")),
         ["convert", src, dst] => seerattn::checkpoint::convert_pth_to_safetensors(Path::new(src), Path::new(dst))
             .map(|()| println!("wrote {dst}")),
         ["export-pth", dir, out, rest @ ..] => export_pth(Path::new(dir), Path::new(out), rest),
         _ => {
-            eprintln!("seerattn: unrecognized arguments: {}\n\n{HELP}", argv.join(" "));
+            eprintln!("seerattn: unrecognized arguments: {}\n\n{}", argv.join(" "), help());
             return ExitCode::from(FAILURE);
         }
     };
