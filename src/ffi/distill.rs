@@ -296,7 +296,9 @@ unsafe fn accumulate(
         s => return Err(invalid(format!("params->softmax_scale = {s} must be finite and > 0 (0: 1/sqrt(head_dim))"))),
     };
     match device {
-        SeerDevice::SEER_DEVICE_CPU => accumulate_host(&mut state.trainer, p.layer, scale, &batch, q_nope, k_nope, q, k),
+        SeerDevice::SEER_DEVICE_CPU => {
+            accumulate_host(&mut state.trainer, p.layer, scale, &batch, q_nope, k_nope, q, k)
+        }
         SeerDevice::SEER_DEVICE_CUDA => Err(FfiError::new(
             SeerStatus::SEER_UNSUPPORTED,
             "CUDA tensors: the GPU trainer is not built yet; feed host tensors (SEER_DEVICE_CPU) to train on the \
@@ -490,18 +492,20 @@ pub unsafe extern "C" fn seer_trainer_save_gate_dir(
         let handle = trainer_handle(trainer)?;
         let dir = path_arg("dir", dir)?;
         let dtype = match args::dtype_of("dtype", dtype)? {
-            DType::F16 => {
-                return Err(FfiError::new(
-                    SeerStatus::SEER_UNSUPPORTED,
-                    "dtype SEER_DTYPE_F16: gates are saved as SEER_DTYPE_F32 (to resume) or SEER_DTYPE_BF16 (to release)",
-                ))
-            }
+            DType::F16 => return Err(FfiError::new(
+                SeerStatus::SEER_UNSUPPORTED,
+                "dtype SEER_DTYPE_F16: gates are saved as SEER_DTYPE_F32 (to resume) or SEER_DTYPE_BF16 (to release)",
+            )),
             d => d,
         };
         let base = if maybe_base_config.is_null() {
             None
         } else {
-            Some(CStr::from_ptr(maybe_base_config).to_str().map_err(|_| invalid("maybe_base_config is not valid UTF-8"))?)
+            Some(
+                CStr::from_ptr(maybe_base_config)
+                    .to_str()
+                    .map_err(|_| invalid("maybe_base_config is not valid UTF-8"))?,
+            )
         };
         lock(&handle).trainer.save_gate_dir(dir, dtype, base)?;
         Ok(())
