@@ -129,8 +129,7 @@ fn planted_set_trains_end_to_end_and_the_gate_loads() {
     println!("{stdout}");
     let losses = step_losses(&stdout);
     assert_eq!(losses.len(), 20, "one line per step");
-    for layer in 0..2 {
-        let (first, last) = (losses[0][layer], losses[19][layer]);
+    for (layer, (&first, &last)) in losses[0].iter().zip(&losses[19]).enumerate() {
         assert!(first > 0.0 && last < 0.3 * first, "layer {layer}: loss {first} -> {last}");
     }
 

@@ -186,10 +186,10 @@ fn c_training_matches_the_rust_trainer_and_saves_a_loadable_gate() {
         expect(status, SEER_OK, "layer_losses");
         assert_eq!(n, 2);
         assert_eq!(got[2], -7.0, "only num_layers entries are written");
-        for layer in 0..2 {
-            match want.layer_losses[layer] {
-                Some(l) => assert_eq!(got[layer], l, "step {s} layer {layer}"),
-                None => assert!(got[layer].is_nan(), "step {s}: a layer not fed reads NaN"),
+        for (layer, (want, got)) in want.layer_losses.iter().zip(&got).enumerate() {
+            match want {
+                Some(l) => assert_eq!(got, l, "step {s} layer {layer}"),
+                None => assert!(got.is_nan(), "step {s}: a layer not fed reads NaN"),
             }
         }
     }
@@ -322,7 +322,8 @@ fn bad_arguments_get_a_status_and_a_message() {
     let create = |c: &SeerGateConfig, p: &SeerTrainParams, out: &mut *mut SeerTrainer| unsafe {
         seer_trainer_create_random(c, 1, p, out)
     };
-    let bad_params: [(&str, fn(&mut SeerTrainParams), &str); 9] = [
+    type Edit = fn(&mut SeerTrainParams);
+    let bad_params: [(&str, Edit, &str); 9] = [
         ("struct_size 8", |p| p.struct_size = 8, "struct_size"),
         ("lr NaN", |p| p.lr = f64::NAN, "lr"),
         ("lr negative", |p| p.lr = -1e-3, "lr"),

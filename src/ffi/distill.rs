@@ -290,10 +290,13 @@ unsafe fn accumulate(
     if p.layer as usize >= c.num_layers {
         return Err(invalid(format!("params->layer = {} but the gate has {} layers", p.layer, c.num_layers)));
     }
-    let scale = match p.softmax_scale {
-        s if s == 0.0 => 1.0 / (c.head_dim as f64).sqrt(),
-        s if s.is_finite() && s > 0.0 => s,
-        s => return Err(invalid(format!("params->softmax_scale = {s} must be finite and > 0 (0: 1/sqrt(head_dim))"))),
+    let s = p.softmax_scale;
+    let scale = if s == 0.0 {
+        1.0 / (c.head_dim as f64).sqrt()
+    } else if s.is_finite() && s > 0.0 {
+        s
+    } else {
+        return Err(invalid(format!("params->softmax_scale = {s} must be finite and > 0 (0: 1/sqrt(head_dim))")));
     };
     match device {
         SeerDevice::SEER_DEVICE_CPU => {
