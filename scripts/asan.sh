@@ -11,9 +11,10 @@
 #    library included: valgrind sees the Rust code's reads and writes, which
 #    ASan does not instrument): --error-exitcode=1 --leak-check=full, so an
 #    invalid access, a use of uninitialised memory or a definite or possible
-#    leak fails. The prefill example takes minutes under valgrind (a
-#    1000-token dense prefill in a debug build), and so do the threading
-#    tests of tests/ffi_cpu.rs; SEERATTN_VALGRIND_ALL=1 adds both.
+#    leak fails. The prefill and distill examples take minutes under
+#    valgrind (a 1000-token dense prefill, 40 training steps, in a debug
+#    build), and so do the threading tests of tests/ffi_cpu.rs;
+#    SEERATTN_VALGRIND_ALL=1 adds all three.
 #
 # Needs a C compiler with libasan/libubsan and valgrind (.ci/run installs it);
 # SEERATTN_SKIP_VALGRIND=1 runs the sanitizers only and says so.
@@ -40,7 +41,7 @@ mkdir -p "$out"
 gate=tests/data/upstream/gqa4_s1000_gates
 
 echo "== C programs under ASan + UBSan + LSan"
-for prog in api_errors prefill; do
+for prog in api_errors prefill distill; do
     "$CC" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -g -fno-omit-frame-pointer \
         -fsanitize=address,undefined -fno-sanitize-recover=all "examples-c/$prog.c" \
         "${seerattn[@]}" -lm -o "$out/$prog"
@@ -49,6 +50,7 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:halt_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 "$out/api_errors" "$gate" "$scratch" | tail -n 1
 "$out/prefill" "$gate" 1 | tail -n 1
+"$out/distill" "$scratch/distill-gate" | tail -n 1
 
 if [ "${SEERATTN_SKIP_VALGRIND:-}" = 1 ]; then
     echo "== valgrind: SKIPPED (SEERATTN_SKIP_VALGRIND=1)"
@@ -59,7 +61,7 @@ if ! command -v valgrind >/dev/null 2>&1; then
     exit 1
 fi
 echo "== api_errors under valgrind memcheck"
-for prog in api_errors prefill; do
+for prog in api_errors prefill distill; do
     "$CC" -std=c11 -Wall -Wextra -Werror -pedantic -O1 -g "examples-c/$prog.c" \
         "${seerattn[@]}" -lm -o "$out/$prog-plain"
 done
@@ -68,6 +70,8 @@ vg=(valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=def
 if [ "${SEERATTN_VALGRIND_ALL:-}" = 1 ]; then
     echo "== prefill under valgrind memcheck"
     "${vg[@]}" "$out/prefill-plain" "$gate" 1 | tail -n 1
+    echo "== distill under valgrind memcheck"
+    "${vg[@]}" "$out/distill-plain" "$scratch/vg-distill-gate" | tail -n 1
     # The threading tests of the C API (handles created, destroyed and
     # destroyed while in use from many threads): about 2.5 minutes.
     echo "== tests/ffi_cpu.rs threading tests under valgrind memcheck"

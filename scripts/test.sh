@@ -7,8 +7,8 @@
 #    programs in examples-c/ built against the installed tree with -Wall
 #    -Wextra -Werror, once through pkg-config and once through CMake's
 #    find_package (shared and static), then run: the bad-input table through
-#    the C API, and the end-to-end example; then again under ASan/UBSan/LSan
-#    and valgrind (scripts/asan.sh).
+#    the C API, the end-to-end example, and gate training (distill.c); then
+#    again under ASan/UBSan/LSan and valgrind (scripts/asan.sh).
 # 3. The Python binding (bindings/python): pip-installed from a copy of its
 #    source, its tests run with python3 -m unittest against the installed
 #    library (the CPU tests; the GPU tests report SKIPPED here and run on
@@ -75,7 +75,7 @@ out=target/c
 mkdir -p "$out"
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
 read -ra seerattn_flags < <(pkg-config --cflags --libs seerattn)
-for prog in api_errors prefill; do
+for prog in api_errors prefill distill; do
     "$CC" "${cflags[@]}" "examples-c/$prog.c" "${seerattn_flags[@]}" -lm -Wl,-rpath,"$prefix/lib" -o "$out/$prog"
     loads_installed "$out/$prog"
 done
@@ -89,13 +89,14 @@ cudart_dir=$(dirname "$(ls "$cuda_root"/lib/libcudart_static.a "$cuda_root"/lib6
 echo "examples-c/cuda_prefill.c compiled (it runs on the GPU machine: scripts/gpu-test.sh run)"
 "$out/prefill" "$gate" 1
 "$out/api_errors" "$gate" "$scratch/pkg-config"
-echo "pkg-config build: prefill and api_errors passed, loading $prefix/lib/$soname"
+"$out/distill" "$scratch/pkg-config-distill-gate" | tail -n 2
+echo "pkg-config build: prefill, api_errors and distill passed, loading $prefix/lib/$soname"
 
 echo "== C programs via CMake find_package(seerattn) (examples-c/CMakeLists.txt)"
 cmake -S examples-c -B "$scratch/cmake" -DCMAKE_PREFIX_PATH="$prefix" >"$scratch/cmake.log" 2>&1 &&
     cmake --build "$scratch/cmake" >>"$scratch/cmake.log" 2>&1 ||
     { echo "CMake build failed:"; cat "$scratch/cmake.log"; exit 1; }
-for prog in api_errors prefill; do loads_installed "$scratch/cmake/$prog"; done
+for prog in api_errors prefill distill; do loads_installed "$scratch/cmake/$prog"; done
 # (awk, not grep -q: with pipefail, a grep that stops reading fails readelf.)
 if readelf -d "$scratch/cmake/prefill_static" | awk '/NEEDED.*libseerattn/ {n++} END {exit n == 0}'; then
     echo "prefill_static needs libseerattn.so: seerattn::seerattn_static did not link libseerattn.a"; exit 1
@@ -103,7 +104,8 @@ fi
 "$scratch/cmake/prefill" "$gate" 1 | tail -n 1
 "$scratch/cmake/prefill_static" "$gate" 1 | tail -n 1
 "$scratch/cmake/api_errors" "$gate" "$scratch/cmake-api" | tail -n 1
-echo "CMake build: prefill, prefill_static (libseerattn.a) and api_errors passed, loading $prefix/lib/$soname"
+"$scratch/cmake/distill" "$scratch/cmake-distill-gate" | tail -n 1
+echo "CMake build: prefill, prefill_static (libseerattn.a), api_errors and distill passed, loading $prefix/lib/$soname"
 
 # The Python binding as a user gets it: pip install (from a copy, so that
 # setuptools' build/ stays out of the checkout), then its tests, against the
