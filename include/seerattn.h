@@ -570,7 +570,8 @@ SeerStatus seer_train_feed_params_default(struct SeerTrainFeedParams *out);
 // The device of `q_nope` picks the path; `k_nope`, `q` and `k` must be on
 // the same device (else `SEER_INVALID_ARGUMENT` naming the argument).
 // - `SEER_DEVICE_CPU`: the CPU reference trainer, synchronous.
-// - `SEER_DEVICE_CUDA`: `SEER_UNSUPPORTED`: the GPU trainer is not built yet.
+// - `SEER_DEVICE_CUDA`: `SEER_UNSUPPORTED`: the GPU trainer is not built into
+//   the C API yet.
 SeerStatus seer_trainer_accumulate(struct SeerTrainer *trainer,
                                    const struct SeerTrainFeedParams *params,
                                    const struct SeerBatch *batch,

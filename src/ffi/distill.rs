@@ -4,8 +4,9 @@
 //!
 //! The device of the tensors fed to `seer_trainer_accumulate` picks the
 //! path, in one place ([`accumulate`]): host tensors run the CPU reference
-//! trainer; device tensors are `SEER_UNSUPPORTED` until the GPU trainer
-//! lands (its arm of that match is where it goes).
+//! trainer; device tensors are `SEER_UNSUPPORTED` until the C API runs the
+//! GPU trainer (`distill::cuda::CudaGateTrainer`; its arm of that match is
+//! where it goes).
 
 use super::args::{self, invalid, SeerBatch, SeerDevice, SeerTensor};
 use super::gate::{gate_handle, read_gate, SeerGate, SeerGateConfig};
@@ -253,7 +254,8 @@ pub unsafe extern "C" fn seer_train_feed_params_default(out: *mut SeerTrainFeedP
 /// The device of `q_nope` picks the path; `k_nope`, `q` and `k` must be on
 /// the same device (else `SEER_INVALID_ARGUMENT` naming the argument).
 /// - `SEER_DEVICE_CPU`: the CPU reference trainer, synchronous.
-/// - `SEER_DEVICE_CUDA`: `SEER_UNSUPPORTED`: the GPU trainer is not built yet.
+/// - `SEER_DEVICE_CUDA`: `SEER_UNSUPPORTED`: the GPU trainer is not built into
+///   the C API yet.
 #[no_mangle]
 pub unsafe extern "C" fn seer_trainer_accumulate(
     trainer: *mut SeerTrainer,
@@ -304,8 +306,8 @@ unsafe fn accumulate(
         }
         SeerDevice::SEER_DEVICE_CUDA => Err(FfiError::new(
             SeerStatus::SEER_UNSUPPORTED,
-            "CUDA tensors: the GPU trainer is not built yet; feed host tensors (SEER_DEVICE_CPU) to train on the \
-             CPU reference",
+            "CUDA tensors: the GPU trainer is not built into the C API yet; feed host tensors (SEER_DEVICE_CPU) to \
+             train on the CPU reference",
         )),
     }
 }
