@@ -521,6 +521,22 @@ SeerStatus seer_gate_workspace_size(const struct SeerGate *gate,
                                     uint32_t device,
                                     size_t *out_bytes);
 
+// `seer_gate_workspace_size` for inputs (`q_nope`, `k_nope`, or a cache
+// update's `k_new`) of `dtype` (a `SeerDType`). For bf16 and f16 it equals
+// `seer_gate_workspace_size`. For f32 on CUDA it adds the bf16 copies the
+// library rounds the inputs into before the gate's kernels read them
+// (kernels/convert.cu): `total_q * num_q_heads * head_dim * 2` and
+// `total_k * num_kv_heads * head_dim * 2` bytes, each rounded up to 256.
+// That is what `seer_gate_compute_mask` with `k_nope` needs; with K-block
+// caches it uses the first copy only, and `seer_kblock_cache_update` puts
+// `k_new` there, so this size serves all three. 0 on the CPU (the CPU path
+// rounds f32 inputs to bf16 on the host, the same values).
+SeerStatus seer_gate_workspace_size_dtype(const struct SeerGate *gate,
+                                          const struct SeerBatch *batch,
+                                          uint32_t dtype,
+                                          uint32_t device,
+                                          size_t *out_bytes);
+
 // Release a gate and its device copy, if any. NULL is accepted and
 // ignored; so is a pointer that is not a live handle (a double destroy),
 // which is reported through `seer_last_error_message` only. No mask
@@ -646,6 +662,23 @@ SeerStatus seer_prefill_workspace_size(const struct SeerBatch *batch,
                                        uint32_t head_dim,
                                        uint32_t device,
                                        size_t *out_bytes);
+
+// `seer_prefill_workspace_size` for a call whose `q` has dtype `q_dtype`
+// and whose `k` and `v` have `kv_dtype` (`SeerDType` values). With 16-bit
+// q (`q_dtype == kv_dtype`) it equals `seer_prefill_workspace_size`. With
+// an f32 q on CUDA it adds, in front, the packed copy of q rounded to
+// `kv_dtype` (`total_q * num_q_heads * head_dim * 2` bytes rounded up to
+// 256), which the call needs (`SEER_BUFFER_TOO_SMALL` below it); the
+// split-KV part after it stays optional as above. 0 on the CPU (the CPU
+// path rounds an f32 q on the host). `SEER_INVALID_ARGUMENT` for a dtype
+// pair the prefill refuses (`kv_dtype` f32, q neither `kv_dtype` nor f32).
+SeerStatus seer_prefill_workspace_size_dtype(const struct SeerBatch *batch,
+                                             uint32_t num_q_heads,
+                                             uint32_t head_dim,
+                                             uint32_t q_dtype,
+                                             uint32_t kv_dtype,
+                                             uint32_t device,
+                                             size_t *out_bytes);
 
 // Build an index-list mask from a dense `u8` block map (non-zero selects;
 // blocks above the causal diagonal are dropped). `dense_len` must equal

@@ -602,7 +602,42 @@ pub unsafe extern "C" fn seer_gate_workspace_size(
     device: u32,
     out_bytes: *mut usize,
 ) -> SeerStatus {
-    ffi_call!("seer_gate_workspace_size", {
+    ffi_call!("seer_gate_workspace_size", { gate_workspace(gate, batch, None, device, out_bytes) })
+}
+
+/// `seer_gate_workspace_size` for inputs (`q_nope`, `k_nope`, or a cache
+/// update's `k_new`) of `dtype` (a `SeerDType`). For bf16 and f16 it equals
+/// `seer_gate_workspace_size`. For f32 on CUDA it adds the bf16 copies the
+/// library rounds the inputs into before the gate's kernels read them
+/// (kernels/convert.cu): `total_q * num_q_heads * head_dim * 2` and
+/// `total_k * num_kv_heads * head_dim * 2` bytes, each rounded up to 256.
+/// That is what `seer_gate_compute_mask` with `k_nope` needs; with K-block
+/// caches it uses the first copy only, and `seer_kblock_cache_update` puts
+/// `k_new` there, so this size serves all three. 0 on the CPU (the CPU path
+/// rounds f32 inputs to bf16 on the host, the same values).
+#[no_mangle]
+pub unsafe extern "C" fn seer_gate_workspace_size_dtype(
+    gate: *const SeerGate,
+    batch: *const SeerBatch,
+    dtype: u32,
+    device: u32,
+    out_bytes: *mut usize,
+) -> SeerStatus {
+    ffi_call!("seer_gate_workspace_size_dtype", {
+        let dtype = args::dtype_of("dtype", dtype)?;
+        gate_workspace(gate, batch, Some(dtype), device, out_bytes)
+    })
+}
+
+/// The body of both gate workspace queries; `dtype` None: 16-bit inputs.
+unsafe fn gate_workspace(
+    gate: *const SeerGate,
+    batch: *const SeerBatch,
+    dtype: Option<crate::tensor::DType>,
+    device: u32,
+    out_bytes: *mut usize,
+) -> FfiResult {
+    {
         let handle = gate_handle(gate)?;
         let handle: &SeerGate = &handle;
         let out = args::out_ptr("out_bytes", out_bytes)?;
@@ -617,12 +652,16 @@ pub unsafe extern "C" fn seer_gate_workspace_size(
             }
             SeerDevice::SEER_DEVICE_CUDA => {
                 require_cuda_build()?;
-                GatePlan::new(c, &batch)?.workspace_bytes()
+                let plan = GatePlan::new(c, &batch)?;
+                match dtype {
+                    Some(dtype) => plan.workspace_bytes_for(c, &batch, dtype),
+                    None => plan.workspace_bytes(),
+                }
             }
         };
         out.write(bytes);
         Ok(())
-    })
+    }
 }
 
 /// Release a gate and its device copy, if any. NULL is accepted and

@@ -4,6 +4,7 @@
 //! against the CPU reference ([`crate::reference`]).
 
 pub mod attention;
+pub mod convert;
 pub mod gate;
 
 use crate::error::{Error, Result};
