@@ -401,7 +401,7 @@ fn null_pointers_of_every_entry_point() {
         let mut bytes = 7usize;
         expect(seer_prefill_workspace_size(&batch, 8, 128, 0, null.cast()), SEER_NULL_POINTER, "workspace out");
         expect(seer_gate_workspace_size(gate.0, &batch, 0, null.cast()), SEER_NULL_POINTER, "gate workspace out");
-        expect(seer_gate_workspace_size(gate.0, std::ptr::null(), CPU, &mut bytes), SEER_NULL_POINTER, "gate ws batch");
+        expect(seer_gate_workspace_size(gate.0, std::ptr::null(), 0, &mut bytes), SEER_NULL_POINTER, "gate ws batch");
         let dense = vec![0u8; s.dense_bytes];
         expect(seer_mask_from_dense(&batch, 8, 64, std::ptr::null(), s.dense_bytes, &m), SEER_NULL_POINTER, "dense");
         expect(
@@ -496,7 +496,7 @@ fn sizes_lengths_and_struct_sizes() {
         // Zero heads / head_dim, an unknown device.
         expect(seer_mask_sizes(&batch, 0, 64, ms.as_mut_ptr()), SEER_INVALID_ARGUMENT, "0 heads");
         let mut bytes = 5usize;
-        expect(seer_prefill_workspace_size(&batch, 8, 0, CPU, &mut bytes), SEER_INVALID_ARGUMENT, "head_dim 0");
+        expect(seer_prefill_workspace_size(&batch, 8, 0, 0, &mut bytes), SEER_INVALID_ARGUMENT, "head_dim 0");
         expect(seer_prefill_workspace_size(&batch, 8, 128, 9, &mut bytes), SEER_INVALID_ARGUMENT, "device 9");
         assert_eq!(bytes, 5);
     }
