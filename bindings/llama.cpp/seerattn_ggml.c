@@ -202,11 +202,11 @@ SeerStatus seer_ggml_flash_attn_ext(const struct ggml_tensor *dst, int64_t n_kv_
     return seer_ggml_flash_attn(q, k, v, n_kv_valid, scale, mask, dst, params);
 }
 
-SeerStatus seer_ggml_gate_workspace_size(const SeerGate *gate, const struct ggml_tensor *q_nope, int64_t n_kv_valid,
+SeerStatus seer_ggml_gate_workspace_size(const SeerGate *gate, const struct ggml_tensor *x, int64_t n_kv_valid,
                                          uint32_t device, size_t *out_bytes) {
     if (out_bytes == NULL) return fail(SEER_NULL_POINTER, "out_bytes is NULL");
     SeerTensor tq;
-    SeerStatus st = view("q_nope", q_nope, 2, -1, device, &tq);
+    SeerStatus st = view("x", x, 2, -1, device, &tq);
     if (st != SEER_OK) return st;
     int32_t cu[4];
     SeerBatch batch;
@@ -255,4 +255,24 @@ SeerStatus seer_ggml_gate_mask(const SeerGate *gate, const SeerMaskParams *mask_
     mp.maybe_kblock_caches = caches;
     mp.num_kblock_caches = 1;
     return library(seer_gate_compute_mask(gate, &mp, &batch, &tq, NULL, mask), "seer_gate_compute_mask (cached)");
+}
+
+SeerStatus seer_ggml_kblock_cache_update(const SeerGate *gate, uint32_t layer, const struct ggml_tensor *k_new,
+                                         int64_t n_kv_valid, uint64_t kblock_cache, const SeerGgmlParams *params) {
+    SeerStatus st = check_params(params);
+    if (st != SEER_OK) return st;
+    if (kblock_cache == 0) return fail(SEER_NULL_POINTER, "kblock_cache is 0");
+    SeerTensor tk;
+    if ((st = view("k_new", k_new, 2, -1, params->device, &tk)) != SEER_OK) return st;
+    int32_t cu[4];
+    SeerBatch batch;
+    if ((st = batch_of(tk.shape[0], n_kv_valid, cu, &batch)) != SEER_OK) return st;
+    SeerMaskParams mp;
+    if ((st = library(seer_mask_params_default(gate, &mp), "seer_mask_params_default")) != SEER_OK) return st;
+    mp.layer = layer;
+    mp.cuda_stream = params->cuda_stream;
+    mp.workspace = params->workspace;
+    mp.workspace_bytes = params->workspace_bytes;
+    const uint64_t caches[1] = {kblock_cache};
+    return library(seer_kblock_cache_update(gate, &mp, &batch, &tk, caches, 1), "seer_kblock_cache_update");
 }

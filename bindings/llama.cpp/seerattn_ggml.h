@@ -106,11 +106,21 @@ SeerStatus seer_ggml_flash_attn(const struct ggml_tensor *q, const struct ggml_t
 SeerStatus seer_ggml_flash_attn_ext(const struct ggml_tensor *dst, int64_t n_kv_valid, const SeerBlockMask *mask,
                                     const SeerGgmlParams *params);
 
-/* Workspace bytes of seer_ggml_gate_mask for inputs of q_nope's type
- * (seer_gate_workspace_size_dtype; 0 on the CPU). n_tokens and n_kv_valid
- * as for the mask. */
-SeerStatus seer_ggml_gate_workspace_size(const SeerGate *gate, const struct ggml_tensor *q_nope, int64_t n_kv_valid,
+/* Workspace bytes of seer_ggml_gate_mask and seer_ggml_kblock_cache_update
+ * (seer_gate_workspace_size_dtype; 0 on the CPU) for a ubatch whose
+ * n_tokens and input type are those of `x`: q_nope, or a cache update's
+ * k_new (both hold the ubatch's tokens in ne[2]). */
+SeerStatus seer_ggml_gate_workspace_size(const SeerGate *gate, const struct ggml_tensor *x, int64_t n_kv_valid,
                                          uint32_t device, size_t *out_bytes);
+
+/* CUDA: pool this ubatch's new pre-RoPE keys k_new [head_dim, n_head_kv,
+ * n_tokens] into layer `layer`'s K-block cache of the sequence
+ * (seer_kblock_cache_update), without computing a mask: for ubatches that
+ * take ggml's dense attention (decode steps) but whose keys later gated
+ * ubatches need. The cache must hold exactly the first n_kv_valid -
+ * n_tokens keys. */
+SeerStatus seer_ggml_kblock_cache_update(const SeerGate *gate, uint32_t layer, const struct ggml_tensor *k_new,
+                                         int64_t n_kv_valid, uint64_t kblock_cache, const SeerGgmlParams *params);
 
 /* The gate's block mask of one ubatch from the pre-RoPE q_nope and k_nope.
  * `mask_params`: the layer and rule (seer_mask_params_default, then set

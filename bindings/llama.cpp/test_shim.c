@@ -574,16 +574,13 @@ static void run_cuda(Setup *s, const SeerGate *gate, const SeerMaskParams *mp, H
            gate != NULL ? "the GPU gate's" : "a random", e, TOL_GPU);
 
     if (gate != NULL && c->n_past > 0) {
-        /* The K-block cache: a first ubatch of the n_past earlier keys (with
-         * a q_nope of its own), then this ubatch's new keys; the workspace
-         * sized for the larger of the two ubatches. */
+        /* The K-block cache: a first ubatch of the n_past earlier keys
+         * pooled into it without a mask (seer_ggml_kblock_cache_update, what
+         * a dense ubatch does), then this ubatch's gate through it; the
+         * workspace sized for the larger of the two ubatches. */
         size_t cache_bytes = 0;
         SEER(seer_kblock_cache_size(gate, (uint64_t)s->n_kv_valid, &cache_bytes));
         void *cache = dev_workspace(cache_bytes);
-        struct ggml_tensor *q_first = ggml_new_tensor_3d(s->ctx, GGML_TYPE_F32, c->d, c->n_head, c->n_past);
-        fill_structured(q_first, 0);
-        void *dq_first = dev_copy(q_first);
-        struct ggml_tensor t_q_first = twin(q_first, q_first, dq_first);
         struct ggml_tensor *k_first = ggml_view_3d(s->ctx, s->k_nope, c->d, c->n_head_kv, c->n_past,
                                                    s->k_nope->nb[1], s->k_nope->nb[2], 0);
         struct ggml_tensor *k_new = ggml_view_3d(s->ctx, s->k_nope, c->d, c->n_head_kv, c->n_tokens,
@@ -592,20 +589,13 @@ static void run_cuda(Setup *s, const SeerGate *gate, const SeerMaskParams *mp, H
         struct ggml_tensor t_k_first = twin(k_first, s->k_nope, g.k_nope);
         struct ggml_tensor t_k_new = twin(k_new, s->k_nope, g.k_nope);
         size_t first_bytes = 0;
-        SHIM(seer_ggml_gate_workspace_size(gate, &t_q_first, c->n_past, SEER_DEVICE_CUDA, &first_bytes));
-        void *cws = dev_workspace(first_bytes > gws_bytes ? first_bytes : gws_bytes);
-        const SeerGgmlParams cp = {SEER_DEVICE_CUDA, stream, cws, first_bytes > gws_bytes ? first_bytes : gws_bytes};
-        HostMask first;
-        memset(&first, 0, sizeof first);
-        SHIM(seer_ggml_mask_sizes(c->n_head, c->n_past, c->n_past, &first.sizes));
-        first.counts = calloc(first.sizes.rows, 4);
-        first.indices = calloc(first.sizes.indices_len, 4);
-        first.offsets = calloc(first.sizes.row_offsets_len, 8);
-        DevMask fm, cm;
-        dev_mask(&fm, &first, 0);
+        SHIM(seer_ggml_gate_workspace_size(gate, &t_k_first, c->n_past, SEER_DEVICE_CUDA, &first_bytes));
+        const size_t cws_bytes = first_bytes > gws_bytes ? first_bytes : gws_bytes;
+        void *cws = dev_workspace(cws_bytes);
+        const SeerGgmlParams cp = {SEER_DEVICE_CUDA, stream, cws, cws_bytes};
+        DevMask cm;
         dev_mask(&cm, sparse, 0);
-        SHIM(seer_ggml_gate_mask(gate, mp, &t_q_first, &t_k_first, c->n_past, (uint64_t)(uintptr_t)cache, &fm.desc,
-                                 &cp));
+        SHIM(seer_ggml_kblock_cache_update(gate, mp->layer, &t_k_first, c->n_past, (uint64_t)(uintptr_t)cache, &cp));
         SHIM(seer_ggml_gate_mask(gate, mp, &g.t_q_nope, &t_k_new, s->n_kv_valid, (uint64_t)(uintptr_t)cache,
                                  &cm.desc, &cp));
         CUDA(cudaStreamSynchronize(stream));
@@ -618,9 +608,6 @@ static void run_cuda(Setup *s, const SeerGate *gate, const SeerMaskParams *mp, H
                "GPU mask", c->name, eq, cached.sizes.rows);
         mask_free(&cached);
         dev_mask_free(&cm);
-        dev_mask_free(&fm);
-        mask_free(&first);
-        CUDA(cudaFree(dq_first));
         CUDA(cudaFree(cache));
         CUDA(cudaFree(cws));
     }
