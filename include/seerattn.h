@@ -377,8 +377,13 @@ SeerStatus seer_prefill_params_default(struct SeerPrefillParams *out);
 // the blocks its row of `mask` selects (causal inside the diagonal block),
 // times V, written to `out`. Post-RoPE `q` `[total_q, num_q_heads, head_dim]`,
 // `k` and `v` `[total_k, num_kv_heads, head_dim]`, one dtype (bf16 or f16),
-// any strides, head_dim 64, 128 or 256; `out` like `q`, in q's dtype or f32,
-// not overlapping any input. `maybe_lse` (NULL for none) receives the
+// any strides, head_dim 64, 128 or 256; `q` in that dtype, or f32 (then
+// rounded to k's dtype, to nearest even, before the attention: on the CPU
+// into a host buffer, on CUDA by a conversion kernel into the front of
+// `params->workspace`, which must then hold
+// `seer_prefill_workspace_size_dtype` bytes, `SEER_BUFFER_TOO_SMALL`
+// below the copy); `out` like `q`, in k's dtype or f32, not overlapping
+// any input. `maybe_lse` (NULL for none) receives the
 // natural-log sum of exponentials of the scaled scores, `[num_q_heads, total_q]`
 // f32, `lse_len` entries. A query whose row selects no block gets an output
 // of zeros and an lse of -infinity, never NaN.
@@ -512,7 +517,8 @@ SeerStatus seer_gate_upload(struct SeerGate *gate);
 // Scratch bytes `seer_gate_compute_mask` needs in `params->workspace` for
 // this batch with buffers on `device` (a `SeerDevice`): 0 for
 // `SEER_DEVICE_CPU`; for `SEER_DEVICE_CUDA`, the size of the CUDA gate's
-// intermediates (a multiple of 256). Needs no GPU and no upload.
+// intermediates (a multiple of 256) for bf16 or f16 inputs (f32 inputs need
+// `seer_gate_workspace_size_dtype`). Needs no GPU and no upload.
 // `SEER_UNSUPPORTED` (with the reason) where the CUDA gate does not take
 // this gate or batch (gate type, gate_hidden, head_dim, more than 256
 // sequences) or the build has no CUDA kernels.
@@ -557,7 +563,10 @@ SeerStatus seer_mask_params_default(const struct SeerGate *gate, struct SeerMask
 
 // Compute layer `params->layer`'s block mask for a batch from pre-RoPE
 // `q_nope` `[total_q, num_q_heads, head_dim]` and `k_nope`
-// `[total_k, num_kv_heads, head_dim]` (bf16 or f16, any strides). Writes
+// `[total_k, num_kv_heads, head_dim]` (bf16 or f16, any strides; or f32,
+// rounded to bf16 to nearest even first: on the CPU into host buffers, on
+// CUDA into the workspace, which must then hold
+// `seer_gate_workspace_size_dtype` bytes). Writes
 // `out_mask` (sizes from `seer_mask_sizes`); the mask arrays must not
 // overlap each other or the inputs.
 //
@@ -612,7 +621,9 @@ SeerStatus seer_kblock_cache_size(const struct SeerGate *gate,
 //   the batch's query offsets: sequence `s`'s `q_len` rows start at row
 //   `cu_seqlens_q[s]`, row `i` being the key at absolute position
 //   `k_len - q_len + i` (the positions of the chunk's queries). bf16 or
-//   f16, unit dim stride, 16-byte aligned rows, as for `k_nope`.
+//   f16, unit dim stride, 16-byte aligned rows, as for `k_nope`; or f32,
+//   any strides, rounded to bf16 into the workspace
+//   (`seer_gate_workspace_size_dtype` with `SEER_DTYPE_F32`).
 // - `caches`: a **host** array of `num_caches` device addresses, one per
 //   sequence in batch order (`num_caches == batch->num_seqs`, else
 //   `SEER_INVALID_ARGUMENT`), each a cache of `seer_kblock_cache_size`
@@ -655,7 +666,8 @@ SeerStatus seer_mask_sizes(const struct SeerBatch *batch,
 // not split). A smaller workspace is accepted and runs unsplit (same
 // results, less parallelism). A pure function of the arguments (no GPU
 // needed). `SEER_UNSUPPORTED` on CUDA in a build without kernels or for a
-// head_dim the kernel is not built for. The gate's workspace is
+// head_dim the kernel is not built for. For an f32 q, use
+// `seer_prefill_workspace_size_dtype`. The gate's workspace is
 // `seer_gate_workspace_size`.
 SeerStatus seer_prefill_workspace_size(const struct SeerBatch *batch,
                                        uint32_t num_q_heads,

@@ -796,6 +796,7 @@ fn f32_q_and_gate_inputs_are_rounded_to_16_bits() {
             assert_eq!(bytes, 0);
             expect(seer_gate_workspace_size_dtype(gate.0, &batch, F32, CPU, &mut bytes), SEER_OK, "gate cpu");
             assert_eq!(bytes, 0);
+            bytes = 12345;
             expect(
                 seer_prefill_workspace_size_dtype(&batch, hq as u32, d as u32, F32, F32, CPU, &mut bytes),
                 SEER_INVALID_ARGUMENT,
@@ -806,6 +807,32 @@ fn f32_q_and_gate_inputs_are_rounded_to_16_bits() {
                 SEER_INVALID_ARGUMENT,
                 "f16 q with bf16 keys",
             );
+            expect(
+                seer_prefill_workspace_size_dtype(&batch, hq as u32, d as u32, 7, BF16, CPU, &mut bytes),
+                SEER_INVALID_ARGUMENT,
+                "unknown q dtype",
+            );
+            expect(
+                seer_prefill_workspace_size_dtype(&batch, hq as u32, d as u32, F32, BF16, CPU, std::ptr::null_mut()),
+                SEER_NULL_POINTER,
+                "prefill NULL out_bytes",
+            );
+            expect(
+                seer_gate_workspace_size_dtype(gate.0, &batch, 7, CPU, &mut bytes),
+                SEER_INVALID_ARGUMENT,
+                "dtype 7",
+            );
+            expect(
+                seer_gate_workspace_size_dtype(gate.0, &batch, F32, 9, &mut bytes),
+                SEER_INVALID_ARGUMENT,
+                "gate device 9",
+            );
+            expect(
+                seer_gate_workspace_size_dtype(gate.0, &batch, F32, CPU, std::ptr::null_mut()),
+                SEER_NULL_POINTER,
+                "gate NULL out_bytes",
+            );
+            assert_eq!(bytes, 12345, "failed calls leave out_bytes alone");
             if seerattn::cuda::cuda_enabled() {
                 let mut plain = 0usize;
                 expect(seer_prefill_workspace_size(&batch, hq as u32, d as u32, CUDA, &mut plain), SEER_OK, "16-bit");

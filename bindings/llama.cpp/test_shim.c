@@ -751,7 +751,7 @@ static void run_case(const Case *c, const SeerGate *gate, int cuda) {
 }
 
 /* Refusals: statuses with messages, no crash. */
-static void run_refusals(void) {
+static void run_refusals(const SeerGate *gate) {
     struct ggml_init_params ip = {.mem_size = (size_t)16 << 20, .mem_buffer = NULL, .no_alloc = false};
     struct ggml_context *ctx = ggml_init(ip);
     struct ggml_tensor *q = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 64, 4, 2);
@@ -780,6 +780,32 @@ static void run_refusals(void) {
     st = seer_ggml_flash_attn_ext(fa, 4, &md, &CPU);
     report(st == SEER_BUFFER_TOO_SMALL || st == SEER_INVALID_ARGUMENT, "refusal: an empty mask: %s (%s)",
            seer_status_name(st), seer_ggml_last_error());
+    st = seer_ggml_flash_attn_ext(fa, 4, &md, NULL);
+    report(st == SEER_NULL_POINTER, "refusal: NULL params: %s (%s)", seer_status_name(st), seer_ggml_last_error());
+    struct ggml_tensor *q4 = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 64, 4, 2, 2);
+    struct ggml_tensor *k4 = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, 64, 256, 2, 2);
+    struct ggml_tensor *fa4 = ggml_flash_attn_ext(ctx, q4, k4, k4, NULL, 0.125f, 0.0f, 0.0f);
+    st = seer_ggml_flash_attn_ext(fa4, 4, &md, &CPU);
+    report(st == SEER_UNSUPPORTED, "refusal: two streams (ne[3] = 2): %s (%s)", seer_status_name(st),
+           seer_ggml_last_error());
+    struct ggml_tensor *odd = ggml_view_3d(ctx, k, 64, 200, 2, 131, 131 * 200, 0); /* 131-byte rows of F16 */
+    st = seer_ggml_flash_attn(q, odd, odd, 4, 0.0f, &md, fa, &CPU);
+    report(st == SEER_INVALID_ARGUMENT && strstr(seer_ggml_last_error(), "nb[1]"),
+           "refusal: a byte stride that is no multiple of the element: %s (%s)", seer_status_name(st),
+           seer_ggml_last_error());
+    st = seer_ggml_flash_attn(q, NULL, k, 4, 0.0f, &md, fa, &CPU);
+    report(st == SEER_NULL_POINTER, "refusal: NULL k: %s (%s)", seer_status_name(st), seer_ggml_last_error());
+    if (gate != NULL) {
+        /* k_nope must hold every key without a cache. */
+        struct ggml_tensor *qn = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 128, 8, 70);
+        struct ggml_tensor *kn = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 128, 2, 70);
+        SeerMaskParams mp;
+        SEER(seer_mask_params_default(gate, &mp));
+        st = seer_ggml_gate_mask(gate, &mp, qn, kn, 100, 0, &md, &CPU);
+        report(st == SEER_INVALID_ARGUMENT && strstr(seer_ggml_last_error(), "k_nope"),
+               "refusal: k_nope short of n_kv_valid keys without a cache: %s (%s)", seer_status_name(st),
+               seer_ggml_last_error());
+    }
     ggml_free(ctx);
 }
 
@@ -829,7 +855,7 @@ int main(int argc, char **argv) {
         const int fits = c->n_head == ghq && c->n_head_kv == ghkv && c->d == gd;
         run_case(c, fits ? gate : NULL, cuda);
     }
-    run_refusals();
+    run_refusals(gate);
     seer_gate_destroy(gate);
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;

@@ -68,7 +68,8 @@ pub unsafe extern "C" fn seer_mask_sizes(
 /// not split). A smaller workspace is accepted and runs unsplit (same
 /// results, less parallelism). A pure function of the arguments (no GPU
 /// needed). `SEER_UNSUPPORTED` on CUDA in a build without kernels or for a
-/// head_dim the kernel is not built for. The gate's workspace is
+/// head_dim the kernel is not built for. For an f32 q, use
+/// `seer_prefill_workspace_size_dtype`. The gate's workspace is
 /// `seer_gate_workspace_size`.
 #[no_mangle]
 pub unsafe extern "C" fn seer_prefill_workspace_size(
