@@ -41,7 +41,8 @@
  *  5. the sparse mask: where the gate fits, the gate on the GPU from the
  *     F32 tensors, its mask rows equal to the CPU gate's for at least 90% of
  *     the rows (the GPU pools and projects in bf16, the reference in f32:
- *     near ties may flip); attention over the GPU's mask (or the random one)
+ *     near ties may flip; on these inputs, perturbing every input by up to
+ *     0.8% on the CPU changed no row, five trials per case); attention over the GPU's mask (or the random one)
  *     against the CPU path over the same mask (TOL_GPU); for a chunk after
  *     cached tokens, the gate's mask through a K-block cache (filled by a
  *     first ubatch of the earlier keys) equal to the one-shot GPU mask.
