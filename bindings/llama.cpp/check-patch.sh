@@ -6,9 +6,12 @@
 #   bindings/llama.cpp/check-patch.sh          the patch applies (git apply --check, patch --dry-run) to the
 #                                              pinned tree; the patched tree's libllama builds on the CPU
 #                                              (GGML_CUDA off, -j1) and llama-simple links against it
-#   bindings/llama.cpp/check-patch.sh --cuda   also compiles the patch's ggml-cuda files one by one with nvcc
-#                                              (sm_90, -DGGML_CUDA_SEERATTN): seerattn.cu, ggml-cuda.cu,
-#                                              fattn.cu; cuBLAS headers from the nvidia-cublas wheel (pip download)
+#   bindings/llama.cpp/check-patch.sh --cuda   also configures the patched tree with GGML_CUDA=ON and
+#                                              GGML_CUDA_SEERATTN=ON (seerattn installed into target/, the
+#                                              nvidia-cublas 13.0 wheel fetched with pip) and builds, with
+#                                              ggml-cuda's own flags, the objects the patch touches:
+#                                              seerattn.cu, the shim, fattn.cu, ggml-cuda.cu (sm_90); not
+#                                              the rest of ggml-cuda (hours on 2 cores), no link
 #
 # Everything goes to target/llama.cpp/ (a git worktree "patched" of the
 # pinned tree with the patch applied, its build directory, the headers).
@@ -28,7 +31,7 @@ patched="$dir/patched"
 if [ -e "$patched" ]; then
     git -C "$src" worktree remove --force "$patched"
 fi
-git -C "$src" worktree add --detach "$patched" HEAD >/dev/null
+git -C "$src" worktree add -q --detach "$patched" HEAD
 git -C "$patched" apply "$patch_file"
 
 echo "== CPU build of the patched llama.cpp (libllama, -j1; log $dir/patched-build-cpu.log)"
@@ -51,34 +54,45 @@ echo "llama-simple linked against it: $build/llama-simple"
 if [ "${1:-}" != "--cuda" ]; then
     exit 0
 fi
-echo "== the patch's ggml-cuda files, compiled one by one (nvcc, sm_90, -DGGML_CUDA_SEERATTN)"
+echo "== the patch's ggml-cuda part: configured with GGML_CUDA_SEERATTN=ON, its objects built (sm_90)"
+# A CUDA toolkit tree CMake's FindCUDAToolkit accepts, from the project's
+# pinned nvcc wheels (.cuda/) and the nvidia-cublas wheel of the same CUDA
+# release (pip download; headers and libraries): nvcc copied so that its
+# nvcc.profile sees this tree, lib64 -> lib.
 nvcc=$(scripts/setup-cuda.sh)
-cuda_inc=$(dirname "$(dirname "$nvcc")")/include
-cublas="$dir/cublas-13.0.2.14"
-if [ ! -f "$cublas/nvidia/cu13/include/cublas_v2.h" ]; then
+cuda=$(dirname "$(dirname "$nvcc")")
+cublas="$dir/cublas-13.0.2.14/nvidia/cu13"
+if [ ! -f "$cublas/lib/libcublas.so.13" ]; then
     wheel_dir=$(mktemp -d)
     python3 -m pip download --quiet --no-deps --only-binary :all: "nvidia-cublas==13.0.2.14" -d "$wheel_dir"
-    mkdir -p "$cublas"
-    python3 -m zipfile -e "$wheel_dir"/nvidia_cublas-*.whl "$wheel_dir/x"
-    mkdir -p "$cublas/nvidia/cu13"
-    cp -r "$wheel_dir/x/nvidia/cu13/include" "$cublas/nvidia/cu13/"
+    rm -rf "$dir/cublas-13.0.2.14"
+    python3 -m zipfile -e "$wheel_dir"/nvidia_cublas-*.whl "$dir/cublas-13.0.2.14"
     rm -rf "$wheel_dir"
 fi
-# The definitions ggml-cuda's CMake gives these files (FlashAttention
-# combinations: the default q4_0-q4_0, q8_0-q8_0, f16-f16, bf16-bf16).
-types="q4_0 q4_1 q5_0 q5_1 q8_0 bf16 f16"
-defs=(-DGGML_CUDA_SEERATTN -DGGML_CUDA_USE_GRAPHS -DGGML_BACKEND_BUILD -DGGML_SCHED_MAX_COPIES=4
-    '-DGGML_CUDA_FA_QUANTS="q4_0-q4_0,q8_0-q8_0,f16-f16,bf16-bf16"')
-for v in $types; do
-    for k in $types; do
-        case "$k-$v" in f16-f16 | q4_0-q4_0 | q8_0-q8_0 | bf16-bf16) c=1 ;; *) c=0 ;; esac
-        defs+=("-DGGML_CUDA_FA_${k^^}_${v^^}=$c")
-    done
-done
-for f in seerattn ggml-cuda fattn; do
+toolkit="$dir/cuda-toolkit-view"
+rm -rf "$toolkit"
+mkdir -p "$toolkit/include" "$toolkit/lib"
+cp -r "$cuda/bin" "$toolkit/bin"
+ln -s "$cuda/nvvm" "$toolkit/nvvm"
+ln -s lib "$toolkit/lib64"
+for f in "$cuda"/include/* "$cublas"/include/*; do ln -sf "$f" "$toolkit/include/"; done
+for f in "$cuda"/lib/* "$cublas"/lib/*; do ln -sf "$f" "$toolkit/lib/"; done
+for l in cudart cublas cublasLt; do ln -sf "lib$l.so.13" "$toolkit/lib/lib$l.so"; done
+# seerattn installed where find_package(seerattn) looks (the debug build).
+scripts/install.sh --debug --prefix "$dir/seerattn-prefix" >/dev/null
+cbuild="$dir/patched-build-cuda"
+rm -rf "$cbuild"
+# GGML_CUDA_NO_VMM: the wheels have no libcuda stub to link the driver API against.
+cmake -S "$patched" -B "$cbuild" -DGGML_CUDA=ON -DGGML_CUDA_SEERATTN=ON -DSEERATTN_SHIM_DIR="$root/bindings/llama.cpp" \
+    -DCMAKE_PREFIX_PATH="$dir/seerattn-prefix" -DCUDAToolkit_ROOT="$toolkit" -DCMAKE_CUDA_COMPILER="$toolkit/bin/nvcc" \
+    -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_NO_VMM=ON -DGGML_CUDA_NCCL=OFF -DGGML_CCACHE=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_COMMON=OFF >"$dir/patched-cmake-cuda.log" 2>&1 || { tail -n 40 "$dir/patched-cmake-cuda.log"; exit 1; }
+echo "configured: $(grep -c 'seerattn' "$cbuild/ggml/src/ggml-cuda/CMakeFiles/ggml-cuda.dir/build.make") lines of ggml-cuda's build name seerattn"
+shim_obj="${root#/}/bindings/llama.cpp/seerattn_ggml.o"
+for obj in seerattn.o "$shim_obj" fattn.o ggml-cuda.o; do
     start=$(date +%s)
-    nice -n 10 "$nvcc" -std=c++17 -arch=sm_90 -O2 -c --extended-lambda "${defs[@]}" -I"$patched/ggml/include" \
-        -I"$patched/ggml/src" -I"$patched/ggml/src/ggml-cuda" -I"$root/bindings/llama.cpp" -I"$root/include" \
-        -I"$cuda_inc" -I"$cublas/nvidia/cu13/include" "$patched/ggml/src/ggml-cuda/$f.cu" -o "$dir/patched-$f.o"
-    echo "ggml/src/ggml-cuda/$f.cu compiled ($(($(date +%s) - start)) s)"
+    nice -n 10 make -s -C "$cbuild/ggml/src/ggml-cuda" "$obj" >"$dir/patched-obj.log" 2>&1 || { cat "$dir/patched-obj.log"; exit 1; }
+    warnings=$(grep -c 'warning' "$dir/patched-obj.log" || true)
+    echo "ggml-cuda: $obj built with ggml-cuda's flags ($(($(date +%s) - start)) s, $warnings warnings)"
 done
