@@ -231,6 +231,9 @@ SeerStatus seer_ggml_gate_mask(const SeerGate *gate, const SeerMaskParams *mask_
     SeerBatch batch;
     if ((st = batch_of(tq.shape[0], n_kv_valid, cu, &batch)) != SEER_OK) return st;
     SeerMaskParams mp = *mask_params;
+    /* Every field below is set here, the K-block cache ones included: this
+     * header's struct, whatever struct_size the caller's copy carried. */
+    mp.struct_size = sizeof mp;
     mp.cuda_stream = params->cuda_stream;
     mp.workspace = params->workspace;
     mp.workspace_bytes = params->workspace_bytes;
