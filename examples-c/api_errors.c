@@ -273,8 +273,9 @@ int main(int argc, char **argv) {
     SeerTensor bad = tqn;
     bad.shape[1] = hq + 1;
     expect("compute_mask: wrong head count", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_INVALID_ARGUMENT);
+    /* f32 pre-RoPE input is taken (rounded to bf16, as llama.cpp's F32 Qcur would be). */
     bad = tensor(qf, SEER_DTYPE_F32, tq, hq, d);
-    expect("compute_mask: f32 input", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_UNSUPPORTED);
+    expect("compute_mask: f32 input is rounded to bf16", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_OK);
     bad = tqn;
     bad.device = SEER_DEVICE_CUDA;
     expect("compute_mask: CUDA q_nope, CPU k_nope", seer_gate_compute_mask(gate, &mp, &batch, &bad, &tkn, &mask), SEER_INVALID_ARGUMENT);
@@ -425,6 +426,11 @@ int main(int argc, char **argv) {
     SeerTensor f16k = tkn;
     f16k.dtype = SEER_DTYPE_F16;
     expect("prefill: k dtype differs from q", seer_sparse_prefill(&pp, &batch, &tqn, &f16k, &tv, &mask, &tout, NULL, 0), SEER_INVALID_ARGUMENT);
+    /* An f32 q is rounded to k's dtype; f32 keys and values are not taken. */
+    SeerTensor f32q = tensor(qf, SEER_DTYPE_F32, tq, hq, d);
+    expect("prefill: f32 q is rounded to k's dtype", seer_sparse_prefill(&pp, &batch, &f32q, &tkn, &tv, &mask, &tout, NULL, 0), SEER_OK);
+    SeerTensor f32k = tensor(qf, SEER_DTYPE_F32, tk, hkv, d); /* read only: may overlap q */
+    expect("prefill: f32 k and v", seer_sparse_prefill(&pp, &batch, &f32q, &f32k, &f32k, &mask, &tout, NULL, 0), SEER_UNSUPPORTED);
     SeerTensor q96 = tensor(qn, SEER_DTYPE_BF16, tq, hq, 96), k96 = tensor(kn, SEER_DTYPE_BF16, tk, hkv, 96);
     SeerTensor v96 = tensor(v, SEER_DTYPE_BF16, tk, hkv, 96), o96 = tensor(out, SEER_DTYPE_F32, tq, hq, 96);
     expect("prefill: head_dim 96", seer_sparse_prefill(&pp, &batch, &q96, &k96, &v96, &mask, &o96, NULL, 0), SEER_UNSUPPORTED);

@@ -450,8 +450,13 @@ SeerStatus seer_prefill_params_default(struct SeerPrefillParams *out);
 // the blocks its row of `mask` selects (causal inside the diagonal block),
 // times V, written to `out`. Post-RoPE `q` `[total_q, num_q_heads, head_dim]`,
 // `k` and `v` `[total_k, num_kv_heads, head_dim]`, one dtype (bf16 or f16),
-// any strides, head_dim 64, 128 or 256; `out` like `q`, in q's dtype or f32,
-// not overlapping any input. `maybe_lse` (NULL for none) receives the
+// any strides, head_dim 64, 128 or 256; `q` in that dtype, or f32 (then
+// rounded to k's dtype, to nearest even, before the attention: on the CPU
+// into a host buffer, on CUDA by a conversion kernel into the front of
+// `params->workspace`, which must then hold
+// `seer_prefill_workspace_size_dtype` bytes, `SEER_BUFFER_TOO_SMALL`
+// below the copy); `out` like `q`, in k's dtype or f32, not overlapping
+// any input. `maybe_lse` (NULL for none) receives the
 // natural-log sum of exponentials of the scaled scores, `[num_q_heads, total_q]`
 // f32, `lse_len` entries. A query whose row selects no block gets an output
 // of zeros and an lse of -infinity, never NaN.
@@ -700,7 +705,8 @@ SeerStatus seer_gate_upload(struct SeerGate *gate);
 // Scratch bytes `seer_gate_compute_mask` needs in `params->workspace` for
 // this batch with buffers on `device` (a `SeerDevice`): 0 for
 // `SEER_DEVICE_CPU`; for `SEER_DEVICE_CUDA`, the size of the CUDA gate's
-// intermediates (a multiple of 256). Needs no GPU and no upload.
+// intermediates (a multiple of 256) for bf16 or f16 inputs (f32 inputs need
+// `seer_gate_workspace_size_dtype`). Needs no GPU and no upload.
 // `SEER_UNSUPPORTED` (with the reason) where the CUDA gate does not take
 // this gate or batch (gate type, gate_hidden, head_dim, more than 256
 // sequences) or the build has no CUDA kernels.
@@ -708,6 +714,22 @@ SeerStatus seer_gate_workspace_size(const struct SeerGate *gate,
                                     const struct SeerBatch *batch,
                                     uint32_t device,
                                     size_t *out_bytes);
+
+// `seer_gate_workspace_size` for inputs (`q_nope`, `k_nope`, or a cache
+// update's `k_new`) of `dtype` (a `SeerDType`). For bf16 and f16 it equals
+// `seer_gate_workspace_size`. For f32 on CUDA it adds the bf16 copies the
+// library rounds the inputs into before the gate's kernels read them
+// (kernels/convert.cu): `total_q * num_q_heads * head_dim * 2` and
+// `total_k * num_kv_heads * head_dim * 2` bytes, each rounded up to 256.
+// That is what `seer_gate_compute_mask` with `k_nope` needs; with K-block
+// caches it uses the first copy only, and `seer_kblock_cache_update` puts
+// `k_new` there, so this size serves all three. 0 on the CPU (the CPU path
+// rounds f32 inputs to bf16 on the host, the same values).
+SeerStatus seer_gate_workspace_size_dtype(const struct SeerGate *gate,
+                                          const struct SeerBatch *batch,
+                                          uint32_t dtype,
+                                          uint32_t device,
+                                          size_t *out_bytes);
 
 // Release a gate and its device copy, if any. NULL is accepted and
 // ignored; so is a pointer that is not a live handle (a double destroy),
@@ -729,7 +751,10 @@ SeerStatus seer_mask_params_default(const struct SeerGate *gate, struct SeerMask
 
 // Compute layer `params->layer`'s block mask for a batch from pre-RoPE
 // `q_nope` `[total_q, num_q_heads, head_dim]` and `k_nope`
-// `[total_k, num_kv_heads, head_dim]` (bf16 or f16, any strides). Writes
+// `[total_k, num_kv_heads, head_dim]` (bf16 or f16, any strides; or f32,
+// rounded to bf16 to nearest even first: on the CPU into host buffers, on
+// CUDA into the workspace, which must then hold
+// `seer_gate_workspace_size_dtype` bytes). Writes
 // `out_mask` (sizes from `seer_mask_sizes`); the mask arrays must not
 // overlap each other or the inputs.
 //
@@ -784,7 +809,9 @@ SeerStatus seer_kblock_cache_size(const struct SeerGate *gate,
 //   the batch's query offsets: sequence `s`'s `q_len` rows start at row
 //   `cu_seqlens_q[s]`, row `i` being the key at absolute position
 //   `k_len - q_len + i` (the positions of the chunk's queries). bf16 or
-//   f16, unit dim stride, 16-byte aligned rows, as for `k_nope`.
+//   f16, unit dim stride, 16-byte aligned rows, as for `k_nope`; or f32,
+//   any strides, rounded to bf16 into the workspace
+//   (`seer_gate_workspace_size_dtype` with `SEER_DTYPE_F32`).
 // - `caches`: a **host** array of `num_caches` device addresses, one per
 //   sequence in batch order (`num_caches == batch->num_seqs`, else
 //   `SEER_INVALID_ARGUMENT`), each a cache of `seer_kblock_cache_size`
@@ -827,13 +854,31 @@ SeerStatus seer_mask_sizes(const struct SeerBatch *batch,
 // not split). A smaller workspace is accepted and runs unsplit (same
 // results, less parallelism). A pure function of the arguments (no GPU
 // needed). `SEER_UNSUPPORTED` on CUDA in a build without kernels or for a
-// head_dim the kernel is not built for. The gate's workspace is
+// head_dim the kernel is not built for. For an f32 q, use
+// `seer_prefill_workspace_size_dtype`. The gate's workspace is
 // `seer_gate_workspace_size`.
 SeerStatus seer_prefill_workspace_size(const struct SeerBatch *batch,
                                        uint32_t num_q_heads,
                                        uint32_t head_dim,
                                        uint32_t device,
                                        size_t *out_bytes);
+
+// `seer_prefill_workspace_size` for a call whose `q` has dtype `q_dtype`
+// and whose `k` and `v` have `kv_dtype` (`SeerDType` values). With 16-bit
+// q (`q_dtype == kv_dtype`) it equals `seer_prefill_workspace_size`. With
+// an f32 q on CUDA it adds, in front, the packed copy of q rounded to
+// `kv_dtype` (`total_q * num_q_heads * head_dim * 2` bytes rounded up to
+// 256), which the call needs (`SEER_BUFFER_TOO_SMALL` below it); the
+// split-KV part after it stays optional as above. 0 on the CPU (the CPU
+// path rounds an f32 q on the host). `SEER_INVALID_ARGUMENT` for a dtype
+// pair the prefill refuses (`kv_dtype` f32, q neither `kv_dtype` nor f32).
+SeerStatus seer_prefill_workspace_size_dtype(const struct SeerBatch *batch,
+                                             uint32_t num_q_heads,
+                                             uint32_t head_dim,
+                                             uint32_t q_dtype,
+                                             uint32_t kv_dtype,
+                                             uint32_t device,
+                                             size_t *out_bytes);
 
 // Build an index-list mask from a dense `u8` block map (non-zero selects;
 // blocks above the causal diagonal are dropped). `dense_len` must equal

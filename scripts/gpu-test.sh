@@ -7,7 +7,8 @@
 #       kernels compiled, and stages what the run needs in .devbuild/
 #       (git-ignored, self-contained, ~tens of MB):
 #         bin/    test executables (Rust tests link the library statically)
-#         c/      the examples-c programs, linked against lib/ through an rpath
+#         c/      the examples-c programs and the llama.cpp shim's test
+#                 (bindings/llama.cpp), linked against lib/ through an rpath
 #         lib/    libseerattn.so (and its soname's link)     include/  the header
 #         python/ the Python binding, pip-installed (bindings/python)
 #         MANIFEST      commit, nvcc, the binaries
@@ -97,6 +98,16 @@ build() {
     "$cc" -std=c11 -Wall -Wextra -Werror -pedantic -O2 -Iinclude -I"$cuda_root/include" examples-c/cuda_prefill.c \
         -L"$stage/lib" -lseerattn -L"$cudart_dir" -l:libcudart_static.a -ldl -lpthread -lrt -lm \
         -Wl,-rpath,'$ORIGIN/../lib' -o "$stage/c/cuda_prefill"
+    # The llama.cpp shim's test in its CUDA build: ggml's CPU library from the
+    # pinned llama.cpp (bindings/llama.cpp/fetch.sh) linked statically, so
+    # nothing is built on the GPU machine.
+    local ggml_prefix
+    ggml_prefix=$(bindings/llama.cpp/fetch.sh --ggml)
+    "$cc" -std=c11 -Wall -Wextra -Werror -pedantic -O2 -DSEER_GGML_TEST_CUDA -Iinclude -Ibindings/llama.cpp \
+        -I"$ggml_prefix/include" -I"$cuda_root/include" bindings/llama.cpp/test_shim.c bindings/llama.cpp/seerattn_ggml.c \
+        -L"$stage/lib" -lseerattn "$ggml_prefix/lib/libggml.a" "$ggml_prefix/lib/libggml-cpu.a" \
+        "$ggml_prefix/lib/libggml-base.a" -L"$cudart_dir" -l:libcudart_static.a -lstdc++ -ldl -lpthread -lrt -lm \
+        -Wl,-rpath,'$ORIGIN/../lib' -o "$stage/c/test_shim_cuda"
     {
         echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
         echo "built: $(date -u +%FT%TZ) on $(uname -n)"
@@ -186,6 +197,11 @@ run() {
     "$stage/c/cuda_prefill" "$gate" 8192 >"$logs/c-cuda_prefill.log" 2>&1 || status=$?
     cat "$logs/c-cuda_prefill.log"
     record c/cuda_prefill "$status" "$logs/c-cuda_prefill.log"
+    echo "== c/test_shim_cuda (bindings/llama.cpp: the ggml shim on the GPU and the CPU against ggml)"
+    status=0
+    "$stage/c/test_shim_cuda" "$gate" --cuda >"$logs/c-test_shim_cuda.log" 2>&1 || status=$?
+    grep -E '^(FAIL|[0-9]+ passed)' "$logs/c-test_shim_cuda.log" || true
+    record c/test_shim_cuda "$status" "$logs/c-test_shim_cuda.log"
     echo "== c/api_errors"
     status=0
     "$stage/c/api_errors" "$gate" "$scratch" >"$logs/c-api_errors.log" 2>&1 || status=$?

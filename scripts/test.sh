@@ -9,6 +9,8 @@
 #    find_package (shared and static), then run: the bad-input table through
 #    the C API, the end-to-end example, and gate training (distill.c); then
 #    again under ASan/UBSan/LSan and valgrind (scripts/asan.sh).
+#    The llama.cpp shim (bindings/llama.cpp) against ggml_flash_attn_ext,
+#    with ggml's CPU library built from the pinned llama.cpp source.
 # 3. The Python binding (bindings/python): pip-installed from a copy of its
 #    source, its tests run with python3 -m unittest against the installed
 #    library (the CPU tests; the GPU tests report SKIPPED here and run on
@@ -22,9 +24,10 @@
 # are #[ignore]d here and run on a GPU machine through scripts/gpu-test.sh
 # (see README); this script runs none of them and claims none.
 #
-# Needs cargo, a C compiler with libasan, valgrind, pkg-config, cmake, and
-# python3 with pip (for nvcc on the first run, and to install the Python
-# binding, for which it fetches setuptools).
+# Needs cargo, a C compiler with libasan, a C++ compiler (ggml), valgrind,
+# pkg-config, cmake, curl, and python3 with pip (for nvcc on the first run,
+# and to install the Python binding, for which it fetches setuptools; the
+# first run also downloads the pinned llama.cpp source, 77 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -87,6 +90,22 @@ cudart_dir=$(dirname "$(ls "$cuda_root"/lib/libcudart_static.a "$cuda_root"/lib6
 "$CC" "${cflags[@]}" -I"$cuda_root/include" examples-c/cuda_prefill.c "${seerattn_flags[@]}" \
     -L"$cudart_dir" -l:libcudart_static.a -ldl -lpthread -lrt -lm -Wl,-rpath,"$prefix/lib" -o "$out/cuda_prefill"
 echo "examples-c/cuda_prefill.c compiled (it runs on the GPU machine: scripts/gpu-test.sh run)"
+
+# The llama.cpp shim (bindings/llama.cpp) against ggml itself: ggml's CPU
+# library built from the pinned llama.cpp source (fetch.sh downloads and
+# builds it once into target/llama.cpp/; later runs reuse both), the test
+# program built with it and the installed seerattn, run on the CPU path;
+# its CUDA build compiled (it runs on the GPU machine: scripts/gpu-test.sh run).
+echo "== llama.cpp shim: ggml_flash_attn_ext against the shim (bindings/llama.cpp/test_shim.c)"
+ggml_prefix=$(bindings/llama.cpp/fetch.sh --ggml)
+ggml_libs=("$ggml_prefix/lib/libggml.a" "$ggml_prefix/lib/libggml-cpu.a" "$ggml_prefix/lib/libggml-base.a" -lstdc++ -lm -lpthread)
+shim=(-Ibindings/llama.cpp -I"$ggml_prefix/include" bindings/llama.cpp/test_shim.c bindings/llama.cpp/seerattn_ggml.c)
+"$CC" "${cflags[@]}" "${shim[@]}" "${seerattn_flags[@]}" "${ggml_libs[@]}" -Wl,-rpath,"$prefix/lib" -o "$out/test_shim"
+loads_installed "$out/test_shim"
+"$CC" "${cflags[@]}" -DSEER_GGML_TEST_CUDA -I"$cuda_root/include" "${shim[@]}" "${seerattn_flags[@]}" "${ggml_libs[@]}" \
+    -L"$cudart_dir" -l:libcudart_static.a -ldl -lrt -Wl,-rpath,"$prefix/lib" -o "$out/test_shim_cuda"
+"$out/test_shim" "$gate" >target/test-shim.log 2>&1 || { cat target/test-shim.log; echo "test_shim failed"; exit 1; }
+grep -E '^(FAIL|[0-9]+ passed)' target/test-shim.log
 "$out/prefill" "$gate" 1
 "$out/api_errors" "$gate" "$scratch/pkg-config"
 "$out/distill" "$scratch/pkg-config-distill-gate" | tail -n 2

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{DeviceMask, DeviceTensor};
 use crate::mask::{BlockMaskRef, MaskLayout};
 use crate::reference;
-use crate::tensor::{DType, Tensor3, Tensor3Mut};
+use crate::tensor::{DType, Layout3, Tensor3, Tensor3Mut};
 
 /// Head dimensions sparse prefill accepts (those the kernels are built for).
 pub const SUPPORTED_HEAD_DIMS: [usize; 3] = [64, 128, 256];
@@ -49,12 +49,16 @@ impl AttentionParams {
 /// - `k`, `v`: `[batch.total_k(), num_kv_heads, head_dim]`, with
 ///   `num_q_heads` a multiple of `num_kv_heads` (GQA/MQA);
 /// - `mask`: a block mask in the layout `MaskLayout::new(batch, num_q_heads, block_size)`;
-/// - `out`: `q`'s shape, in `q`'s dtype or F32;
+/// - `out`: `q`'s shape, in `k`'s dtype or F32;
 /// - `lse`: optional, `num_q_heads * batch.total_q()` values laid out
 ///   `[num_q_heads, total_q]`: the natural log-sum-exp of the scaled scores.
 ///
-/// `q`, `k` and `v` share one dtype, BF16 or F16; `head_dim` is one of
-/// [`SUPPORTED_HEAD_DIMS`]. Any tensor may be strided.
+/// `k` and `v` share one dtype, BF16 or F16; `q` has that dtype too, or is
+/// F32: an F32 `q` is first rounded to `k`'s dtype (to nearest even, as
+/// the GPU path does in its workspace and as ggml's flash attention does with
+/// Q on its one-row CPU path and on CUDA), and the attention computed from
+/// those values. `head_dim` is one of [`SUPPORTED_HEAD_DIMS`]. Any tensor
+/// may be strided.
 ///
 /// Errors: [`Error::Unsupported`] for a dtype, head dimension or block size
 /// this build does not implement; [`Error::InvalidArgument`] for anything
@@ -81,6 +85,14 @@ pub fn sparse_prefill(
     )?;
     let layout = MaskLayout::new(batch, num_q_heads, params.block_size)?;
     mask.validate(&layout)?;
+    let (packed, q16);
+    let q = if q.dtype() == DType::F32 {
+        packed = crate::gpu::convert::round_host(q, k.dtype());
+        q16 = Tensor3::new("q", &packed, k.dtype(), Layout3::contiguous(q.shape()[0], q.shape()[1], q.shape()[2]))?;
+        &q16
+    } else {
+        q
+    };
     reference::attention::sparse_prefill(q, k, v, batch, &layout, mask, params.softmax_scale, out, lse);
     Ok(())
 }
@@ -120,6 +132,14 @@ pub fn sparse_prefill_rows(
         )));
     }
     let scale = params.softmax_scale;
+    let (packed, q16);
+    let q = if q.dtype() == DType::F32 {
+        packed = crate::gpu::convert::round_host(q, k.dtype());
+        q16 = Tensor3::new("q", &packed, k.dtype(), Layout3::contiguous(q.shape()[0], q.shape()[1], q.shape()[2]))?;
+        &q16
+    } else {
+        q
+    };
     Ok(rows.iter().map(|&(t, h)| reference::attention::query_row(q, k, v, batch, &layout, mask, scale, t, h)).collect())
 }
 
@@ -201,25 +221,33 @@ fn check_params(params: &AttentionParams) -> Result<()> {
     Ok(())
 }
 
-fn check_dtypes(dtype: DType, k: DType, v: DType, out: DType) -> Result<()> {
-    if !matches!(dtype, DType::BF16 | DType::F16) {
-        return Err(Error::unsupported(format!("q dtype {}: only bf16 and f16 are supported", dtype.name())));
+/// k and v: one 16-bit dtype; q: the same, or f32 (rounded to it); out: it or f32.
+fn check_dtypes(q: DType, k: DType, v: DType, out: DType) -> Result<()> {
+    if !matches!(k, DType::BF16 | DType::F16) {
+        return Err(Error::unsupported(format!("k dtype {}: only bf16 and f16 are supported", k.name())));
     }
-    for (name, other) in [("k", k), ("v", v)] {
-        if other != dtype {
-            return Err(Error::invalid(format!(
-                "{name} dtype {} differs from q dtype {}: q, k and v must share one dtype",
-                other.name(),
-                dtype.name()
-            )));
-        }
+    if v != k {
+        return Err(Error::invalid(format!(
+            "v dtype {} differs from k dtype {}: k and v must share one dtype",
+            v.name(),
+            k.name()
+        )));
     }
-    if out != dtype && out != DType::F32 {
+    if q != k && q != DType::F32 {
+        return Err(Error::invalid(format!(
+            "q dtype {} with {} keys: q must be {} (or f32, rounded to {})",
+            q.name(),
+            k.name(),
+            k.name(),
+            k.name()
+        )));
+    }
+    if out != k && out != DType::F32 {
         return Err(Error::unsupported(format!(
             "out dtype {} with {} inputs: out must be {} or f32",
             out.name(),
-            dtype.name(),
-            dtype.name()
+            k.name(),
+            k.name()
         )));
     }
     Ok(())

@@ -108,10 +108,26 @@ impl Gate {
 
     /// Gate logits and probabilities of layer `layer` for a batch, from
     /// pre-RoPE `q_nope: [total_q, num_q_heads, head_dim]` and
-    /// `k_nope: [total_k, num_kv_heads, head_dim]` (bf16 or f16).
+    /// `k_nope: [total_k, num_kv_heads, head_dim]` (bf16 or f16; f32 is
+    /// first rounded to bf16, to nearest even, as the CUDA path does).
     pub fn scores(&self, layer: usize, q_nope: &Tensor3, k_nope: &Tensor3, batch: &Batch) -> Result<GateScores> {
         let weights = self.layer(layer)?;
         self.check_inputs(q_nope, k_nope, batch)?;
+        let (q_bytes, k_bytes, q16, k16);
+        let q_nope = if q_nope.dtype() == DType::F32 {
+            q_bytes = crate::gpu::convert::round_host(q_nope, DType::BF16);
+            q16 = packed_bf16("q_nope", &q_bytes, q_nope.shape())?;
+            &q16
+        } else {
+            q_nope
+        };
+        let k_nope = if k_nope.dtype() == DType::F32 {
+            k_bytes = crate::gpu::convert::round_host(k_nope, DType::BF16);
+            k16 = packed_bf16("k_nope", &k_bytes, k_nope.shape())?;
+            &k16
+        } else {
+            k_nope
+        };
         Ok(crate::reference::scores::gate_scores(&self.config, weights, q_nope, k_nope, batch))
     }
 
@@ -137,12 +153,6 @@ impl Gate {
         for (name, t, tokens, heads) in
             [("q_nope", q_nope, batch.total_q(), c.num_q_heads), ("k_nope", k_nope, batch.total_k(), c.num_kv_heads)]
         {
-            if !matches!(t.dtype(), DType::BF16 | DType::F16) {
-                return Err(Error::unsupported(format!(
-                    "{name}: dtype {} (the gate takes bf16 or f16)",
-                    t.dtype().name()
-                )));
-            }
             let want = [tokens, heads, c.head_dim];
             if t.shape() != want {
                 return Err(Error::invalid(format!(
@@ -158,6 +168,11 @@ impl Gate {
     pub fn has_layer(&self, layer: usize) -> bool {
         matches!(self.layers.get(layer), Some(Some(_)))
     }
+}
+
+/// A packed bf16 `[tokens, heads, dim]` view of `bytes`.
+fn packed_bf16<'a>(name: &str, bytes: &'a [u8], [t, h, d]: [usize; 3]) -> Result<Tensor3<'a>> {
+    Tensor3::new(name, bytes, DType::BF16, crate::tensor::Layout3::contiguous(t, h, d))
 }
 
 fn convert_weight(name: &str, w: WeightRef<'_>, want: [usize; 3]) -> Result<Vec<f32>> {

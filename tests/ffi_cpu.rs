@@ -10,7 +10,8 @@ use seerattn::ffi::attention::{seer_prefill_params_default, seer_sparse_prefill,
 use seerattn::ffi::cuda::seer_cuda_device_info;
 use seerattn::ffi::gate::*;
 use seerattn::ffi::mask::{
-    seer_mask_from_dense, seer_mask_sizes, seer_mask_to_dense, seer_prefill_workspace_size, SeerMaskSizes,
+    seer_mask_from_dense, seer_mask_sizes, seer_mask_to_dense, seer_prefill_workspace_size,
+    seer_prefill_workspace_size_dtype, SeerMaskSizes,
 };
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -573,13 +574,24 @@ fn strides_overlapping_outputs_and_unsupported_geometry() {
             SEER_INVALID_ARGUMENT,
             "mask inside out",
         );
-        // Unsupported: f32 inputs, block size 32 and 128 in the params.
+        // Unsupported: f32 keys and values (an f32 q is taken, rounded to
+        // the keys' dtype: f32_q_and_gate_inputs_are_rounded_to_16_bits),
+        // block size 32 and 128 in the params. A q of the other 16-bit type
+        // than k is invalid.
         let f32q = vec![0f32; inputs.q.len()];
+        let f32kv = vec![0f32; inputs.k.len()];
         let fq = host_tensor(f32q.as_ptr(), F32, [64, 8, 128]);
+        let fkv = host_tensor(f32kv.as_ptr(), F32, [64, 2, 128]);
         expect(
-            seer_sparse_prefill(&pp, &batch, &fq, &k, &v, &m, &o, std::ptr::null_mut(), 0),
+            seer_sparse_prefill(&pp, &batch, &fq, &fkv, &fkv, &m, &o, std::ptr::null_mut(), 0),
             SEER_UNSUPPORTED,
-            "f32 q",
+            "f32 q, k and v",
+        );
+        let hq16 = host_tensor(inputs.q.as_ptr(), F16, [64, 8, 128]);
+        expect(
+            seer_sparse_prefill(&pp, &batch, &hq16, &k, &v, &m, &o, std::ptr::null_mut(), 0),
+            SEER_INVALID_ARGUMENT,
+            "f16 q with bf16 k",
         );
         for block in [32u32, 128] {
             let p = SeerPrefillParams { block_size: block, ..pp };
@@ -688,5 +700,160 @@ fn mask_rules_and_weights_out_of_range() {
         let status = unsafe { seer_gate_set_layer_weights(gate.0, 0, &desc, std::ptr::null()) };
         let msg = expect(status, SEER_INVALID_ARGUMENT, "non-finite weight");
         assert!(msg.contains("not finite"), "{msg}");
+    }
+}
+
+/// f32 inputs on the CPU path: an f32 q is rounded to the keys' dtype and a
+/// gate's f32 pre-RoPE q/k to bf16 (to nearest even, what the CUDA path's
+/// conversion kernel does): the outputs and masks equal, bit for bit, those
+/// of the same values rounded by the caller, also through a strided f32
+/// view (llama.cpp's permuted Q). The workspace queries with dtypes: 0 on
+/// the CPU, the packed copies in front of the 16-bit size on CUDA.
+#[test]
+fn f32_q_and_gate_inputs_are_rounded_to_16_bits() {
+    const CPU: u32 = 0;
+    const CUDA: u32 = 1;
+    let _s = serial();
+    let (hq, hkv, d) = (8, 2, 128);
+    let gate = Gate::bundled();
+    for (lens, dtype) in [(vec![(100, 100)], F16), (vec![(70, 70), (30, 200)], BF16)] {
+        let inputs = Inputs::random(&lens, hq, hkv, d, 1.0, 71);
+        let (tq, tk) = (inputs.lens.total_q(), inputs.lens.total_k());
+        let mut rng = common::Rng(5);
+        // f32 values with bits below 16-bit precision, q stored token-major
+        // inside a [heads, tokens, d] buffer (a permuted view).
+        let qf: Vec<f32> = (0..tq * hq * d).map(|_| rng.uniform(-2.0, 2.0)).collect();
+        let kf: Vec<f32> = (0..tk * hkv * d).map(|_| rng.uniform(-2.0, 2.0)).collect();
+        let mut q_perm = vec![0f32; qf.len()];
+        for t in 0..tq {
+            for h in 0..hq {
+                for x in 0..d {
+                    q_perm[(h * tq + t) * d + x] = qf[(t * hq + h) * d + x];
+                }
+            }
+        }
+        let mut fq = host_tensor(q_perm.as_ptr(), F32, [tq, hq, d]);
+        fq.strides = [d as i64, (tq * d) as i64, 1];
+        let fk = host_tensor(kf.as_ptr(), F32, [tk, hkv, d]);
+        let round = |v: &[f32], to: u32| -> Vec<u16> {
+            v.iter()
+                .map(|&x| if to == F16 { half::f16::from_f32(x).to_bits() } else { half::bf16::from_f32(x).to_bits() })
+                .collect()
+        };
+        // K and V in `dtype`, q rounded by hand to the same dtype.
+        let kv: Vec<u16> =
+            round(&inputs.k.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect::<Vec<_>>(), dtype);
+        let vv: Vec<u16> =
+            round(&inputs.v.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect::<Vec<_>>(), dtype);
+        let (k, v) = (host_tensor(kv.as_ptr(), dtype, [tk, hkv, d]), host_tensor(vv.as_ptr(), dtype, [tk, hkv, d]));
+        let q16 = round(&qf, dtype);
+        let q = host_tensor(q16.as_ptr(), dtype, [tq, hq, d]);
+        let batch = inputs.lens.batch();
+        let mut mask = HostMask::new(&sizes(&batch, hq as u32));
+        // Gate: f32 q_nope / k_nope against the bf16-rounded values.
+        let (qb, kb) = (round(&qf, BF16), round(&kf, BF16));
+        let (qbd, kbd) = (host_tensor(qb.as_ptr(), BF16, [tq, hq, d]), host_tensor(kb.as_ptr(), BF16, [tk, hkv, d]));
+        let params = gate.params(1);
+        let mut want_mask = HostMask::new(&sizes(&batch, hq as u32));
+        unsafe {
+            let desc = want_mask.desc();
+            expect(seer_gate_compute_mask(gate.0, &params, &batch, &qbd, &kbd, &desc), SEER_OK, "bf16 mask");
+            let desc = mask.desc();
+            expect(seer_gate_compute_mask(gate.0, &params, &batch, &fq, &fk, &desc), SEER_OK, "f32 mask");
+        }
+        assert_eq!(mask.rows(), want_mask.rows(), "f32 gate inputs: the mask of their bf16 rounding");
+        // Prefill over that mask: f32 q against q rounded to k's dtype.
+        let pp = prefill_params();
+        let m = mask.desc();
+        let run = |q: &SeerTensor| {
+            let mut out = vec![f32::NAN; tq * hq * d];
+            let mut lse = vec![f32::NAN; tq * hq];
+            let o = host_tensor(out.as_mut_ptr(), F32, [tq, hq, d]);
+            let st = unsafe { seer_sparse_prefill(&pp, &batch, q, &k, &v, &m, &o, lse.as_mut_ptr(), lse.len()) };
+            expect(st, SEER_OK, "prefill");
+            (out, lse)
+        };
+        let (want, want_lse) = run(&q);
+        let (got, got_lse) = run(&fq);
+        assert!(want.iter().all(|x| x.is_finite()));
+        assert_eq!(
+            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "f32 q: the output of q rounded to the keys' dtype"
+        );
+        assert_eq!(
+            got_lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            want_lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        // Workspace queries with dtypes.
+        let mut bytes = usize::MAX;
+        unsafe {
+            expect(
+                seer_prefill_workspace_size_dtype(&batch, hq as u32, d as u32, F32, dtype, CPU, &mut bytes),
+                SEER_OK,
+                "cpu",
+            );
+            assert_eq!(bytes, 0);
+            expect(seer_gate_workspace_size_dtype(gate.0, &batch, F32, CPU, &mut bytes), SEER_OK, "gate cpu");
+            assert_eq!(bytes, 0);
+            bytes = 12345;
+            expect(
+                seer_prefill_workspace_size_dtype(&batch, hq as u32, d as u32, F32, F32, CPU, &mut bytes),
+                SEER_INVALID_ARGUMENT,
+                "f32 keys",
+            );
+            expect(
+                seer_prefill_workspace_size_dtype(&batch, hq as u32, d as u32, F16, BF16, CPU, &mut bytes),
+                SEER_INVALID_ARGUMENT,
+                "f16 q with bf16 keys",
+            );
+            expect(
+                seer_prefill_workspace_size_dtype(&batch, hq as u32, d as u32, 7, BF16, CPU, &mut bytes),
+                SEER_INVALID_ARGUMENT,
+                "unknown q dtype",
+            );
+            expect(
+                seer_prefill_workspace_size_dtype(&batch, hq as u32, d as u32, F32, BF16, CPU, std::ptr::null_mut()),
+                SEER_NULL_POINTER,
+                "prefill NULL out_bytes",
+            );
+            expect(
+                seer_gate_workspace_size_dtype(gate.0, &batch, 7, CPU, &mut bytes),
+                SEER_INVALID_ARGUMENT,
+                "dtype 7",
+            );
+            expect(
+                seer_gate_workspace_size_dtype(gate.0, &batch, F32, 9, &mut bytes),
+                SEER_INVALID_ARGUMENT,
+                "gate device 9",
+            );
+            expect(
+                seer_gate_workspace_size_dtype(gate.0, &batch, F32, CPU, std::ptr::null_mut()),
+                SEER_NULL_POINTER,
+                "gate NULL out_bytes",
+            );
+            assert_eq!(bytes, 12345, "failed calls leave out_bytes alone");
+            if seerattn::cuda::cuda_enabled() {
+                let mut plain = 0usize;
+                expect(seer_prefill_workspace_size(&batch, hq as u32, d as u32, CUDA, &mut plain), SEER_OK, "16-bit");
+                for (qd, extra) in [(dtype, 0), (F32, (tq * hq * d * 2).div_ceil(256) * 256)] {
+                    expect(
+                        seer_prefill_workspace_size_dtype(&batch, hq as u32, d as u32, qd, dtype, CUDA, &mut bytes),
+                        SEER_OK,
+                        "cuda",
+                    );
+                    assert_eq!(bytes, plain + extra, "prefill workspace, q dtype {qd}");
+                }
+                expect(seer_gate_workspace_size(gate.0, &batch, CUDA, &mut plain), SEER_OK, "gate 16-bit");
+                for (gd, extra) in [
+                    (BF16, 0),
+                    (F16, 0),
+                    (F32, (tq * hq * d * 2).div_ceil(256) * 256 + (tk * hkv * d * 2).div_ceil(256) * 256),
+                ] {
+                    expect(seer_gate_workspace_size_dtype(gate.0, &batch, gd, CUDA, &mut bytes), SEER_OK, "gate cuda");
+                    assert_eq!(bytes, plain + extra, "gate workspace, dtype {gd}");
+                }
+            }
+        }
     }
 }

@@ -559,3 +559,55 @@ fn gpu_prefill_ignores_non_finite_keys_past_a_sequence() {
     eprintln!("NaN keys past the sequence: relative error of the first sequence {rel:.2e}");
     assert!(rel <= 1e-2, "relative error {rel}");
 }
+
+/// An f32 q (llama.cpp's Q is f32): rounded on the device to K's dtype
+/// (kernels/convert.cu) into the front of the workspace, then the kernels
+/// run on that copy, split-KV in the rest of the workspace where the batch
+/// calls for it. Values within half a 16-bit step of the inputs, read
+/// through a permuted view ([heads, tokens, d] in memory, as ggml permutes
+/// Q), give the 16-bit q's output bit for bit; a workspace without room for
+/// the copy is `BufferTooSmall`.
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_prefill_f32_q_is_rounded_to_the_keys_dtype() {
+    let ctx = ctx();
+    for (dtype, lens) in [(DType::BF16, &[(300usize, 1000usize), (64, 64)][..]), (DType::F16, &[(130, 130)][..])] {
+        let p = Problem::new(lens, 8, 2, 128, dtype, false, 0.5, 0, 77);
+        let (tq, hq, d) = (p.batch.total_q(), p.hq, p.d);
+        let want = run_gpu(&ctx, &p, DType::F32);
+        check(&format!("{} 16-bit q", dtype.name()), &p, &want, &p.reference(DType::F32), 1e-2);
+        // q as f32, a hair off each 16-bit value (below half a step), stored head-major.
+        let q16 = decode(&p.q.0, dtype);
+        let mut q32 = vec![0f32; q16.len()];
+        for t in 0..tq {
+            for h in 0..hq {
+                for x in 0..d {
+                    q32[(h * tq + t) * d + x] = q16[(t * hq + h) * d + x] * (1.0 + 1.0 / 8192.0);
+                }
+            }
+        }
+        let bq32 = upload(&ctx, &encode(&q32, DType::F32));
+        let mut dev = OnDevice::new(&ctx, &p, DType::F32);
+        dev.q = DeviceTensor {
+            ptr: bq32.ptr(),
+            dtype: DType::F32,
+            layout: Layout3 { shape: [tq, hq, d], strides: [d, tq * d, 1] },
+        };
+        let convert = (tq * hq * d * 2).div_ceil(256) * 256;
+        let need = seerattn::gpu::attention::workspace_bytes_for(&p.batch, hq, d, DType::F32);
+        assert_eq!(need, convert + seerattn::gpu::attention::workspace_bytes(&p.batch, hq, d));
+        dev.workspace = Some(testing::alloc_zeroed(&ctx, need).unwrap());
+        dev.poison_outputs(&ctx);
+        let stream = Stream::new(&ctx).unwrap();
+        unsafe { dev.enqueue(&p, &stream) }.unwrap();
+        stream.synchronize().unwrap();
+        let got = dev.read(&ctx);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.0), bits(&want.0), "{}: f32 q gives the 16-bit q's output", dtype.name());
+        assert_eq!(bits(&got.1), bits(&want.1), "{}: and its lse", dtype.name());
+        // Room for less than the copy.
+        dev.workspace = Some(testing::alloc_zeroed(&ctx, convert - 256).unwrap());
+        let r = unsafe { dev.enqueue(&p, &stream) };
+        assert!(matches!(r, Err(Error::BufferTooSmall(_))), "{r:?}");
+    }
+}

@@ -881,3 +881,73 @@ fn gpu_kcache_graph_capture_replays() {
         assert_eq!(replayed, eager, "round {round}: graph replay differs from the eager run");
     }
 }
+
+/// f32 pre-RoPE inputs (llama.cpp's Qcur / Kcur before ggml_rope): rounded
+/// to bf16 on the device (kernels/convert.cu) into the workspace after the
+/// plan's scratch, so the masks equal, bit for bit, those of the same values
+/// rounded to bf16 on the host, here read through strided views of a fused
+/// buffer; the CPU path of the same f32 inputs gives the CPU mask of the
+/// bf16 values. A workspace without room for the copies (the 16-bit size) is
+/// `BufferTooSmall`.
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_gate_f32_inputs_are_rounded_to_bf16() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let mut rng = Rng(23);
+    let c = config(128, 8, 2);
+    let gate = random_gate(&c, &mut rng);
+    let device = DeviceGate::upload(&gate, &ctx).unwrap();
+    let batch = Batch::from_lens(&[(700, 700), (130, 900)]).unwrap();
+    let (tq, tk) = (batch.total_q(), batch.total_k());
+    let q = structured(tq, 8, 128, &mut rng);
+    let k = structured(tk, 2, 128, &mut rng);
+    let bf = upload_inputs(&ctx, &q, &k, tq, tk, &c, DType::BF16, false);
+    let f32s = upload_inputs(&ctx, &q, &k, tq, tk, &c, DType::F32, true);
+    let plan = GatePlan::new(&c, &batch).unwrap();
+    let need = plan.workspace_bytes_for(&c, &batch, DType::F32);
+    assert_eq!(
+        need,
+        plan.workspace_bytes() + (tq * 8 * 128 * 2).div_ceil(256) * 256 + (tk * 2 * 128 * 2).div_ceil(256) * 256
+    );
+    let out16 = DeviceOutputs::new(&ctx, &c, &batch);
+    let mut out32 = DeviceOutputs::new(&ctx, &c, &batch);
+    out32.workspace = testing::alloc_zeroed(&ctx, need).unwrap();
+    testing::copy_to_device(&ctx, out32.workspace.ptr(), &vec![0xffu8; need]).unwrap();
+    let (qf, kf) = (encode(&q, DType::F32), encode(&k, DType::F32));
+    let qv = Tensor3::new("q", &qf, DType::F32, Layout3::contiguous(tq, 8, 128)).unwrap();
+    let kv = Tensor3::new("k", &kf, DType::F32, Layout3::contiguous(tk, 2, 128)).unwrap();
+    let (qb, kb) = (encode(&q, DType::BF16), encode(&k, DType::BF16));
+    let qbv = Tensor3::new("q", &qb, DType::BF16, Layout3::contiguous(tq, 8, 128)).unwrap();
+    let kbv = Tensor3::new("k", &kb, DType::BF16, Layout3::contiguous(tk, 2, 128)).unwrap();
+    for params in [
+        MaskParams { method: SparsityMethod::NzRatio, nz_ratio: 0.2, ..MaskParams::from_config(&c) },
+        MaskParams { method: SparsityMethod::Threshold, threshold: 0.01, ..MaskParams::from_config(&c) },
+    ] {
+        let want = run_gpu(&ctx, &gate, &device, &params, &batch, &bf, &out16, &stream);
+        let got = run_gpu(&ctx, &gate, &device, &params, &batch, &f32s, &out32, &stream);
+        assert_eq!(got, want, "{:?}: f32 inputs on the GPU give the mask of their bf16 rounding", params.method);
+        let cpu32 = gate.compute_block_mask(1, &qv, &kv, &batch, &params).unwrap();
+        let cpu16 = gate.compute_block_mask(1, &qbv, &kbv, &batch, &params).unwrap();
+        assert_eq!(cpu32, cpu16, "{:?}: the CPU path rounds f32 inputs the same way", params.method);
+    }
+    let params = MaskParams::from_config(&c);
+    let mask = out32.mask();
+    let small = plan.workspace_bytes();
+    let r = unsafe {
+        compute_mask(
+            &gate,
+            &device,
+            1,
+            &params,
+            &batch,
+            &f32s.q,
+            &f32s.k,
+            &mask,
+            out32.workspace.ptr(),
+            small,
+            stream.raw(),
+        )
+    };
+    assert!(matches!(r, Err(Error::BufferTooSmall(_))), "{r:?}");
+}

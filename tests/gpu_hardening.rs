@@ -908,7 +908,17 @@ fn only_the_upload_allocates_copies_or_synchronizes() {
         "Capture",
     ];
     let allowed = |file: &str, f: &str| match file {
-        "cuda/memory.rs" => ["cuMemAlloc_v2", "cuMemcpyHtoD_v2", "cuMemFree_v2"].contains(&f),
+        // The upload, and the GPU trainer's own state (DeviceBuffer::zeroed,
+        // write, read: training is not a hot path, see src/distill/cuda.rs).
+        "cuda/memory.rs" => [
+            "cuMemAlloc_v2",
+            "cuMemcpyHtoD_v2",
+            "cuMemFree_v2",
+            "cuMemsetD8_v2",
+            "cuMemcpyDtoH_v2",
+            "cuStreamSynchronize",
+        ]
+        .contains(&f),
         "cuda/module.rs" => f == "cuModuleLoadData",
         "cuda/testing.rs" => true,
         _ => false,
@@ -958,12 +968,25 @@ fn only_the_upload_allocates_copies_or_synchronizes() {
         out
     };
     for (name, f) in callers("DeviceBuffer::alloc(").into_iter().chain(callers("DeviceBuffer::upload(")) {
-        let ok = matches!((name.as_str(), f.as_str()), ("cuda/memory.rs", "upload") | ("gpu/gate.rs", "upload"))
-            || name == "cuda/testing.rs";
+        let ok = matches!(
+            (name.as_str(), f.as_str()),
+            ("cuda/memory.rs", "upload" | "zeroed") | ("gpu/gate.rs", "upload") | ("distill/cuda.rs", "new")
+        ) || name == "cuda/testing.rs";
         assert!(ok, "src/{name}: fn {f} allocates device memory");
     }
     for (name, f) in callers("DeviceGate::upload(") {
-        assert_eq!((name.as_str(), f.as_str()), ("ffi/gate.rs", "seer_gate_upload"), "DeviceGate::upload's callers");
+        assert!(
+            matches!((name.as_str(), f.as_str()), ("ffi/gate.rs", "seer_gate_upload") | ("distill/cuda.rs", "new")),
+            "DeviceGate::upload called by src/{name}: fn {f}"
+        );
+    }
+    // The trainer's scratch and state: created by the trainer only (new,
+    // ensure, discard), never by inference code.
+    for (name, f) in callers("DeviceBuffer::zeroed(") {
+        assert!(
+            name == "distill/cuda.rs" && ["new", "ensure", "discard_accumulated"].contains(&f.as_str()),
+            "src/{name}: fn {f} allocates device memory"
+        );
     }
     for (name, _) in callers("testing::") {
         assert!(name.starts_with("cuda/"), "src/{name} uses cuda::testing");

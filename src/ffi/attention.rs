@@ -46,8 +46,13 @@ pub unsafe extern "C" fn seer_prefill_params_default(out: *mut SeerPrefillParams
 /// the blocks its row of `mask` selects (causal inside the diagonal block),
 /// times V, written to `out`. Post-RoPE `q` `[total_q, num_q_heads, head_dim]`,
 /// `k` and `v` `[total_k, num_kv_heads, head_dim]`, one dtype (bf16 or f16),
-/// any strides, head_dim 64, 128 or 256; `out` like `q`, in q's dtype or f32,
-/// not overlapping any input. `maybe_lse` (NULL for none) receives the
+/// any strides, head_dim 64, 128 or 256; `q` in that dtype, or f32 (then
+/// rounded to k's dtype, to nearest even, before the attention: on the CPU
+/// into a host buffer, on CUDA by a conversion kernel into the front of
+/// `params->workspace`, which must then hold
+/// `seer_prefill_workspace_size_dtype` bytes, `SEER_BUFFER_TOO_SMALL`
+/// below the copy); `out` like `q`, in k's dtype or f32, not overlapping
+/// any input. `maybe_lse` (NULL for none) receives the
 /// natural-log sum of exponentials of the scaled scores, `[num_q_heads, total_q]`
 /// f32, `lse_len` entries. A query whose row selects no block gets an output
 /// of zeros and an lse of -infinity, never NaN.

@@ -591,7 +591,8 @@ pub unsafe extern "C" fn seer_gate_upload(gate: *mut SeerGate) -> SeerStatus {
 /// Scratch bytes `seer_gate_compute_mask` needs in `params->workspace` for
 /// this batch with buffers on `device` (a `SeerDevice`): 0 for
 /// `SEER_DEVICE_CPU`; for `SEER_DEVICE_CUDA`, the size of the CUDA gate's
-/// intermediates (a multiple of 256). Needs no GPU and no upload.
+/// intermediates (a multiple of 256) for bf16 or f16 inputs (f32 inputs need
+/// `seer_gate_workspace_size_dtype`). Needs no GPU and no upload.
 /// `SEER_UNSUPPORTED` (with the reason) where the CUDA gate does not take
 /// this gate or batch (gate type, gate_hidden, head_dim, more than 256
 /// sequences) or the build has no CUDA kernels.
@@ -602,7 +603,42 @@ pub unsafe extern "C" fn seer_gate_workspace_size(
     device: u32,
     out_bytes: *mut usize,
 ) -> SeerStatus {
-    ffi_call!("seer_gate_workspace_size", {
+    ffi_call!("seer_gate_workspace_size", { gate_workspace(gate, batch, None, device, out_bytes) })
+}
+
+/// `seer_gate_workspace_size` for inputs (`q_nope`, `k_nope`, or a cache
+/// update's `k_new`) of `dtype` (a `SeerDType`). For bf16 and f16 it equals
+/// `seer_gate_workspace_size`. For f32 on CUDA it adds the bf16 copies the
+/// library rounds the inputs into before the gate's kernels read them
+/// (kernels/convert.cu): `total_q * num_q_heads * head_dim * 2` and
+/// `total_k * num_kv_heads * head_dim * 2` bytes, each rounded up to 256.
+/// That is what `seer_gate_compute_mask` with `k_nope` needs; with K-block
+/// caches it uses the first copy only, and `seer_kblock_cache_update` puts
+/// `k_new` there, so this size serves all three. 0 on the CPU (the CPU path
+/// rounds f32 inputs to bf16 on the host, the same values).
+#[no_mangle]
+pub unsafe extern "C" fn seer_gate_workspace_size_dtype(
+    gate: *const SeerGate,
+    batch: *const SeerBatch,
+    dtype: u32,
+    device: u32,
+    out_bytes: *mut usize,
+) -> SeerStatus {
+    ffi_call!("seer_gate_workspace_size_dtype", {
+        let dtype = args::dtype_of("dtype", dtype)?;
+        gate_workspace(gate, batch, Some(dtype), device, out_bytes)
+    })
+}
+
+/// The body of both gate workspace queries; `dtype` None: 16-bit inputs.
+unsafe fn gate_workspace(
+    gate: *const SeerGate,
+    batch: *const SeerBatch,
+    dtype: Option<crate::tensor::DType>,
+    device: u32,
+    out_bytes: *mut usize,
+) -> FfiResult {
+    {
         let handle = gate_handle(gate)?;
         let handle: &SeerGate = &handle;
         let out = args::out_ptr("out_bytes", out_bytes)?;
@@ -617,12 +653,16 @@ pub unsafe extern "C" fn seer_gate_workspace_size(
             }
             SeerDevice::SEER_DEVICE_CUDA => {
                 require_cuda_build()?;
-                GatePlan::new(c, &batch)?.workspace_bytes()
+                let plan = GatePlan::new(c, &batch)?;
+                match dtype {
+                    Some(dtype) => plan.workspace_bytes_for(c, &batch, dtype),
+                    None => plan.workspace_bytes(),
+                }
             }
         };
         out.write(bytes);
         Ok(())
-    })
+    }
 }
 
 /// Release a gate and its device copy, if any. NULL is accepted and
@@ -706,7 +746,10 @@ impl SeerMaskParams {
 
 /// Compute layer `params->layer`'s block mask for a batch from pre-RoPE
 /// `q_nope` `[total_q, num_q_heads, head_dim]` and `k_nope`
-/// `[total_k, num_kv_heads, head_dim]` (bf16 or f16, any strides). Writes
+/// `[total_k, num_kv_heads, head_dim]` (bf16 or f16, any strides; or f32,
+/// rounded to bf16 to nearest even first: on the CPU into host buffers, on
+/// CUDA into the workspace, which must then hold
+/// `seer_gate_workspace_size_dtype` bytes). Writes
 /// `out_mask` (sizes from `seer_mask_sizes`); the mask arrays must not
 /// overlap each other or the inputs.
 ///
@@ -905,7 +948,9 @@ pub unsafe extern "C" fn seer_kblock_cache_size(
 ///   the batch's query offsets: sequence `s`'s `q_len` rows start at row
 ///   `cu_seqlens_q[s]`, row `i` being the key at absolute position
 ///   `k_len - q_len + i` (the positions of the chunk's queries). bf16 or
-///   f16, unit dim stride, 16-byte aligned rows, as for `k_nope`.
+///   f16, unit dim stride, 16-byte aligned rows, as for `k_nope`; or f32,
+///   any strides, rounded to bf16 into the workspace
+///   (`seer_gate_workspace_size_dtype` with `SEER_DTYPE_F32`).
 /// - `caches`: a **host** array of `num_caches` device addresses, one per
 ///   sequence in batch order (`num_caches == batch->num_seqs`, else
 ///   `SEER_INVALID_ARGUMENT`), each a cache of `seer_kblock_cache_size`

@@ -3,8 +3,9 @@
 
 use super::args::{self, invalid, SeerBatch, SeerBlockMask};
 use super::gate::check_mask_capacity;
-use super::status::{FfiError, SeerStatus};
+use super::status::{FfiError, FfiResult, SeerStatus};
 use crate::mask::{BlockMask, MaskLayout};
+use crate::tensor::DType;
 
 /// Buffer sizes of a block mask for one batch shape (`seer_mask_sizes`).
 #[repr(C)]
@@ -67,7 +68,8 @@ pub unsafe extern "C" fn seer_mask_sizes(
 /// not split). A smaller workspace is accepted and runs unsplit (same
 /// results, less parallelism). A pure function of the arguments (no GPU
 /// needed). `SEER_UNSUPPORTED` on CUDA in a build without kernels or for a
-/// head_dim the kernel is not built for. The gate's workspace is
+/// head_dim the kernel is not built for. For an f32 q, use
+/// `seer_prefill_workspace_size_dtype`. The gate's workspace is
 /// `seer_gate_workspace_size`.
 #[no_mangle]
 pub unsafe extern "C" fn seer_prefill_workspace_size(
@@ -78,34 +80,83 @@ pub unsafe extern "C" fn seer_prefill_workspace_size(
     out_bytes: *mut usize,
 ) -> SeerStatus {
     ffi_call!("seer_prefill_workspace_size", {
-        let _ = layout(batch, num_q_heads, crate::config::SUPPORTED_BLOCK_SIZE as u32)?;
-        let rust_batch = args::batch(batch)?;
-        if head_dim == 0 {
-            return Err(invalid("head_dim is 0"));
-        }
-        if args::device_of("device", device)? == args::SeerDevice::SEER_DEVICE_CUDA {
-            if !crate::cuda::cuda_enabled() {
-                return Err(FfiError::new(
-                    SeerStatus::SEER_UNSUPPORTED,
-                    "this build of seerattn has no CUDA kernels (no nvcc at build time)",
-                ));
-            }
-            if !crate::gpu::attention::CUDA_HEAD_DIMS.contains(&(head_dim as usize)) {
-                return Err(FfiError::new(
-                    SeerStatus::SEER_UNSUPPORTED,
-                    format!(
-                        "head_dim {head_dim}: the CUDA prefill is built for {:?}",
-                        crate::gpu::attention::CUDA_HEAD_DIMS
-                    ),
-                ));
-            }
-            let bytes = crate::gpu::attention::workspace_bytes(&rust_batch, num_q_heads as usize, head_dim as usize);
-            args::out_ptr("out_bytes", out_bytes)?.write(bytes);
-            return Ok(());
-        }
-        args::out_ptr("out_bytes", out_bytes)?.write(0);
-        Ok(())
+        prefill_workspace(batch, num_q_heads, head_dim, None, device, out_bytes)
     })
+}
+
+/// `seer_prefill_workspace_size` for a call whose `q` has dtype `q_dtype`
+/// and whose `k` and `v` have `kv_dtype` (`SeerDType` values). With 16-bit
+/// q (`q_dtype == kv_dtype`) it equals `seer_prefill_workspace_size`. With
+/// an f32 q on CUDA it adds, in front, the packed copy of q rounded to
+/// `kv_dtype` (`total_q * num_q_heads * head_dim * 2` bytes rounded up to
+/// 256), which the call needs (`SEER_BUFFER_TOO_SMALL` below it); the
+/// split-KV part after it stays optional as above. 0 on the CPU (the CPU
+/// path rounds an f32 q on the host). `SEER_INVALID_ARGUMENT` for a dtype
+/// pair the prefill refuses (`kv_dtype` f32, q neither `kv_dtype` nor f32).
+#[no_mangle]
+pub unsafe extern "C" fn seer_prefill_workspace_size_dtype(
+    batch: *const SeerBatch,
+    num_q_heads: u32,
+    head_dim: u32,
+    q_dtype: u32,
+    kv_dtype: u32,
+    device: u32,
+    out_bytes: *mut usize,
+) -> SeerStatus {
+    ffi_call!("seer_prefill_workspace_size_dtype", {
+        let q = args::dtype_of("q_dtype", q_dtype)?;
+        let kv = args::dtype_of("kv_dtype", kv_dtype)?;
+        if kv == DType::F32 || (q != kv && q != DType::F32) {
+            return Err(invalid(format!(
+                "q_dtype {} with kv_dtype {}: the prefill takes bf16 or f16 keys and q of their dtype or f32",
+                q.name(),
+                kv.name()
+            )));
+        }
+        prefill_workspace(batch, num_q_heads, head_dim, Some(q), device, out_bytes)
+    })
+}
+
+/// The body of both prefill workspace queries; `q_dtype` None: 16-bit q.
+unsafe fn prefill_workspace(
+    batch: *const SeerBatch,
+    num_q_heads: u32,
+    head_dim: u32,
+    q_dtype: Option<DType>,
+    device: u32,
+    out_bytes: *mut usize,
+) -> FfiResult {
+    let _ = layout(batch, num_q_heads, crate::config::SUPPORTED_BLOCK_SIZE as u32)?;
+    let rust_batch = args::batch(batch)?;
+    if head_dim == 0 {
+        return Err(invalid("head_dim is 0"));
+    }
+    if args::device_of("device", device)? == args::SeerDevice::SEER_DEVICE_CUDA {
+        if !crate::cuda::cuda_enabled() {
+            return Err(FfiError::new(
+                SeerStatus::SEER_UNSUPPORTED,
+                "this build of seerattn has no CUDA kernels (no nvcc at build time)",
+            ));
+        }
+        if !crate::gpu::attention::CUDA_HEAD_DIMS.contains(&(head_dim as usize)) {
+            return Err(FfiError::new(
+                SeerStatus::SEER_UNSUPPORTED,
+                format!(
+                    "head_dim {head_dim}: the CUDA prefill is built for {:?}",
+                    crate::gpu::attention::CUDA_HEAD_DIMS
+                ),
+            ));
+        }
+        let (hq, d) = (num_q_heads as usize, head_dim as usize);
+        let bytes = match q_dtype {
+            Some(q) => crate::gpu::attention::workspace_bytes_for(&rust_batch, hq, d, q),
+            None => crate::gpu::attention::workspace_bytes(&rust_batch, hq, d),
+        };
+        args::out_ptr("out_bytes", out_bytes)?.write(bytes);
+        return Ok(());
+    }
+    args::out_ptr("out_bytes", out_bytes)?.write(0);
+    Ok(())
 }
 
 /// Build an index-list mask from a dense `u8` block map (non-zero selects;

@@ -29,7 +29,7 @@ use crate::batch::Batch;
 use crate::cuda::tma::{self, TensorMap};
 use crate::cuda::{self, kernels, CUstream, Ctx};
 use crate::error::{Error, Result};
-use crate::gpu::{check_buffer, DeviceMask, DeviceTensor};
+use crate::gpu::{check_buffer, convert, DeviceMask, DeviceTensor};
 use crate::mask::MaskLayout;
 use crate::tensor::DType;
 use std::ffi::c_void;
@@ -118,10 +118,10 @@ pub fn split_count(batch: &Batch, hq: usize) -> usize {
     TARGET_CTAS.div_ceil(ctas).min(MAX_SPLITS).min(longest / MIN_SPLIT_BLOCKS).max(1)
 }
 
-/// Scratch bytes of the CUDA prefill for `batch` (`seer_prefill_workspace_size`):
-/// with split-KV, each part's f32 output and lse; 0 without. A smaller
-/// workspace is not an error: the call then runs unsplit (same results,
-/// less parallelism for few long rows).
+/// Scratch bytes of the CUDA prefill for `batch` with 16-bit q
+/// (`seer_prefill_workspace_size`): with split-KV, each part's f32 output
+/// and lse; 0 without. A smaller workspace is not an error: the call then
+/// runs unsplit (same results, less parallelism for few long rows).
 pub fn workspace_bytes(batch: &Batch, hq: usize, head_dim: usize) -> usize {
     let splits = split_count(batch, hq);
     if splits == 1 {
@@ -129,6 +129,24 @@ pub fn workspace_bytes(batch: &Batch, hq: usize, head_dim: usize) -> usize {
     }
     let rows = batch.total_q() * hq;
     (splits * rows * head_dim * 4 + splits * rows * 4).div_ceil(256) * 256
+}
+
+/// Scratch bytes of the CUDA prefill for `batch` with q of `q_dtype`
+/// (`seer_prefill_workspace_size_dtype`): for f32 q, first its packed copy
+/// in K's dtype ([`convert::packed_bytes`], required), then the split-KV
+/// parts of [`workspace_bytes`] (optional, as there); for 16-bit q,
+/// [`workspace_bytes`].
+pub fn workspace_bytes_for(batch: &Batch, hq: usize, head_dim: usize, q_dtype: DType) -> usize {
+    q_convert_bytes(batch, hq, head_dim, q_dtype) + workspace_bytes(batch, hq, head_dim)
+}
+
+/// The front of the workspace that holds the rounded copy of an f32 q (0 for 16-bit q).
+fn q_convert_bytes(batch: &Batch, hq: usize, head_dim: usize, q_dtype: DType) -> usize {
+    if q_dtype == DType::F32 {
+        convert::packed_bytes([batch.total_q(), hq, head_dim])
+    } else {
+        0
+    }
 }
 
 /// `seer::attn::SeqEntry` (also the distillation target's table,
@@ -250,13 +268,34 @@ pub(crate) unsafe fn sparse_prefill(
             "head_dim {d}: the CUDA prefill is built for {CUDA_HEAD_DIMS:?} (the CPU path takes 256)"
         )));
     }
+    let q_f32 = q.dtype == DType::F32;
     for (name, t) in [("q", q), ("k", k), ("v", v), ("out", out)] {
-        t.check_rows_aligned(name, "the CUDA prefill")?;
+        if !(q_f32 && name == "q") {
+            t.check_rows_aligned(name, "the CUDA prefill")?;
+        }
     }
     let ctx = cuda::context_of(q.ptr)?;
     for (name, t) in [("q", q), ("k", k), ("v", v), ("out", out)] {
         check_buffer(&ctx, "q", name, t.ptr, t.span_bytes(name)?)?;
     }
+    // An f32 q is first rounded to K's dtype into the front of the workspace
+    // (kernels/convert.cu); the kernels then read that packed copy, and the
+    // split-KV parts take the rest of the workspace.
+    let convert_len = q_convert_bytes(batch, hq, d, q.dtype);
+    if workspace.1 < convert_len {
+        return Err(Error::BufferTooSmall(format!(
+            "the workspace holds {} bytes; an f32 q of this batch needs {convert_len} to be rounded to {} \
+             (seer_prefill_workspace_size_dtype)",
+            workspace.1,
+            k.dtype.name()
+        )));
+    }
+    if convert_len > 0 && workspace.0 % 256 != 0 {
+        return Err(Error::invalid(
+            "with an f32 q the prefill workspace must be 256-byte aligned (cudaMalloc memory is)",
+        ));
+    }
+    check_buffer(&ctx, "q", "workspace", workspace.0, convert_len)?;
     let layout = MaskLayout::new(batch, hq, BLOCK)?;
     let need = [
         ("mask->counts", mask.counts, mask.counts_len, layout.rows(), 4),
@@ -277,6 +316,13 @@ pub(crate) unsafe fn sparse_prefill(
     }
 
     let plan = Plan::new(batch, hq)?;
+    let converted;
+    let (q, workspace) = if q_f32 {
+        converted = convert::to_16bit(&ctx, "q", "q", q, workspace.0, k.dtype, stream)?;
+        (&converted, (workspace.0 + convert_len as u64, workspace.1 - convert_len))
+    } else {
+        (q, workspace)
+    };
     let input = match q.dtype {
         DType::BF16 => "bf16",
         DType::F16 => "f16",

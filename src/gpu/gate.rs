@@ -24,7 +24,7 @@
 //! inputs whose rows are 16-byte aligned, up to [`MAX_SEQS`] sequences.
 //! Anything else is `Unsupported` with the reason; the CPU reference covers it.
 
-use super::check_buffer;
+use super::{check_buffer, convert};
 pub use super::{DeviceMask, DeviceTensor};
 
 /// The context every buffer of a gate call must belong to, as messages name it.
@@ -233,7 +233,7 @@ impl GatePlan {
         })
     }
 
-    /// Scratch bytes the caller's workspace must hold.
+    /// Scratch bytes the caller's workspace must hold for 16-bit inputs.
     pub fn workspace_bytes(&self) -> usize {
         self.workspace_bytes
     }
@@ -248,6 +248,29 @@ impl GatePlan {
     /// Key-block rows of the batch (all sequences) and the most of one sequence.
     pub(crate) fn kblock_rows(&self) -> (usize, usize) {
         (self.kblock_rows, self.max_k_blocks)
+    }
+
+    /// Scratch bytes for inputs of `dtype` (`seer_gate_workspace_size_dtype`):
+    /// for f32 inputs, [`Self::workspace_bytes`] followed by their bf16 copies
+    /// (kernels/convert.cu): q_nope `[total_q, hq, d]`, then k_nope
+    /// `[total_k, hkv, d]`. What `compute_mask` with keys uses; with K-block
+    /// caches only the q copy is used, and a cache update's `k_new`
+    /// `[total_q, hkv, d]` goes where the q copy would, so this size serves
+    /// all three calls.
+    pub fn workspace_bytes_for(&self, config: &GateConfig, batch: &Batch, dtype: DType) -> usize {
+        self.workspace_bytes + self.convert_bytes(config, batch, dtype, true)
+    }
+
+    /// The conversion part of the workspace: the q copy (or k_new's, which is
+    /// smaller), plus the k copy when `with_keys`.
+    fn convert_bytes(&self, config: &GateConfig, batch: &Batch, dtype: DType, with_keys: bool) -> usize {
+        if dtype != DType::F32 {
+            return 0;
+        }
+        let (d, hq, hkv) = (config.head_dim, config.num_q_heads, config.num_kv_heads);
+        let q = convert::packed_bytes([batch.total_q(), hq, d]);
+        let k = if with_keys { convert::packed_bytes([batch.total_k(), hkv, d]) } else { 0 };
+        q + k
     }
 
     pub(crate) fn table<const S: usize>(&self) -> SeqTable<S> {
@@ -328,10 +351,9 @@ enum KSide<'a> {
 
 /// A pre-RoPE Q or K tensor the pool kernels read: dtype, shape, 16-byte
 /// rows, device memory of the weights' context.
+/// An f32 input is checked by the conversion (4-byte alignment, any
+/// strides) and rounded to bf16 before the pool kernels see it.
 fn check_input(device: &DeviceGate, name: &str, t: &DeviceTensor, tokens: usize, heads: usize, d: usize) -> Result<()> {
-    if !matches!(t.dtype, DType::BF16 | DType::F16) {
-        return Err(Error::unsupported(format!("{name}: dtype {} (the gate takes bf16 or f16)", t.dtype.name())));
-    }
     if t.layout.shape != [tokens, heads, d] {
         return Err(Error::invalid(format!(
             "{name}: shape {:?}, expected {:?} ([tokens, heads, head_dim] for this batch and gate)",
@@ -339,8 +361,59 @@ fn check_input(device: &DeviceGate, name: &str, t: &DeviceTensor, tokens: usize,
             [tokens, heads, d]
         )));
     }
+    if t.dtype == DType::F32 {
+        return Ok(());
+    }
     t.check_rows_aligned(name, "the CUDA gate")?;
     check_buffer(device.ctx(), WEIGHTS_CONTEXT, name, t.ptr, t.span_bytes(name)?)
+}
+
+/// The bf16 copies of f32 inputs, in the workspace after the plan's
+/// scratch (see [`GatePlan::workspace_bytes_for`]); 16-bit inputs are
+/// returned as they are. Checks that the workspace holds the copies.
+///
+/// # Safety
+/// As [`compute_mask`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn rounded_inputs(
+    config: &GateConfig,
+    device: &DeviceGate,
+    plan: &GatePlan,
+    batch: &Batch,
+    inputs: [Option<(&str, &DeviceTensor)>; 2],
+    workspace: u64,
+    workspace_len: usize,
+    stream: CUstream,
+) -> Result<[Option<DeviceTensor>; 2]> {
+    let f32_inputs = inputs.iter().flatten().filter(|(_, t)| t.dtype == DType::F32).count();
+    let mut out = [None, None];
+    if f32_inputs == 0 {
+        for (o, i) in out.iter_mut().zip(inputs) {
+            *o = i.map(|(_, t)| *t);
+        }
+        return Ok(out);
+    }
+    let with_keys = inputs[1].is_some_and(|(name, _)| name == "k_nope");
+    let need = plan.workspace_bytes + plan.convert_bytes(config, batch, DType::F32, with_keys);
+    if workspace_len < need {
+        return Err(Error::BufferTooSmall(format!(
+            "workspace holds {workspace_len} bytes; with f32 inputs this batch needs {need} \
+             (seer_gate_workspace_size_dtype with SEER_DTYPE_F32)"
+        )));
+    }
+    check_buffer(device.ctx(), WEIGHTS_CONTEXT, "workspace", workspace, need)?;
+    let mut at = workspace + plan.workspace_bytes as u64;
+    for (o, i) in out.iter_mut().zip(inputs) {
+        let Some((name, t)) = i else { continue };
+        *o = Some(if t.dtype == DType::F32 {
+            let packed = convert::to_16bit(device.ctx(), WEIGHTS_CONTEXT, name, t, at, DType::BF16, stream)?;
+            at += convert::packed_bytes(t.layout.shape) as u64;
+            packed
+        } else {
+            *t
+        });
+    }
+    Ok(out)
 }
 
 /// One K-block cache per sequence, each 256-byte aligned device memory of
@@ -544,6 +617,18 @@ unsafe fn compute(
         cuda::check_device_pointer(name, ptr, want * size)?;
     }
     check_workspace(&plan, workspace, workspace_len)?;
+    let keys = match kside {
+        KSide::Keys(k) => Some(("k_nope", k)),
+        KSide::Caches(_) => None,
+    };
+    let [q, k] =
+        rounded_inputs(config, device, &plan, batch, [Some(("q_nope", q)), keys], workspace, workspace_len, stream)?;
+    let q = q.ok_or_else(|| Error::invalid("q_nope is missing"))?;
+    let q = &q;
+    let kside = match (kside, &k) {
+        (KSide::Keys(_), Some(k)) => KSide::Keys(k),
+        (other, _) => other,
+    };
     let base = GateArgs::new(config, &plan, workspace, weights);
     let mut args = GateArgs {
         q: q.ptr,
@@ -728,6 +813,9 @@ pub unsafe fn update_kblock_cache(
     check_input(device, "k_new", k_new, batch.total_q(), hkv, d)?;
     check_caches(config, device, batch, caches)?;
     check_workspace(&plan, workspace, workspace_len)?;
+    let [k_new, _] =
+        rounded_inputs(config, device, &plan, batch, [Some(("k_new", k_new)), None], workspace, workspace_len, stream)?;
+    let k_new = &k_new.ok_or_else(|| Error::invalid("k_new is missing"))?;
     plan.use_caches(config, caches);
     let mut args = GateArgs {
         k: k_new.ptr,

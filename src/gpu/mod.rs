@@ -4,6 +4,7 @@
 //! against the CPU reference ([`crate::reference`]).
 
 pub mod attention;
+pub mod convert;
 pub mod distill;
 pub mod gate;
 

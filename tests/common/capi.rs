@@ -14,6 +14,7 @@ use std::mem::MaybeUninit;
 pub use SeerStatus::*;
 
 pub const BF16: u32 = 0;
+pub const F16: u32 = 1;
 pub const F32: u32 = 2;
 
 /// This thread's last error message.
