@@ -73,21 +73,7 @@ fn target_matches_upstream_attn_with_pooling() {
 
 /// A small gate config of the released type (no Q projection), one layer.
 fn small_config(hq: usize, hkv: usize, d: usize, theta: f64) -> GateConfig {
-    GateConfig {
-        num_layers: 1,
-        num_q_heads: hq,
-        num_kv_heads: hkv,
-        head_dim: d,
-        gate_hidden: d,
-        block_size: 64,
-        gate_type: GateType::released(),
-        force_double: false,
-        rope: RopeConfig { theta, scaling: RopeScaling::None },
-        sparsity_method: SparsityMethod::NzRatio,
-        threshold: 0.1,
-        nz_ratio: 0.2,
-        last_block_dense: false,
-    }
+    released_config(hq, hkv, d, theta)
 }
 
 /// One batch of a layer's inputs, bf16: pre-RoPE `q_nope`, `k_nope` for the

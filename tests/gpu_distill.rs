@@ -233,21 +233,7 @@ fn gpu_target_refuses_short_buffers() {
 // ------------------------------------------------------- loss and gradient --
 
 fn released_config(hq: usize, hkv: usize, d: usize) -> GateConfig {
-    GateConfig {
-        num_layers: 1,
-        num_q_heads: hq,
-        num_kv_heads: hkv,
-        head_dim: d,
-        gate_hidden: d,
-        block_size: 64,
-        gate_type: GateType::released(),
-        force_double: false,
-        rope: RopeConfig { theta: 10000.0, scaling: RopeScaling::None },
-        sparsity_method: SparsityMethod::NzRatio,
-        threshold: 0.1,
-        nz_ratio: 0.2,
-        last_block_dense: false,
-    }
+    common::released_config(hq, hkv, d, 10000.0)
 }
 
 /// ‖a - b‖ / ‖b‖.

@@ -201,6 +201,27 @@ pub fn compare_mask_rows<'a>(
 }
 
 /// `values` in `dtype`, little-endian bytes.
+/// A one-layer gate config of the released type (K projection per query
+/// head, `gate_hidden == head_dim`), plain RoPE at `theta`, top-k 0.2.
+pub fn released_config(hq: usize, hkv: usize, d: usize, theta: f64) -> seerattn::GateConfig {
+    use seerattn::config::{GateType, RopeConfig, RopeScaling};
+    seerattn::GateConfig {
+        num_layers: 1,
+        num_q_heads: hq,
+        num_kv_heads: hkv,
+        head_dim: d,
+        gate_hidden: d,
+        block_size: 64,
+        gate_type: GateType::released(),
+        force_double: false,
+        rope: RopeConfig { theta, scaling: RopeScaling::None },
+        sparsity_method: SparsityMethod::NzRatio,
+        threshold: 0.1,
+        nz_ratio: 0.2,
+        last_block_dense: false,
+    }
+}
+
 pub fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
     values
         .iter()
