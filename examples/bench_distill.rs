@@ -18,7 +18,6 @@ use seerattn::distill::TrainConfig;
 use seerattn::gpu::distill::{distill_target, target_len, workspace_bytes};
 use seerattn::gpu::{DeviceMask, DeviceTensor};
 use seerattn::*;
-use std::io::Write;
 
 #[path = "common/mod.rs"]
 mod common;
@@ -133,12 +132,6 @@ fn main() -> Result<()> {
             ));
         }
     }
-    if let Some(path) = out_path {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("open results file");
-        for l in &lines {
-            writeln!(f, "{l}").expect("write results");
-        }
-        println!("appended {} lines to {path}", lines.len());
-    }
+    append_results(out_path.as_deref(), &lines);
     Ok(())
 }

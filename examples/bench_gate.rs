@@ -11,7 +11,6 @@
 use seerattn::cuda::{self, testing, testing::Stream};
 use seerattn::gpu::gate::{compute_mask, DeviceMask, DeviceTensor, GatePlan};
 use seerattn::*;
-use std::io::Write;
 
 #[path = "common/mod.rs"]
 mod common;
@@ -102,12 +101,6 @@ fn main() -> Result<()> {
             bandwidth / 1e9
         ));
     }
-    if let Some(path) = out_path {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("open results file");
-        for l in &lines {
-            writeln!(f, "{l}").expect("write results");
-        }
-        println!("appended {} lines to {path}", lines.len());
-    }
+    append_results(out_path.as_deref(), &lines);
     Ok(())
 }

@@ -15,7 +15,6 @@ use seerattn::gpu::gate::{
     compute_mask, compute_mask_cached, kblock_cache_bytes, update_kblock_cache, DeviceMask, DeviceTensor, GatePlan,
 };
 use seerattn::*;
-use std::io::Write;
 
 #[path = "common/mod.rs"]
 mod common;
@@ -107,12 +106,6 @@ fn main() -> Result<()> {
             ));
         }
     }
-    if let Some(path) = out_path {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("open results file");
-        for l in &lines {
-            writeln!(f, "{l}").expect("write results");
-        }
-        println!("appended {} lines to {path}", lines.len());
-    }
+    append_results(out_path.as_deref(), &lines);
     Ok(())
 }

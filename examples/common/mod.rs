@@ -102,3 +102,15 @@ pub fn random_bf16(ctx: &cuda::Ctx, tokens: usize, heads: usize, seed: u64) -> R
     testing::copy_to_device(ctx, buf.ptr(), &bytes)?;
     Ok(buf)
 }
+
+/// Append the JSON lines of a run to `path` (the results file given on the
+/// command line), if any, and say so.
+pub fn append_results(path: Option<&str>, lines: &[String]) {
+    use std::io::Write;
+    let Some(path) = path else { return };
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open results file");
+    for l in lines {
+        writeln!(f, "{l}").expect("write results");
+    }
+    println!("appended {} lines to {path}", lines.len());
+}

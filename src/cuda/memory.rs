@@ -117,9 +117,10 @@ impl DeviceBuffer {
 }
 
 /// Wait for the legacy default stream, where the synchronous copies and
-/// memsets above are ordered (not `cuCtxSynchronize`, which would also wait
-/// on a graph capture running on another thread).
-fn sync_legacy_stream() -> Result<()> {
+/// memsets (here and in test support) are ordered. Not `cuCtxSynchronize`:
+/// that would also wait on (and invalidate) a graph capture running on
+/// another thread.
+pub(crate) fn sync_legacy_stream() -> Result<()> {
     // SAFETY: the NULL stream is always valid in the current context.
     check("cuStreamSynchronize(NULL)", unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) })
 }

@@ -5,7 +5,7 @@
 //! inputs and read results back.
 
 use super::context::Ctx;
-use super::memory::DeviceBuffer;
+use super::memory::{sync_legacy_stream, DeviceBuffer};
 use super::{check, driver};
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
@@ -43,14 +43,6 @@ pub fn copy_to_device(ctx: &Ctx, dst: CUdeviceptr, src: &[u8]) -> Result<()> {
     // the driver refuses addresses it does not know.
     check("cuMemcpyHtoD", unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) })?;
     sync_legacy_stream()
-}
-
-/// Wait for the legacy default stream, where the synchronous-looking copies
-/// and memsets above are ordered. Not `cuCtxSynchronize`: that would also
-/// wait on (and invalidate) a graph capture running on another thread.
-fn sync_legacy_stream() -> Result<()> {
-    // SAFETY: the NULL stream is always valid in the current context.
-    check("cuStreamSynchronize(NULL)", unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) })
 }
 
 /// Enqueue a copy of `src` to device address `dst` on `stream`, as an
