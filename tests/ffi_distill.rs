@@ -436,7 +436,8 @@ fn bad_arguments_get_a_status_and_a_message() {
         let status = feed(&ok, &batch, [&nodata[0], &nodata[1], &nodata[2], &nodata[3]]);
         check(status, SEER_NULL_POINTER, &format!("NULL {name}->data"), "data");
     }
-    // Devices: all CUDA is the GPU trainer's (not in the C API yet); mixed is invalid.
+    // Devices: all CUDA is the GPU trainer's, which takes head_dim 64 and
+    // 128 only (refused before any device is looked for); mixed is invalid.
     let cuda = [qn, kn, q, k].map(|mut t| {
         t.device = 1;
         t
@@ -444,8 +445,8 @@ fn bad_arguments_get_a_status_and_a_message() {
     check(
         feed(&ok, &batch, [&cuda[0], &cuda[1], &cuda[2], &cuda[3]]),
         SEER_UNSUPPORTED,
-        "CUDA tensors",
-        "GPU trainer is not built into the C API yet",
+        "CUDA tensors for a head_dim 8 gate",
+        "head_dim 64 and 128, not 8",
     );
     check(feed(&ok, &batch, [&qn, &kn, &cuda[2], &k]), SEER_INVALID_ARGUMENT, "CUDA q, host q_nope", "q is");
     check(feed(&ok, &batch, [&cuda[0], &kn, &cuda[2], &cuda[3]]), SEER_INVALID_ARGUMENT, "host k_nope", "k_nope is");

@@ -116,6 +116,20 @@ impl DeviceBuffer {
     }
 }
 
+/// Wait for the work enqueued on `stream` so far (a stream of `ctx`, or
+/// NULL: the legacy default stream). For the trainer, which leaves no work
+/// of its own pending between calls (src/distill/cuda.rs); never on the hot
+/// path.
+///
+/// # Safety
+/// `stream` must be a live stream of `ctx`, or NULL.
+pub(crate) unsafe fn sync_stream(ctx: &Ctx, stream: sys::CUstream) -> Result<()> {
+    driver()?;
+    let _current = ctx.make_current()?;
+    // SAFETY: the caller's stream belongs to `ctx` (or is NULL).
+    check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })
+}
+
 /// Wait for the legacy default stream, where the synchronous copies and
 /// memsets (here and in test support) are ordered. Not `cuCtxSynchronize`:
 /// that would also wait on (and invalidate) a graph capture running on

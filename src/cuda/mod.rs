@@ -32,6 +32,7 @@ pub mod tma;
 pub use context::{check_device_pointer, context_of, current_context, device_name, Ctx, CurrentGuard};
 pub use cudarc::driver::sys::{CUcontext, CUdevice, CUdeviceptr, CUfunction, CUstream};
 pub use memory::DeviceBuffer;
+pub(crate) use memory::sync_stream;
 pub use module::{function, launch};
 
 use crate::error::{Error, Result};
