@@ -32,11 +32,11 @@
 use super::{AdamState, StepReport, TrainConfig};
 use crate::batch::Batch;
 use crate::checkpoint;
+use crate::config::GateConfig;
 use crate::cuda::{self, kernels, CUstream, Ctx, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::gate::{Gate, WeightRef};
 use crate::gpu::distill as gpu;
-use crate::config::GateConfig;
 use crate::gpu::gate::{check_supported, DeviceGate};
 use crate::gpu::{check_buffer, DeviceTensor};
 use crate::reference::distill::SeqLosses;
@@ -161,13 +161,7 @@ impl CudaGateTrainer {
     /// without weights are not read. Errors (before anything is uploaded)
     /// when `adam` does not hold one state per layer, a state's moments have
     /// the wrong length, or a moment is not finite.
-    pub fn with_adam_states(
-        gate: Gate,
-        config: TrainConfig,
-        ctx: &Ctx,
-        adam: &[AdamState],
-        step: u64,
-    ) -> Result<Self> {
+    pub fn with_adam_states(gate: Gate, config: TrainConfig, ctx: &Ctx, adam: &[AdamState], step: u64) -> Result<Self> {
         check_adam_states(&gate, adam)?;
         let mut trainer = Self::new(gate, config, ctx)?;
         trainer.set_adam_states(adam, step)?;

@@ -20,6 +20,8 @@
 //! - [`cuda::CudaGateTrainer`] is the same trainer on the GPU (same recipe,
 //!   step semantics and files; the released gate type), fed device tensors
 //!   by an engine or host tensors by a program.
+//! - [`dataset`] trains either one from a calibration data set on disk: the
+//!   loop of `seerattn distill` (`--device cpu|cuda`).
 //!
 //! The C API's trainer handle (`seer_trainer_*`, `src/ffi/distill.rs`) runs
 //! [`GateTrainer`] or [`cuda::CudaGateTrainer`], whichever device its first
@@ -61,6 +63,7 @@
 //! [`TrainConfig`], then [`GateTrainer::load_optimizer_state`].
 
 pub mod cuda;
+pub mod dataset;
 
 use crate::batch::Batch;
 use crate::checkpoint::{self, RawTensor};
