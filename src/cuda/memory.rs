@@ -78,9 +78,9 @@ impl DeviceBuffer {
         if self.len == 0 {
             return Ok(out);
         }
-        let _current = self.ctx.make_current()?;
         // SAFETY: the caller's stream belongs to this context (or is NULL).
-        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })?;
+        unsafe { sync_stream(&self.ctx, stream)? };
+        let _current = self.ctx.make_current()?;
         // SAFETY: `out` holds self.len writable bytes; the allocation as many.
         check("cuMemcpyDtoH", unsafe { sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), self.ptr, self.len) })?;
         Ok(out)
