@@ -389,6 +389,11 @@ fn gpu_c_api_cuda_trainer_refuses_host_feeds_and_bad_device_buffers() {
     f32_desc[0] = SeerTensor { data: f32_q.ptr() as *mut c_void, dtype: F32, ..good[0] };
     let msg = expect(x.feed(&t, &p, &f32_desc), SEER_UNSUPPORTED, "f32 q_nope");
     assert!(msg.contains("bf16 or f16 pre-RoPE"), "{msg}");
+    // An f32 post-RoPE q (the target's kernel reads 16-bit rows too).
+    let mut f32_post = good;
+    f32_post[2] = f32_desc[0];
+    let msg = expect(x.feed(&t, &p, &f32_post), SEER_UNSUPPORTED, "f32 q");
+    assert!(msg.contains("takes bf16 or f16"), "{msg}");
     // Rows not 16-byte aligned: q 2 bytes into a larger allocation.
     let q_bytes = Batch4::host_bytes(&x.nope, &x.roped)[2].clone();
     let shifted = poisoned(&ctx, q_bytes.len() + 64);
