@@ -271,10 +271,10 @@ mod tests {
         let view = Tensor3::new("x", &bf, DType::BF16, Layout3::contiguous(3, 2, 2)).unwrap();
         assert_eq!(view.packed_16bit(), (DType::BF16, bf.clone()));
         // f32: rounded to bf16, to nearest even (1 + 2^-8 is a tie, rounding to 1).
-        let f: Vec<u8> = [1.0f32 + 1.0 / 256.0, 3.1416].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let f: Vec<u8> = [1.0f32 + 1.0 / 256.0, -5.4321].iter().flat_map(|x| x.to_le_bytes()).collect();
         let (dt, packed) = Tensor3::new("x", &f, DType::F32, Layout3::contiguous(1, 1, 2)).unwrap().packed_16bit();
         assert_eq!(dt, DType::BF16);
-        let want: Vec<u8> = [1.0f32, 3.1416].iter().flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes()).collect();
+        let want: Vec<u8> = [1.0f32, -5.4321].iter().flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes()).collect();
         assert_eq!(packed, want);
         assert_eq!(bf16::from_le_bytes([packed[0], packed[1]]).to_f32(), 1.0);
     }

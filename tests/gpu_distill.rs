@@ -810,16 +810,14 @@ fn gpu_dataset_run_on_the_planted_set_matches_the_cpu_run_and_resumes() {
     let cpu = run(Device::Cpu, "cpu", None, false);
     let gpu = run(Device::Cuda, "gpu", None, false);
     assert_eq!((cpu.len(), gpu.len()), (12, 12));
-    for step in 0..2 {
-        for layer in 0..2 {
-            let (c, g) = (cpu[step][layer], gpu[step][layer]);
+    for (step, (c, g)) in cpu.iter().zip(&gpu).take(2).enumerate() {
+        for (layer, (c, g)) in c.iter().zip(g).enumerate() {
             assert!((g - c).abs() <= 1e-2 * c, "step {}, layer {layer}: GPU loss {g}, CPU {c}", step + 1);
         }
     }
     for (name, losses) in [("CPU", &cpu), ("GPU", &gpu)] {
-        for layer in 0..2 {
-            let (first, last) = (losses[0][layer], losses[11][layer]);
-            assert!(last < 0.5 * first, "{name} layer {layer}: loss {first} -> {last}");
+        for (layer, (first, last)) in losses[0].iter().zip(&losses[11]).enumerate() {
+            assert!(*last < 0.5 * first, "{name} layer {layer}: loss {first} -> {last}");
         }
     }
     eprintln!("CPU losses {:?} -> {:?}; GPU {:?} -> {:?}", cpu[0], cpu[11], gpu[0], gpu[11]);

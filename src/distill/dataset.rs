@@ -142,6 +142,8 @@ pub struct Run<'a> {
 }
 
 /// The trainer of a run, on its device.
+// One per run: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Trainer {
     Cpu(GateTrainer),
     Cuda(CudaGateTrainer),

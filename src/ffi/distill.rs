@@ -54,6 +54,9 @@ struct TrainerState {
 }
 
 /// The trainer of a handle, on the device its first successful feed chose.
+// One per handle, behind its mutex, never moved in bulk: the variants' sizes
+// do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Trainer {
     /// The CPU reference trainer. Until `fixed` (by a successful feed of
     /// host tensors) it only holds the gate, the recipe and the optimizer
