@@ -433,3 +433,49 @@ fn gpu_c_api_cuda_trainer_refuses_host_feeds_and_bad_device_buffers() {
     assert!(losses(&t, 1)[0].is_finite());
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// A refused first CUDA feed leaves the trainer undecided, whether it was
+/// refused before the GPU trainer was made (host memory as `q_nope`) or by
+/// that trainer (rows not 16-byte aligned, after the weights were uploaded):
+/// the next feed, CUDA or host, decides.
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_c_api_a_refused_first_cuda_feed_leaves_the_trainer_undecided() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let root = temp_dir("undecided");
+    start_gate(&root, 1, 4);
+    let gate = Gate::load(&root);
+    let params = train_params(4);
+    let x = Batch4::new(&ctx, &[(200, 200)], 41);
+    x.write_on(&ctx, &stream);
+    let p = feed_params(0, stream.raw().cast());
+    let good = x.cuda_descs();
+
+    let a = create(&gate, &params);
+    let mut host_q_nope = good;
+    host_q_nope[0].data = x.nope.q.as_ptr().cast_mut().cast();
+    let msg = expect(x.feed(&a, &p, &host_q_nope), SEER_INVALID_ARGUMENT, "host memory as the first q_nope");
+    assert!(msg.contains("q_nope is not device memory"), "{msg}");
+    expect(x.feed(&a, &p, &good), SEER_OK, "then a CUDA feed");
+    let msg = expect(x.feed(&a, &p, &x.host_descs()), SEER_INVALID_ARGUMENT, "then host tensors");
+    assert!(msg.contains("trains on CUDA"), "{msg}");
+
+    let b = create(&gate, &params);
+    let q_bytes = Batch4::host_bytes(&x.nope, &x.roped)[2].clone();
+    let shifted = poisoned(&ctx, q_bytes.len() + 64);
+    testing::copy_to_device(&ctx, shifted.ptr() + 2, &q_bytes).unwrap();
+    let mut misaligned = good;
+    misaligned[2].data = (shifted.ptr() + 2) as *mut c_void;
+    let msg = expect(x.feed(&b, &p, &misaligned), SEER_UNSUPPORTED, "misaligned q in the first feed");
+    assert!(msg.contains("16-byte"), "{msg}");
+    expect(x.feed(&b, &p, &x.host_descs()), SEER_OK, "then host tensors");
+    let msg = expect(x.feed(&b, &p, &good), SEER_INVALID_ARGUMENT, "then CUDA tensors");
+    assert!(msg.contains("trains on the CPU"), "{msg}");
+    for t in [&a, &b] {
+        let (status, report) = step(t);
+        expect(status, SEER_OK, "step");
+        assert_eq!(report.step, 1);
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -465,8 +465,11 @@ unsafe fn accumulate_cuda(
             *last = FeedStream(stream);
         }
         Trainer::Host { trainer: host, fixed: false } => {
-            // The gate first (no device needed to refuse it), then the driver.
+            // The gate first (no device needed to refuse it), then the driver:
+            // q_nope must be device memory (named in the message), and its
+            // context becomes the trainer's.
             gpu_gate::check_supported(host.gate().config())?;
+            crate::cuda::check_device_pointer("q_nope", q_nope.ptr, q_nope.span_bytes("q_nope")?)?;
             let ctx = crate::cuda::context_of(q_nope.ptr)?;
             let mut trainer = CudaGateTrainer::with_adam_states(
                 host.gate().clone(),
