@@ -565,7 +565,9 @@ SeerStatus seer_trainer_create_random(const struct SeerGateConfig *config,
 // not a live handle (a double destroy), reported through
 // `seer_last_error_message` only. A destroy racing with calls on the
 // handle in other threads is safe: calls already running finish, calls
-// that start after it fail with `SEER_INVALID_ARGUMENT`.
+// that start after it fail with `SEER_INVALID_ARGUMENT`. A CUDA trainer
+// frees its device memory in its context (none of its work is in flight:
+// every call returns with it done); destroy it before that context.
 void seer_trainer_destroy(struct SeerTrainer *trainer);
 
 // Fill `*out` with layer 0, the softmax scale `1/sqrt(head_dim)` (0) and

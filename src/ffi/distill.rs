@@ -263,7 +263,9 @@ pub unsafe extern "C" fn seer_trainer_create_random(
 /// not a live handle (a double destroy), reported through
 /// `seer_last_error_message` only. A destroy racing with calls on the
 /// handle in other threads is safe: calls already running finish, calls
-/// that start after it fail with `SEER_INVALID_ARGUMENT`.
+/// that start after it fail with `SEER_INVALID_ARGUMENT`. A CUDA trainer
+/// frees its device memory in its context (none of its work is in flight:
+/// every call returns with it done); destroy it before that context.
 #[no_mangle]
 pub unsafe extern "C" fn seer_trainer_destroy(trainer: *mut SeerTrainer) {
     let _ = ffi_call!("seer_trainer_destroy", {
