@@ -203,9 +203,11 @@ typedef uint32_t SeerThresholdCompare;
 typedef struct SeerGate SeerGate;
 
 // A gate being trained by self-distillation (opaque): its weights, the
-// gradients accumulated since the last step and the AdamW state. Created
-// by `seer_trainer_create` (from a gate's weights) or
-// `seer_trainer_create_random`, released by `seer_trainer_destroy`.
+// gradients accumulated since the last step and the AdamW state, on the
+// host or on a GPU (the device of its first successful
+// `seer_trainer_accumulate`). Created by `seer_trainer_create` (from a
+// gate's weights) or `seer_trainer_create_random`, released by
+// `seer_trainer_destroy`.
 //
 // Thread safety: every call may come from any thread; calls on one trainer
 // run one at a time (each waits for the one running). `seer_trainer_destroy`
@@ -387,6 +389,15 @@ typedef struct SeerTrainFeedParams {
   // The attention's multiplier of `q·k` before the softmax (for the
   // target); 0 selects `1/sqrt(head_dim)`. Finite and >= 0.
   double softmax_scale;
+  // CUDA stream (`cudaStream_t`, NULL for the legacy default stream) the
+  // feed runs on when the tensors are CUDA memory; unused on the CPU. It
+  // must belong to the context of the tensors (the trainer's, after its
+  // first CUDA feed), and the tensors must be ready on it.
+  //
+  // Appended after the first release of the struct: a caller whose
+  // `struct_size` ends before it (compiled against an older header) is
+  // served as if it were NULL.
+  void *cuda_stream;
 } SeerTrainFeedParams;
 
 // What `seer_trainer_step` did.
@@ -554,11 +565,13 @@ SeerStatus seer_trainer_create_random(const struct SeerGateConfig *config,
 // not a live handle (a double destroy), reported through
 // `seer_last_error_message` only. A destroy racing with calls on the
 // handle in other threads is safe: calls already running finish, calls
-// that start after it fail with `SEER_INVALID_ARGUMENT`.
+// that start after it fail with `SEER_INVALID_ARGUMENT`. A CUDA trainer
+// frees its device memory in its context (none of its work is in flight:
+// every call returns with it done); destroy it before that context.
 void seer_trainer_destroy(struct SeerTrainer *trainer);
 
-// Fill `*out` with layer 0 and the softmax scale `1/sqrt(head_dim)` (0).
-// Writes `struct_size`.
+// Fill `*out` with layer 0, the softmax scale `1/sqrt(head_dim)` (0) and
+// the legacy default stream (NULL). Writes `struct_size`.
 SeerStatus seer_train_feed_params_default(struct SeerTrainFeedParams *out);
 
 // Feed layer `params->layer` one batch, as the model's forward pass over
@@ -573,10 +586,30 @@ SeerStatus seer_train_feed_params_default(struct SeerTrainFeedParams *out);
 // over the sequences it was fed).
 //
 // The device of `q_nope` picks the path; `k_nope`, `q` and `k` must be on
-// the same device (else `SEER_INVALID_ARGUMENT` naming the argument).
-// - `SEER_DEVICE_CPU`: the CPU reference trainer, synchronous.
-// - `SEER_DEVICE_CUDA`: `SEER_UNSUPPORTED`: the GPU trainer is not built into
-//   the C API yet.
+// the same device (else `SEER_INVALID_ARGUMENT` naming the argument). The
+// first successful feed fixes the trainer's device: feeding the other one
+// later is `SEER_INVALID_ARGUMENT` ("trains on ... since its first feed").
+// A failed feed fixes nothing.
+// - `SEER_DEVICE_CPU`: the CPU reference trainer, synchronous. Any dtype
+//   for `q` and `k`; f32 `q_nope` and `k_nope` are rounded to bf16 (as the
+//   gate rounds them).
+// - `SEER_DEVICE_CUDA`: the GPU trainer, in the CUDA context that owns
+//   `q_nope` (its first CUDA feed uploads the trainer's weights and
+//   optimizer state there; later feeds must be in that context). Work is
+//   enqueued on `params->cuda_stream`, after whatever the caller ordered
+//   before on it (the tensors must be ready there), and the call returns
+//   once it is done (the batch's loss is read back): the tensors may be
+//   reused when it returns. The released gate type only (no Q projection,
+//   head_dim 64 or 128): another gate is `SEER_UNSUPPORTED` with the reason,
+//   and the trainer stays undecided (feed host tensors instead). All four
+//   tensors bf16 or f16 (q and k of one dtype, q_nope and k_nope of one
+//   dtype; f32 is `SEER_UNSUPPORTED` here), rows 16-byte aligned with unit
+//   dim stride (`SEER_UNSUPPORTED` otherwise), device memory of their
+//   described size (`SEER_INVALID_ARGUMENT` otherwise, checked through the
+//   driver). The trainer allocates its scratch on the device as batches
+//   grow (not a hot path: no CUDA graph capture). Without a CUDA driver or
+//   GPU: `SEER_NO_DEVICE`; in a build without CUDA kernels:
+//   `SEER_UNSUPPORTED`.
 SeerStatus seer_trainer_accumulate(struct SeerTrainer *trainer,
                                    const struct SeerTrainFeedParams *params,
                                    const struct SeerBatch *batch,
@@ -596,6 +629,12 @@ SeerStatus seer_trainer_accumulate(struct SeerTrainer *trainer,
 // when the accumulated gradient is not finite (non-finite inputs): then the
 // accumulated gradients are dropped and weights, optimizer state, step
 // count and the last step's losses stay as they were.
+//
+// A CUDA trainer steps on the stream of its last successful feed (which
+// must still exist), and returns with the update done (synchronous, as
+// on the CPU). So do `seer_trainer_save_gate_dir`,
+// `seer_trainer_save_optimizer_state` and
+// `seer_trainer_load_optimizer_state` (which copy between host and device).
 SeerStatus seer_trainer_step(struct SeerTrainer *trainer, struct SeerStepReport *maybe_out_report);
 
 // The last successful step's loss per layer: for each layer, the mean over
@@ -622,7 +661,8 @@ SeerStatus seer_trainer_get_step(const struct SeerTrainer *trainer, uint64_t *ou
 // (NULL for none): the model's own `config.json` text, whose fields are
 // kept in the saved config (as upstream saves its gates). Refuses a `dir`
 // holding `attn_gate_weights.pth` or another `*.safetensors` file (the
-// loader would read that one, or refuse the ambiguity).
+// loader would read that one, or refuse the ambiguity). A CUDA trainer
+// copies its weights back first, on the stream of its last successful feed.
 SeerStatus seer_trainer_save_gate_dir(const struct SeerTrainer *trainer,
                                       const char *dir,
                                       uint32_t dtype,
@@ -631,16 +671,19 @@ SeerStatus seer_trainer_save_gate_dir(const struct SeerTrainer *trainer,
 // Write the optimizer state (AdamW moments, step counts) to the file
 // `path`, a `.safetensors` file (format in docs/distillation.md). Keep it
 // out of the gate directory. Between steps only: with gradients fed and not
-// yet stepped, `SEER_INVALID_ARGUMENT`.
+// yet stepped, `SEER_INVALID_ARGUMENT`. The file is the same for both
+// devices: a run saved on one resumes on the other.
 SeerStatus seer_trainer_save_optimizer_state(const struct SeerTrainer *trainer, const char *path);
 
 // Replace the trainer's optimizer state (and step count) with the one saved
 // at `path` by `seer_trainer_save_optimizer_state` for a gate of the same
 // shape. Between steps only. To resume a run: load the gate directory saved
 // (as F32) at the same step with `seer_gate_load`, `seer_trainer_create`
-// from it with the same params, then this. `SEER_FORMAT_ERROR` for a file
-// that is not such a state or is of another gate shape; `SEER_IO_ERROR` when
-// it cannot be read. On failure the trainer is unchanged.
+// from it with the same params, then this (before the first feed: the
+// state goes to whichever device that feed fixes). `SEER_FORMAT_ERROR` for
+// a file that is not such a state or is of another gate shape;
+// `SEER_IO_ERROR` when it cannot be read. On failure the trainer is
+// unchanged.
 SeerStatus seer_trainer_load_optimizer_state(struct SeerTrainer *trainer, const char *path);
 
 // Fill `*out` with the defaults of a released gate (`Qavg_Kmaxminavg`,

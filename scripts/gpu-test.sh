@@ -53,7 +53,8 @@ build() {
         while IFS=$'\t' read -r kind name exe; do
             [ "$name" = header ] && continue
             # distill_command runs the seerattn program, which is not staged:
-            # a CPU test of the command, run by CI.
+            # a CPU test of the command, run by CI (its training loop runs on
+            # the GPU in gpu_distill::gpu_dataset_run_*, through the library).
             [ "$name" = distill_command ] && continue
             local dest=$name
             case $kind in
@@ -259,8 +260,9 @@ bench_prefill() {
 # The GPU test binaries under compute-sanitizer: memcheck, initcheck,
 # synccheck and racecheck must report no error and the tests must pass
 # (racecheck also reorders CTAs, which once exposed an inter-CTA race that
-# plain runs hid). SANITIZE_BINS picks the binaries (default: all five GPU
-# suites) and SANITIZE_TOOLS the tools. The scale tests (gpu_scale_*: 128k
+# plain runs hid). SANITIZE_BINS picks the binaries (default: all six GPU
+# suites: ffi_distill_cuda is the trainer's C API on CUDA tensors) and
+# SANITIZE_TOOLS the tools. The scale tests (gpu_scale_*: 128k
 # and 256k tokens, 2^31 elements) are always skipped, far too slow under the
 # sanitizers, and so is gpu_distill's 600-step planted-structure run (its
 # kernels run in the trainer's other tests); repeated steps run twice (SEERATTN_TEST_REPEATS, see
@@ -283,7 +285,7 @@ sanitize() {
     export SEERATTN_TEST_ROOT="$PWD"
     export SEERATTN_TEST_REPEATS="${SEERATTN_TEST_REPEATS:-2}"
     local passed=0 failed=0
-    for bin in ${SANITIZE_BINS:-gpu_gate gpu_attention ffi_cuda gpu_hardening gpu_distill}; do
+    for bin in ${SANITIZE_BINS:-gpu_gate gpu_attention ffi_cuda gpu_hardening gpu_distill ffi_distill_cuda}; do
         local api=()
         [ "$bin" = gpu_hardening ] && api=(--report-api-errors no)
         for tool in ${SANITIZE_TOOLS:-memcheck initcheck synccheck racecheck}; do

@@ -141,6 +141,34 @@ impl<'a> Tensor3<'a> {
     pub fn get(&self, t: usize, h: usize, d: usize) -> f32 {
         load_f32(self.bytes, self.dtype, self.layout.offset(t, h, d))
     }
+
+    /// The elements as a contiguous 16-bit tensor: its dtype and
+    /// little-endian bytes. bf16 and f16 keep their dtype and bits; f32 is
+    /// rounded to bf16 (to nearest even), as the gate rounds f32 inputs.
+    /// For uploading host tensors to kernels that read packed 16-bit rows.
+    pub(crate) fn packed_16bit(&self) -> (DType, Vec<u8>) {
+        let [tokens, heads, dim] = self.layout.shape;
+        let n = tokens * heads * dim;
+        if self.dtype != DType::F32 && self.layout == Layout3::contiguous(tokens, heads, dim) {
+            return (self.dtype, self.bytes[..2 * n].to_vec());
+        }
+        let dtype = if self.dtype == DType::F32 { DType::BF16 } else { self.dtype };
+        let mut out = Vec::with_capacity(2 * n);
+        for t in 0..tokens {
+            for h in 0..heads {
+                for d in 0..dim {
+                    let i = self.layout.offset(t, h, d);
+                    let bits = match self.dtype {
+                        // 16-bit elements are copied, not converted (every bit kept).
+                        DType::BF16 | DType::F16 => [self.bytes[2 * i], self.bytes[2 * i + 1]],
+                        DType::F32 => bf16::from_f32(load_f32(self.bytes, DType::F32, i)).to_bits().to_le_bytes(),
+                    };
+                    out.extend_from_slice(&bits);
+                }
+            }
+        }
+        (dtype, out)
+    }
 }
 
 /// Writable strided `[tokens, heads, dim]` view over host memory.
@@ -225,6 +253,30 @@ mod tests {
         let mut out = vec![0u8; 16];
         let aliasing = Layout3 { shape: [2, 2, 2], strides: [1, 1, 1] };
         assert!(Tensor3Mut::new("out", &mut out, DType::F32, aliasing).is_err());
+    }
+
+    #[test]
+    fn packed_16bit_copies_16_bit_elements_and_rounds_f32() {
+        // A strided f16 view (one padding element per head): the elements, packed, bits kept.
+        let vals: Vec<f32> = (0..2 * 2 * 3).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let strided = Layout3 { shape: [2, 2, 2], strides: [6, 3, 1] };
+        let bytes: Vec<u8> = vals.iter().flat_map(|&x| f16::from_f32(x).to_bits().to_le_bytes()).collect();
+        let (dt, packed) = Tensor3::new("x", &bytes, DType::F16, strided).unwrap().packed_16bit();
+        assert_eq!(dt, DType::F16);
+        let want: Vec<f32> = [0, 1, 3, 4, 6, 7, 9, 10].iter().map(|&i| vals[i]).collect();
+        let got: Vec<f32> = packed.chunks(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+        assert_eq!(got, want);
+        // Contiguous bf16: the bytes as they are.
+        let bf: Vec<u8> = vals.iter().flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes()).collect();
+        let view = Tensor3::new("x", &bf, DType::BF16, Layout3::contiguous(3, 2, 2)).unwrap();
+        assert_eq!(view.packed_16bit(), (DType::BF16, bf.clone()));
+        // f32: rounded to bf16, to nearest even (1 + 2^-8 is a tie, rounding to 1).
+        let f: Vec<u8> = [1.0f32 + 1.0 / 256.0, -5.4321].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let (dt, packed) = Tensor3::new("x", &f, DType::F32, Layout3::contiguous(1, 1, 2)).unwrap().packed_16bit();
+        assert_eq!(dt, DType::BF16);
+        let want: Vec<u8> = [1.0f32, -5.4321].iter().flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes()).collect();
+        assert_eq!(packed, want);
+        assert_eq!(bf16::from_le_bytes([packed[0], packed[1]]).to_f32(), 1.0);
     }
 
     #[test]

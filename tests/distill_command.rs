@@ -2,6 +2,10 @@
 //! written by `--make-planted`, trained from random weights (the loss falls,
 //! the saved gate loads and finds the planted blocks), stopped and resumed
 //! (bit for bit the uninterrupted run), and bad flags refused with a message.
+//! `--device cuda` is refused cleanly where it cannot run (no GPU here, a
+//! gate the GPU trainer does not take); its training runs on the GPU
+//! machine, which has no `seerattn` program: gpu_distill runs the same loop
+//! there through the library (`gpu_distill::gpu_dataset_run_*`).
 
 use seerattn::checkpoint;
 use seerattn::distill::{init_gate, GateTrainer, TrainConfig};
@@ -197,9 +201,9 @@ fn bad_flags_and_data_exit_2_with_a_message() {
     let root = temp_dir("bad");
     let data = root.join("data");
     ok(&["distill", "--make-planted", s(&data), "--tokens", "128", "--seqs", "1", "--layers", "1"]);
-    let out = root.join("gate");
+    let (out, planted) = (root.join("gate"), root.join("p"));
     let (d, o) = (s(&data), s(&out));
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 12] = [
         (&["distill", "--out", o, "--heads", "4:2"], "needs --data"),
         (&["distill", "--data", d, "--out", o], "needs the gate to start from"),
         (&["distill", "--data", d, "--out", o, "--heads", "4"], "expected Q_HEADS:KV_HEADS"),
@@ -210,6 +214,8 @@ fn bad_flags_and_data_exit_2_with_a_message() {
         (&["distill", "--data", d, "--out", o, "--heads", "4:2", "--lr", "fast"], "not a valid number"),
         (&["distill", "--data", d, "--out", o, "--heads", "4:2", "--frobnicate"], "unexpected argument"),
         (&["distill", "--data", s(&root), "--out", o, "--heads", "4:2"], "no .safetensors files"),
+        (&["distill", "--data", d, "--out", o, "--heads", "4:2", "--device", "tpu"], "expected cpu or cuda"),
+        (&["distill", "--make-planted", s(&planted), "--head-dim", "7"], "an even --head-dim >= 4"),
     ];
     for (args, words) in cases {
         let msg = fails(args);
@@ -225,5 +231,64 @@ fn bad_flags_and_data_exit_2_with_a_message() {
     let msg = fails(&["distill", "--data", d, "--out", o, "--heads", "4:2"]);
     assert!(msg.contains("missing tensor 'layers.0.k'"), "{msg}");
     assert!(!out.exists(), "a refused run wrote a gate");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// `--make-planted --head-dim 64` writes the planted model at a head_dim
+/// the GPU trainer takes (the CPU learns it too), and `--device cuda` is
+/// refused with the reason where it cannot run: a head_dim-16 gate or one
+/// with a Q projection (whatever the machine), no CUDA driver (here; on a
+/// machine with a GPU the run trains instead).
+#[test]
+fn planted_set_at_head_dim_64_and_device_cuda_refusals() {
+    let root = temp_dir("cuda");
+    let (data, data16, out) = (root.join("data64"), root.join("data16"), root.join("gate"));
+    ok(&["distill", "--make-planted", s(&data), "--tokens", "256", "--seqs", "2", "--layers", "1", "--head-dim", "64"]);
+    let config = checkpoint::read_config(&data.join("model_config.json")).unwrap();
+    assert_eq!((config.head_dim, config.gate_hidden, config.num_q_heads), (64, 64, 4));
+    let tensors = checkpoint::read_safetensors(&data.join("seq0001.safetensors")).unwrap();
+    assert!(tensors.iter().all(|t| t.shape[2] == 64 && t.shape[0] == 256), "shapes");
+    let model = data.join("model_config.json");
+    let train = |device: &'static str| {
+        vec![
+            "distill",
+            "--data",
+            s(&data),
+            "--model-config",
+            s(&model),
+            "--out",
+            s(&out),
+            "--steps",
+            "12",
+            "--lr",
+            "2e-2",
+            "--warmup",
+            "2",
+            "--device",
+            device,
+        ]
+    };
+    let stdout = ok(&train("cpu"));
+    let losses = step_losses(&stdout);
+    assert_eq!(losses.len(), 12);
+    assert!(losses[11][0] < 0.5 * losses[0][0], "head_dim 64 on the CPU: loss {:?}", losses);
+    assert!(stdout.contains("; CPU reference"), "{stdout}");
+
+    ok(&["distill", "--make-planted", s(&data16), "--tokens", "128", "--seqs", "1", "--layers", "1"]);
+    let msg = fails(&["distill", "--data", s(&data16), "--heads", "4:2", "--out", s(&out), "--device", "cuda"]);
+    assert!(msg.contains("unsupported") && msg.contains("not 16"), "{msg}");
+    let q_proj = ["distill", "--data", s(&data), "--heads", "4:2", "--gate-hidden", "32", "--out", s(&out)];
+    let msg = fails(&[&q_proj[..], &["--device", "cuda"]].concat());
+    assert!(msg.contains("without a Q projection"), "{msg}");
+    if seerattn::cuda::driver().is_ok() {
+        // A GPU machine: the run trains on device 0.
+        let stdout = ok(&train("cuda"));
+        assert!(stdout.contains("; CUDA on "), "{stdout}");
+        assert_eq!(step_losses(&stdout).len(), 12);
+    } else {
+        let msg = fails(&train("cuda"));
+        let why = if seerattn::cuda::cuda_enabled() { "no CUDA device" } else { "no CUDA kernels" };
+        assert!(msg.contains(why), "{msg}");
+    }
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -1,7 +1,11 @@
 //! The trainer's C API (src/ffi/distill.rs), called as a C caller would: it
 //! trains exactly as the Rust trainer does, saves gates `seer_gate_load`
 //! reads, resumes bit for bit, and answers every bad argument of
-//! docs/bad-inputs.md ("Training") with a status and a message.
+//! docs/bad-inputs.md ("Training") with a status and a message. The GPU
+//! trainer's side that needs no GPU is here too (feed params of the first
+//! release, the device fixed by the first successful feed and only by it,
+//! CUDA feeds refused cleanly without a GPU); its GPU tests are
+//! tests/ffi_distill_cuda.rs.
 
 mod common;
 use common::capi::*;
@@ -62,9 +66,13 @@ struct Batch2 {
 
 impl Batch2 {
     fn new(lens: &[(usize, usize)], seed: u64) -> Batch2 {
+        Batch2::with_dim(lens, 8, seed)
+    }
+    /// 4 query heads, 2 KV heads, head_dim `d`.
+    fn with_dim(lens: &[(usize, usize)], d: usize, seed: u64) -> Batch2 {
         Batch2 {
-            nope: Inputs::random(lens, 4, 2, 8, 2.0, seed),
-            roped: Inputs::random(lens, 4, 2, 8, 2.0, seed + 1000),
+            nope: Inputs::random(lens, 4, 2, d, 2.0, seed),
+            roped: Inputs::random(lens, 4, 2, d, 2.0, seed + 1000),
         }
     }
     fn descs(&self) -> [SeerTensor; 4] {
@@ -436,7 +444,8 @@ fn bad_arguments_get_a_status_and_a_message() {
         let status = feed(&ok, &batch, [&nodata[0], &nodata[1], &nodata[2], &nodata[3]]);
         check(status, SEER_NULL_POINTER, &format!("NULL {name}->data"), "data");
     }
-    // Devices: all CUDA is the GPU trainer's (not in the C API yet); mixed is invalid.
+    // Devices: all CUDA is the GPU trainer's, which takes head_dim 64 and
+    // 128 only (refused before any device is looked for); mixed is invalid.
     let cuda = [qn, kn, q, k].map(|mut t| {
         t.device = 1;
         t
@@ -444,8 +453,8 @@ fn bad_arguments_get_a_status_and_a_message() {
     check(
         feed(&ok, &batch, [&cuda[0], &cuda[1], &cuda[2], &cuda[3]]),
         SEER_UNSUPPORTED,
-        "CUDA tensors",
-        "GPU trainer is not built into the C API yet",
+        "CUDA tensors for a head_dim 8 gate",
+        "head_dim 64 and 128, not 8",
     );
     check(feed(&ok, &batch, [&qn, &kn, &cuda[2], &k]), SEER_INVALID_ARGUMENT, "CUDA q, host q_nope", "q is");
     check(feed(&ok, &batch, [&cuda[0], &kn, &cuda[2], &cuda[3]]), SEER_INVALID_ARGUMENT, "host k_nope", "k_nope is");
@@ -634,4 +643,173 @@ fn threads_share_a_trainer_and_destroy_races_cleanly() {
             destroyed.store(true, std::sync::atomic::Ordering::SeqCst);
         });
     }
+}
+
+// ------------------------------------------------- the GPU trainer, no GPU --
+
+/// `SeerTrainFeedParams` of the first release ended before `cuda_stream`.
+const FEED_PARAMS_V1: usize = std::mem::offset_of!(SeerTrainFeedParams, cuda_stream);
+
+/// The feed params grew a `cuda_stream` (NULL by default): a caller of the
+/// first release (a smaller `struct_size`) is still served, reading only
+/// its bytes, a newer caller's larger struct too; sizes below the first
+/// release are refused, naming both sizes, with the trainer unchanged.
+#[test]
+fn feed_params_of_the_first_release_are_still_read() {
+    let _s = serial();
+    assert_eq!(FEED_PARAMS_V1, 24, "the first release's SeerTrainFeedParams (64-bit platforms)");
+    let p = feed_params(1, 0.3);
+    assert_eq!(p.struct_size, std::mem::size_of::<SeerTrainFeedParams>());
+    assert!(p.cuda_stream.is_null(), "the default stream is the legacy one");
+    let config = gate_config(2, 4, 2, 8, 8);
+    let params = train_params(10);
+    let x = Batch2::new(&[(200, 200), (64, 130)], 31);
+    let run = |p: *const SeerTrainFeedParams| {
+        let t = random_trainer(&config, 4, &params);
+        let [qn, kn, q, k] = x.descs();
+        let status = unsafe { seer_trainer_accumulate(t.0, p, &x.nope.lens.batch(), &qn, &kn, &q, &k) };
+        let msg = if status == SEER_OK { String::new() } else { message() };
+        if status == SEER_OK {
+            expect(step(&t).0, SEER_OK, "step");
+        }
+        // Bits: NaN (the layer not fed) equals itself.
+        (status, msg, losses(&t, 2).1.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), get_step(&t))
+    };
+    let (status, _, current, _) = run(&p);
+    expect(status, SEER_OK, "current struct_size");
+    let fed = current.iter().map(|&b| f64::from_bits(b)).collect::<Vec<_>>();
+    assert!(fed[1] > 0.0 && fed[0].is_nan(), "layer 1 was fed: {fed:?}");
+    // A first-release struct in a buffer that ends there: nothing past it is read.
+    let mut v1 = [0u64; FEED_PARAMS_V1 / 8];
+    let old = SeerTrainFeedParams { struct_size: FEED_PARAMS_V1, ..p };
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (&old as *const SeerTrainFeedParams).cast::<u8>(),
+            v1.as_mut_ptr().cast(),
+            FEED_PARAMS_V1,
+        )
+    };
+    let (status, _, got, _) = run(v1.as_ptr().cast());
+    expect(status, SEER_OK, "first-release struct_size");
+    assert_eq!(got, current, "the first release's params train otherwise");
+    // Between the releases (no header had it): read as the first release; a
+    // bogus stream past the caller's size is not read (a host feed would
+    // not use it either: the CUDA feed with it is in ffi_distill_cuda).
+    let between = SeerTrainFeedParams { struct_size: FEED_PARAMS_V1 + 4, cuda_stream: 0x1 as *mut _, ..p };
+    expect(run(&between).0, SEER_OK, "struct_size between the releases");
+    // A newer caller's larger struct: this release's fields are read.
+    #[repr(C)]
+    struct Newer {
+        p: SeerTrainFeedParams,
+        appended: [u64; 4],
+    }
+    let newer = Newer { p: SeerTrainFeedParams { struct_size: std::mem::size_of::<Newer>(), ..p }, appended: [7; 4] };
+    let (status, _, got, _) = run(&newer.p);
+    expect(status, SEER_OK, "newer struct_size");
+    assert_eq!(got, current);
+    for size in [0, 4, 8, FEED_PARAMS_V1 - 8, FEED_PARAMS_V1 - 1] {
+        let (status, msg, got, steps) = run(&SeerTrainFeedParams { struct_size: size, ..p });
+        assert_eq!(status, SEER_INVALID_ARGUMENT, "struct_size {size}: {msg}");
+        assert!(msg.contains("struct_size") && msg.contains(&FEED_PARAMS_V1.to_string()), "{msg}");
+        assert!(got.iter().all(|&l| l == (-7.0f64).to_bits()) && steps == 0, "struct_size {size}: the trainer changed");
+    }
+}
+
+/// Fake device addresses, 64 MiB apart: the CUDA descriptors of `x`'s four
+/// tensors. Every check before the driver passes them; none is dereferenced.
+fn fake_cuda(x: &Batch2) -> [SeerTensor; 4] {
+    let mut d = x.descs();
+    for (i, t) in d.iter_mut().enumerate() {
+        t.device = 1;
+        t.data = (0x7f00_0000_0000u64 + (i as u64) * (64 << 20)) as *mut std::ffi::c_void;
+    }
+    d
+}
+
+fn feed4(t: &Trainer, p: &SeerTrainFeedParams, x: &Batch2, d: &[SeerTensor; 4]) -> SeerStatus {
+    unsafe { seer_trainer_accumulate(t.0, p, &x.nope.lens.batch(), &d[0], &d[1], &d[2], &d[3]) }
+}
+
+/// The first successful feed fixes a trainer's device, and only a
+/// successful one: a CUDA feed refused for want of a GPU (`SEER_NO_DEVICE`,
+/// or `SEER_UNSUPPORTED` in a build without kernels, as every CUDA call of
+/// the C API without a GPU) or a refused host feed leaves it undecided; once
+/// host tensors were fed, CUDA tensors are refused for it.
+#[test]
+fn the_first_successful_feed_fixes_the_device() {
+    if seerattn::cuda::driver().is_ok() {
+        return; // a GPU machine: ffi_distill_cuda covers CUDA feeds there
+    }
+    let _s = serial();
+    let no_gpu = if seerattn::cuda::cuda_enabled() { SEER_NO_DEVICE } else { SEER_UNSUPPORTED };
+    let config = gate_config(1, 4, 2, 64, 64); // the released type at head_dim 64: the GPU trainer's
+    let params = train_params(10);
+    let x = Batch2::with_dim(&[(130, 130)], 64, 41);
+    let (host, cuda) = (x.descs(), fake_cuda(&x));
+    let ok = feed_params(0, 0.0);
+
+    // A CUDA feed without a GPU: a clean status, twice (the driver's absence is remembered).
+    let t = random_trainer(&config, 2, &params);
+    for _ in 0..2 {
+        let msg = expect(feed4(&t, &ok, &x, &cuda), no_gpu, "CUDA feed without a GPU");
+        assert!(msg.starts_with("seer_trainer_accumulate: "), "{msg}");
+    }
+    // Host-side checks of CUDA descriptors come first, with their own statuses.
+    let mut bad = cuda;
+    bad[2].strides[0] = -1;
+    expect(feed4(&t, &ok, &x, &bad), SEER_INVALID_ARGUMENT, "CUDA q with a negative stride");
+    let mut bad = cuda;
+    bad[1].data = std::ptr::null_mut();
+    let msg = expect(feed4(&t, &ok, &x, &bad), SEER_NULL_POINTER, "CUDA k_nope with NULL data");
+    assert!(msg.contains("k_nope->data"), "{msg}");
+    // Still undecided: host tensors train, and then fix the device.
+    expect(feed4(&t, &ok, &x, &host), SEER_OK, "host feed after the refused CUDA feeds");
+    let msg = expect(feed4(&t, &ok, &x, &cuda), SEER_INVALID_ARGUMENT, "CUDA feed of a CPU trainer");
+    assert!(msg.contains("trains on the CPU (SEER_DEVICE_CPU) since its first feed"), "{msg}");
+    expect(step(&t).0, SEER_OK, "step");
+    assert_eq!(losses(&t, 1).2, 1);
+    let msg = expect(feed4(&t, &ok, &x, &cuda), SEER_INVALID_ARGUMENT, "CUDA feed after a step");
+    assert!(msg.contains("since its first feed"), "{msg}");
+
+    // Refused host feeds fix nothing: a CUDA feed afterwards looks for the GPU.
+    let u = random_trainer(&config, 2, &params);
+    expect(feed4(&u, &feed_params(3, 0.0), &x, &host), SEER_INVALID_ARGUMENT, "host feed of layer 3");
+    let other = Lens::new(&[(130, 131)]);
+    let [qn, kn, q, k] = host;
+    let status = unsafe { seer_trainer_accumulate(u.0, &ok, &other.batch(), &qn, &kn, &q, &k) };
+    expect(status, SEER_INVALID_ARGUMENT, "host feed of a batch its tensors do not match");
+    expect(feed4(&u, &ok, &x, &cuda), no_gpu, "CUDA feed after refused host feeds");
+    // A state loaded before the first feed stays with the undecided trainer.
+    let dir = temp_dir("undecided-state");
+    let state = c_path(&dir.join("state.safetensors"));
+    expect(unsafe { seer_trainer_save_optimizer_state(t.0, state.as_ptr()) }, SEER_OK, "save a stepped state");
+    expect(unsafe { seer_trainer_load_optimizer_state(u.0, state.as_ptr()) }, SEER_OK, "load before any feed");
+    assert_eq!(get_step(&u), 1);
+    expect(feed4(&u, &ok, &x, &cuda), no_gpu, "CUDA feed after loading a state");
+    assert_eq!(get_step(&u), 1, "the refused CUDA feed kept the loaded state");
+    expect(feed4(&u, &ok, &x, &host), SEER_OK, "host feed with the loaded state");
+    let (status, report) = step(&u);
+    expect(status, SEER_OK, "step");
+    assert_eq!(report.step, 2, "the step count continues the loaded state's");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A gate the GPU trainer does not take, fed CUDA tensors: `SEER_UNSUPPORTED`
+/// with the reason, before any device is looked for; the trainer stays
+/// undecided and trains on host tensors.
+#[test]
+fn a_gate_the_gpu_cannot_train_is_refused_on_cuda_and_trains_on_the_host() {
+    let _s = serial();
+    let params = train_params(10);
+    let x = Batch2::with_dim(&[(150, 150)], 64, 43);
+    let ok = feed_params(0, 0.0);
+    // gate_hidden 32 < head_dim 64: a Q projection.
+    let t = random_trainer(&gate_config(1, 4, 2, 64, 32), 3, &params);
+    for _ in 0..2 {
+        let msg = expect(feed4(&t, &ok, &x, &fake_cuda(&x)), SEER_UNSUPPORTED, "CUDA feed of a Q-projection gate");
+        assert!(msg.contains("without a Q projection") && msg.contains("gate_hidden 32"), "{msg}");
+    }
+    expect(feed4(&t, &ok, &x, &x.descs()), SEER_OK, "host feed after it");
+    expect(step(&t).0, SEER_OK, "step");
+    assert!(losses(&t, 1).1[0] > 0.0);
 }

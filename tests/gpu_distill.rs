@@ -622,3 +622,217 @@ fn gpu_trainer_resumes_from_its_files_bit_for_bit() {
     std::fs::remove_dir_all(&dir).unwrap();
     eprintln!("resumed after 25 of 30 steps: weights equal bit for bit to uninterrupted training");
 }
+
+/// A copy of `gate` with every weight rounded to bf16 (kept as f32): the
+/// values the GPU trainer's bf16 copy holds, so that a CPU and a GPU run
+/// from it start from the same gate.
+fn rounded_to_bf16(gate: &Gate) -> Gate {
+    let mut g = gate.clone();
+    let shape = g.config().k_weight_shape();
+    for layer in 0..g.config().num_layers {
+        let w: Vec<u8> = g
+            .layer(layer)
+            .unwrap()
+            .k_proj
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_f32().to_le_bytes())
+            .collect();
+        g.set_layer_weights(layer, WeightRef { dtype: DType::F32, shape, bytes: &w }, None).unwrap();
+    }
+    g
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_trainer_with_adam_states_resumes_as_load_optimizer_state() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let config = released_config(4, 2, 64);
+    let train = TrainConfig::upstream(20);
+    let p = Planted::new(&[(700, 700), (300, 300)], &config, 5);
+    let x = planted_on_device(&ctx, &p);
+    let dir = std::env::temp_dir().join(format!("seerattn-gpu-adam-states-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (gate_dir, state) = (dir.join("gate"), dir.join("adam.safetensors"));
+
+    let mut a = CudaGateTrainer::new(seerattn::distill::init_gate(config.clone(), 3).unwrap(), train, &ctx).unwrap();
+    for _ in 0..4 {
+        feed(&mut a, &x, &p, &stream);
+        unsafe { a.step(stream.raw()) }.unwrap();
+    }
+    unsafe { a.save_gate_dir(&gate_dir, DType::F32, None, stream.raw()) }.unwrap();
+    unsafe { a.save_optimizer_state(&state, stream.raw()) }.unwrap();
+    // The state held on the host (as the C API holds it before a trainer's
+    // first feed), handed to a new GPU trainer; and the same file loaded
+    // into a GPU trainer directly.
+    let mut host = seerattn::distill::GateTrainer::new(Gate::load_dir(&gate_dir).unwrap(), train).unwrap();
+    host.load_optimizer_state(&state).unwrap();
+    let adam = host.k_adam_states();
+    assert_eq!(adam[0].step, 4);
+    let mut b = CudaGateTrainer::with_adam_states(host.gate().clone(), train, &ctx, &adam, host.steps_taken()).unwrap();
+    let mut c = CudaGateTrainer::new(Gate::load_dir(&gate_dir).unwrap(), train, &ctx).unwrap();
+    unsafe { c.load_optimizer_state(&state, stream.raw()) }.unwrap();
+    assert_eq!((b.steps_taken(), c.steps_taken()), (4, 4));
+    for _ in 0..3 {
+        let losses: Vec<f64> = [&mut a, &mut b, &mut c].into_iter().map(|t| feed(t, &x, &p, &stream)).collect();
+        let reports: Vec<_> =
+            [&mut a, &mut b, &mut c].into_iter().map(|t| unsafe { t.step(stream.raw()) }.unwrap()).collect();
+        assert!(losses.iter().all(|l| l.to_bits() == losses[0].to_bits()), "{losses:?}");
+        assert!(reports[1] == reports[0] && reports[2] == reports[0], "{reports:?}");
+    }
+    let w = |t: &mut CudaGateTrainer| unsafe { t.gate(stream.raw()) }.unwrap().layer(0).unwrap().k_proj.clone();
+    let (wa, wb, wc) = (w(&mut a), w(&mut b), w(&mut c));
+    assert!(wa.iter().zip(&wb).all(|(x, y)| x.to_bits() == y.to_bits()), "with_adam_states differs from the run");
+    assert!(wa.iter().zip(&wc).all(|(x, y)| x.to_bits() == y.to_bits()), "load_optimizer_state differs from the run");
+    // States that do not fit the gate are refused before anything is uploaded.
+    let gate = host.gate().clone();
+    let len = adam[0].m.len();
+    let bad = |states: &[AdamState]| CudaGateTrainer::with_adam_states(gate.clone(), train, &ctx, states, 1).map(drop);
+    assert!(matches!(bad(&[]), Err(Error::InvalidArgument(m)) if m.contains("0 AdamW states")));
+    assert!(matches!(bad(&[AdamState::new(len - 1)]), Err(Error::InvalidArgument(m)) if m.contains("moments")));
+    let mut nan = AdamState::new(len);
+    nan.v[7] = f32::NAN;
+    assert!(matches!(bad(&[nan]), Err(Error::InvalidArgument(m)) if m.contains("not finite")));
+    std::fs::remove_dir_all(&dir).unwrap();
+    eprintln!("with_adam_states and load_optimizer_state resume the run bit for bit");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_trainer_feeds_host_tensors_as_device_ones_and_refuses_bad_inputs_first() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let config = released_config(4, 2, 64);
+    let train = TrainConfig::upstream(20);
+    let gate = seerattn::distill::init_gate(config.clone(), 8).unwrap();
+    // A chunk over a longer cache and a partial block.
+    let p = Planted::new(&[(500, 500), (200, 330)], &config, 6);
+    let x = planted_on_device(&ctx, &p);
+    let scale = 1.0 / 8.0;
+    // The same values in f32 (exact: they are bf16 values): rounded back to the same bf16.
+    let f32_bytes = |b: &[u8]| encode(&decode(b, DType::BF16), DType::F32);
+    let f32s: Vec<Vec<u8>> = [&p.q_nope, &p.k_nope, &p.q, &p.k].iter().map(|b| f32_bytes(b)).collect();
+    let f32_view = |i: usize, is_q: bool| {
+        let (tokens, heads) = if is_q { (p.batch.total_q(), p.hq) } else { (p.batch.total_k(), p.hkv) };
+        Tensor3::new("x", &f32s[i], DType::F32, Layout3::contiguous(tokens, heads, p.d)).unwrap()
+    };
+    let mut trainers: Vec<CudaGateTrainer> =
+        (0..3).map(|_| CudaGateTrainer::new(gate.clone(), train, &ctx).unwrap()).collect();
+    for step in 0..3 {
+        let device = feed(&mut trainers[0], &x, &p, &stream);
+        let (qn, kn, q, k) =
+            (p.view(&p.q_nope, true), p.view(&p.k_nope, false), p.view(&p.q, true), p.view(&p.k, false));
+        let host = unsafe { trainers[1].accumulate_host(0, &qn, &kn, &q, &k, &p.batch, scale, stream.raw()) }.unwrap();
+        let (qn, kn, q, k) = (f32_view(0, true), f32_view(1, false), f32_view(2, true), f32_view(3, false));
+        let f32_host =
+            unsafe { trainers[2].accumulate_host(0, &qn, &kn, &q, &k, &p.batch, scale, std::ptr::null_mut()) }.unwrap();
+        assert_eq!(host.per_seq.len(), 2);
+        for l in [&host.per_seq, &f32_host.per_seq] {
+            assert_eq!(l.iter().sum::<f64>() / 2.0, device, "step {step}: host feed's losses differ");
+        }
+        let reports: Vec<_> = trainers.iter_mut().map(|t| unsafe { t.step(stream.raw()) }.unwrap()).collect();
+        assert!(reports[1] == reports[0] && reports[2] == reports[0], "step {step}: {reports:?}");
+    }
+
+    // Refused before anything is enqueued: the trainer has nothing to step after.
+    let mut t = CudaGateTrainer::new(gate, train, &ctx).unwrap();
+    let [qn, kn, q, k] = x.t;
+    let f32_qn = upload(&ctx, &f32s[0]);
+    let f32_dev = DeviceTensor { ptr: f32_qn.ptr(), dtype: DType::F32, layout: qn.layout };
+    let host_mem = DeviceTensor { ptr: p.k.as_ptr() as u64, ..k };
+    // The end of a 2 MiB allocation (a whole granule, whatever the driver rounds to).
+    let short = testing::alloc_zeroed(&ctx, 2 << 20).unwrap();
+    let short_kn = DeviceTensor { ptr: short.ptr() + (2 << 20) - 1024, ..kn };
+    let cases: [(&str, [DeviceTensor; 4], &str); 3] = [
+        ("f32 q_nope", [f32_dev, kn, q, k], "bf16 or f16 pre-RoPE"),
+        ("host memory as k", [qn, kn, q, host_mem], "not device memory"),
+        ("k_nope past its allocation", [qn, short_kn, q, k], "past its allocation"),
+    ];
+    for (what, [a, b, c, d], words) in cases {
+        let e = unsafe { t.accumulate(0, &a, &b, &c, &d, &p.batch, scale, stream.raw()) }.map(drop).unwrap_err();
+        assert!(e.to_string().contains(words), "{what}: {e}");
+    }
+    let e = unsafe { t.step(stream.raw()) }.unwrap_err();
+    assert!(e.to_string().contains("no layer was fed"), "{e}");
+    eprintln!("host feeds (bf16 and f32) equal device feeds bit for bit; bad inputs refused before any launch");
+}
+
+/// The training loop of `seerattn distill --device cuda`
+/// (`distill::dataset::train`) on the planted set at head_dim 64: a few
+/// steps, from a gate both devices hold exactly (bf16 values); its losses
+/// are the CPU run's within 1% while the weights are the starting ones
+/// (the first two steps: the first has learning rate 0), both fall; the
+/// saved state loads into a CPU trainer at the last step; stopped and
+/// resumed on the GPU it is the uninterrupted run bit for bit.
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_dataset_run_on_the_planted_set_matches_the_cpu_run_and_resumes() {
+    use seerattn::distill::dataset::{self, Device, Run};
+    let root = std::env::temp_dir().join(format!("seerattn-gpu-dataset-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let data = root.join("data");
+    let planted = dataset::Planted { layers: 2, seqs: 2, tokens: 384, head_dim: 64, seed: 3 };
+    let blocks = dataset::make_planted(&data, &planted, &mut |_| {}).unwrap();
+    assert_eq!(blocks.len(), 2);
+    let model = seerattn::checkpoint::read_config(&data.join("model_config.json")).unwrap();
+    let start = rounded_to_bf16(&seerattn::distill::init_gate(model.clone(), 0).unwrap());
+    let mut config = TrainConfig::upstream(12);
+    (config.adamw.lr, config.schedule.warmup_steps) = (2e-2, 2);
+    let run = |device: Device, name: &str, stop_at: Option<u64>, resume: bool| -> Vec<Vec<f64>> {
+        let (out, state) = (root.join(name), root.join(format!("{name}.safetensors")));
+        let run = Run {
+            data: &data,
+            out: &out,
+            dtype: DType::F32,
+            state: Some(&state),
+            resume,
+            batch: 1,
+            softmax_scale: None,
+            save_every: 0,
+            stop_at,
+            device,
+        };
+        let mut lines = vec![];
+        let starting = |_| Ok((if resume { Gate::load_dir(&out)? } else { start.clone() }, None));
+        dataset::train(&run, config, starting, &mut |l| lines.push(l.to_string())).unwrap();
+        let on = if device == Device::Cuda { "; CUDA on " } else { "; CPU reference" };
+        assert!(lines[0].contains(on), "{}", lines[0]);
+        lines
+            .iter()
+            .filter(|l| l.starts_with("step "))
+            .map(|l| {
+                let fields: Vec<&str> = l.split("  loss ").nth(1).unwrap().split_whitespace().collect();
+                fields[..fields.len() - 2].iter().map(|x| x.parse().unwrap()).collect()
+            })
+            .collect()
+    };
+    let cpu = run(Device::Cpu, "cpu", None, false);
+    let gpu = run(Device::Cuda, "gpu", None, false);
+    assert_eq!((cpu.len(), gpu.len()), (12, 12));
+    for (step, (c, g)) in cpu.iter().zip(&gpu).take(2).enumerate() {
+        for (layer, (c, g)) in c.iter().zip(g).enumerate() {
+            assert!((g - c).abs() <= 1e-2 * c, "step {}, layer {layer}: GPU loss {g}, CPU {c}", step + 1);
+        }
+    }
+    for (name, losses) in [("CPU", &cpu), ("GPU", &gpu)] {
+        for (layer, (first, last)) in losses[0].iter().zip(&losses[11]).enumerate() {
+            assert!(*last < 0.5 * first, "{name} layer {layer}: loss {first} -> {last}");
+        }
+    }
+    eprintln!("CPU losses {:?} -> {:?}; GPU {:?} -> {:?}", cpu[0], cpu[11], gpu[0], gpu[11]);
+    // The GPU run's files: its gate loads, its state resumes a CPU trainer at step 12.
+    let gate = Gate::load_dir(&root.join("gpu")).unwrap();
+    assert_eq!(gate.config(), &model);
+    let mut host = seerattn::distill::GateTrainer::new(gate, config).unwrap();
+    host.load_optimizer_state(&root.join("gpu.safetensors")).unwrap();
+    assert_eq!(host.steps_taken(), 12);
+    // Stopped after step 5 and resumed: the uninterrupted GPU run, bit for bit.
+    let first = run(Device::Cuda, "resumed", Some(5), false);
+    let rest = run(Device::Cuda, "resumed", None, true);
+    assert_eq!((first.len(), rest.len()), (5, 7));
+    assert_eq!([first, rest].concat(), gpu, "the resumed run's losses");
+    let weights = |name: &str| std::fs::read(root.join(name).join("attn_gate_weights.safetensors")).unwrap();
+    assert!(weights("resumed") == weights("gpu"), "the resumed run's weights differ from the uninterrupted run's");
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -78,9 +78,9 @@ impl DeviceBuffer {
         if self.len == 0 {
             return Ok(out);
         }
-        let _current = self.ctx.make_current()?;
         // SAFETY: the caller's stream belongs to this context (or is NULL).
-        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })?;
+        unsafe { sync_stream(&self.ctx, stream)? };
+        let _current = self.ctx.make_current()?;
         // SAFETY: `out` holds self.len writable bytes; the allocation as many.
         check("cuMemcpyDtoH", unsafe { sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), self.ptr, self.len) })?;
         Ok(out)
@@ -114,6 +114,20 @@ impl DeviceBuffer {
     pub fn ctx(&self) -> &Ctx {
         &self.ctx
     }
+}
+
+/// Wait for the work enqueued on `stream` so far (a stream of `ctx`, or
+/// NULL: the legacy default stream). For the trainer, which leaves no work
+/// of its own pending between calls (src/distill/cuda.rs); never on the hot
+/// path.
+///
+/// # Safety
+/// `stream` must be a live stream of `ctx`, or NULL.
+pub(crate) unsafe fn sync_stream(ctx: &Ctx, stream: sys::CUstream) -> Result<()> {
+    driver()?;
+    let _current = ctx.make_current()?;
+    // SAFETY: the caller's stream belongs to `ctx` (or is NULL).
+    check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })
 }
 
 /// Wait for the legacy default stream, where the synchronous copies and

@@ -29,8 +29,10 @@ mod module;
 pub mod testing;
 pub mod tma;
 
+pub(crate) use context::primary_context;
 pub use context::{check_device_pointer, context_of, current_context, device_name, Ctx, CurrentGuard};
 pub use cudarc::driver::sys::{CUcontext, CUdevice, CUdeviceptr, CUfunction, CUstream};
+pub(crate) use memory::sync_stream;
 pub use memory::DeviceBuffer;
 pub use module::{function, launch};
 

@@ -14,20 +14,33 @@
 //! Training is not a hot path: the trainer owns its scratch (grown when a
 //! larger batch arrives), synchronizes the caller's stream where it must
 //! read results, and copies weights to the host only when asked
-//! ([`CudaGateTrainer::gate`], saving). The released gate type only (a K
-//! projection per query head, head_dim 64 or 128), as the GPU gate.
+//! ([`CudaGateTrainer::gate`], saving). Every call returns with the
+//! trainer's own work on its stream complete (a feed reads its losses
+//! back, a step waits for its AdamW kernels), so consecutive calls may use
+//! different streams of the trainer's context: nothing of the trainer is
+//! left in flight on one stream when the next call starts on another. The
+//! released gate type only (a K projection per query head, head_dim 64 or
+//! 128), as the GPU gate.
+//!
+//! An engine feeds the device tensors of its own forward pass
+//! ([`CudaGateTrainer::accumulate`]); a program training from files feeds
+//! host tensors, which the trainer copies into device memory it owns
+//! ([`CudaGateTrainer::accumulate_host`]). A run resumed from a saved
+//! optimizer state starts with [`CudaGateTrainer::with_adam_states`] (or
+//! [`CudaGateTrainer::load_optimizer_state`]).
 
 use super::{AdamState, StepReport, TrainConfig};
 use crate::batch::Batch;
 use crate::checkpoint;
+use crate::config::GateConfig;
 use crate::cuda::{self, kernels, CUstream, Ctx, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::gate::{Gate, WeightRef};
 use crate::gpu::distill as gpu;
 use crate::gpu::gate::{check_supported, DeviceGate};
-use crate::gpu::DeviceTensor;
+use crate::gpu::{check_buffer, DeviceTensor};
 use crate::reference::distill::SeqLosses;
-use crate::tensor::DType;
+use crate::tensor::{DType, Layout3, Tensor3};
 use std::ffi::c_void;
 use std::path::Path;
 
@@ -73,6 +86,9 @@ struct Scratch {
     target_ws: Option<DeviceBuffer>,
     loss_ws: Option<DeviceBuffer>,
     losses: Option<DeviceBuffer>,
+    /// Device copies of host inputs (q_nope, k_nope, q, k) for
+    /// [`CudaGateTrainer::accumulate_host`].
+    inputs: [Option<DeviceBuffer>; 4],
 }
 
 fn ensure(buf: &mut Option<DeviceBuffer>, ctx: &Ctx, len: usize) -> Result<(u64, usize)> {
@@ -137,9 +153,44 @@ impl CudaGateTrainer {
         })
     }
 
+    /// A trainer on `ctx` that resumes a run: `gate`'s weights, and for
+    /// every layer with weights the AdamW state of its K projection
+    /// (`adam[layer]`, as [`super::GateTrainer::adam_state`] holds it: the
+    /// moments in the weights' layout and the layer's update count) after
+    /// `step` optimizer steps (the schedule's position). Entries of layers
+    /// without weights are not read. Errors (before anything is uploaded)
+    /// when `adam` does not hold one state per layer, a state's moments have
+    /// the wrong length, or a moment is not finite.
+    pub fn with_adam_states(gate: Gate, config: TrainConfig, ctx: &Ctx, adam: &[AdamState], step: u64) -> Result<Self> {
+        check_adam_states(&gate, adam)?;
+        let mut trainer = Self::new(gate, config, ctx)?;
+        trainer.set_adam_states(adam, step)?;
+        Ok(trainer)
+    }
+
+    /// Replace the moments and step counts of every layer with weights
+    /// (synchronously; between steps, with no work of the trainer pending).
+    fn set_adam_states(&mut self, adam: &[AdamState], step: u64) -> Result<()> {
+        check_adam_states(&self.gate, adam)?;
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        for (state, adam) in self.layers.iter_mut().zip(adam) {
+            let Some(state) = state else { continue };
+            state.m.write(&bytes(&adam.m))?;
+            state.v.write(&bytes(&adam.v))?;
+            state.adam_step = adam.step;
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// The run's configuration.
     pub fn config(&self) -> &TrainConfig {
         &self.config
+    }
+
+    /// The config of the gate being trained (its weights: [`CudaGateTrainer::gate`]).
+    pub fn gate_config(&self) -> &GateConfig {
+        self.gate.config()
     }
 
     /// Optimizer steps taken so far.
@@ -190,9 +241,17 @@ impl CudaGateTrainer {
     /// Feed one layer a batch, as [`super::GateTrainer::accumulate`]: the
     /// target from post-RoPE `q`, `k` at the attention's `softmax_scale`,
     /// the loss of the gate on pre-RoPE `q_nope`, `k_nope` and its gradient,
-    /// added to the layer's accumulator. Device tensors (bf16 or f16) of the
-    /// trainer's context; enqueued on `stream`, which is then synchronized
-    /// to return the batch's per-sequence losses.
+    /// added to the layer's accumulator. Device tensors (bf16 or f16, rows
+    /// 16-byte aligned with unit dim stride) of the trainer's context;
+    /// enqueued on `stream`, which is then synchronized to return the
+    /// batch's per-sequence losses. The inputs must be ready on `stream`
+    /// (written by work ordered before this call on it).
+    ///
+    /// Errors before anything is enqueued for: a layer without weights,
+    /// shapes not the gate's or the batch's, an f32 pre-RoPE input (the GPU
+    /// gate's logits read 16-bit rows: `Unsupported`; round them first or
+    /// use [`CudaGateTrainer::accumulate_host`]), a tensor that is not
+    /// device memory of its size in the trainer's context.
     ///
     /// # Safety
     /// The tensors must be valid device memory until this returns; `stream`
@@ -218,18 +277,65 @@ impl CudaGateTrainer {
                 q.layout.shape, k.layout.shape
             )));
         }
+        // The gate's logits kernels read 16-bit rows; the mask path rounds
+        // f32 inputs into the caller's workspace, which a feed has none of.
+        for (name, t) in [("q_nope", q_nope), ("k_nope", k_nope)] {
+            if t.dtype == DType::F32 {
+                return Err(Error::unsupported(format!(
+                    "{name} is f32: the GPU trainer takes bf16 or f16 pre-RoPE inputs (round them to bf16 first, \
+                     as the gate does)"
+                )));
+            }
+        }
+        // Every input in the trainer's context, before anything is enqueued
+        // (the kernels check them too, but against the context of `q` or of
+        // the weights, one at a time, after earlier launches).
+        for (name, t) in [("q_nope", q_nope), ("k_nope", k_nope), ("q", q), ("k", k)] {
+            check_buffer(&self.ctx, "the trainer", name, t.ptr, t.span_bytes(name)?)?;
+        }
+        let ctx = self.ctx;
+        let losses = self.enqueue_feed(layer, &c, q_nope, k_nope, q, k, batch, softmax_scale, stream);
+        let per_seq = match losses {
+            Ok(l) => l,
+            Err(e) => {
+                // A launch failed after others were enqueued: let them finish
+                // before the scratch they use is reused, maybe on another stream.
+                let _ = cuda::sync_stream(&ctx, stream);
+                return Err(e);
+            }
+        };
+        let state = self.layers[layer].as_mut().expect("checked");
+        state.sequences += batch.len();
+        state.loss_sum += per_seq.iter().sum::<f64>();
+        Ok(SeqLosses { per_seq })
+    }
+
+    /// The launches of a feed, then its losses read back (synchronizing `stream`).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn enqueue_feed(
+        &mut self,
+        layer: usize,
+        c: &GateConfig,
+        q_nope: &DeviceTensor,
+        k_nope: &DeviceTensor,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        batch: &Batch,
+        softmax_scale: f64,
+        stream: CUstream,
+    ) -> Result<Vec<f64>> {
         let ctx = self.ctx;
         let target_len = gpu::target_len(batch, c.num_q_heads)?;
         let target = ensure(&mut self.scratch.target, &ctx, target_len * 4)?;
         let ws_len = gpu::workspace_bytes(batch, c.num_q_heads, ctx.sm_count() as usize)?;
         let target_ws = ensure(&mut self.scratch.target_ws, &ctx, ws_len)?;
-        let loss_ws = ensure(&mut self.scratch.loss_ws, &ctx, gpu::loss_workspace_bytes(&c, batch)?)?;
+        let loss_ws = ensure(&mut self.scratch.loss_ws, &ctx, gpu::loss_workspace_bytes(c, batch)?)?;
         let losses = ensure(&mut self.scratch.losses, &ctx, batch.len() * 4)?;
         super::distill_target_cuda(q, k, batch, softmax_scale, (target.0, target.1 / 4), target_ws, stream)?;
         let state = self.layer_state(layer)?;
         let grads = (state.grads.ptr(), state.grads.len() / 4);
         gpu::loss_and_grad(
-            &c,
+            c,
             &self.device,
             layer,
             batch,
@@ -243,15 +349,43 @@ impl CudaGateTrainer {
             stream,
         )?;
         let bytes = self.scratch.losses.as_ref().expect("ensured").read(stream)?;
-        let per_seq: Vec<f64> = bytes
-            .chunks(4)
-            .take(batch.len())
-            .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-            .collect();
-        let state = self.layers[layer].as_mut().expect("checked");
-        state.sequences += batch.len();
-        state.loss_sum += per_seq.iter().sum::<f64>();
-        Ok(SeqLosses { per_seq })
+        Ok(bytes.chunks(4).take(batch.len()).map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect())
+    }
+
+    /// As [`CudaGateTrainer::accumulate`] with host tensors (any strides):
+    /// each is copied into device memory the trainer owns (grown to the
+    /// largest batch, kept for the next feed), packed, bf16 and f16 as they
+    /// are, f32 rounded to bf16 (to nearest even: the gate rounds f32
+    /// inputs so, and a bf16 model's attention sees bf16 q and k), then fed
+    /// on `stream`. For programs that train from files (`seerattn distill
+    /// --device cuda`); an engine feeds its device tensors to `accumulate`.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of the trainer's context, or NULL.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn accumulate_host(
+        &mut self,
+        layer: usize,
+        q_nope: &Tensor3,
+        k_nope: &Tensor3,
+        q: &Tensor3,
+        k: &Tensor3,
+        batch: &Batch,
+        softmax_scale: f64,
+        stream: CUstream,
+    ) -> Result<SeqLosses> {
+        // Nothing may still read the input copies when they are overwritten
+        // (a failed feed can leave launches behind on its stream).
+        cuda::sync_stream(&self.ctx, stream)?;
+        let mut tensors = Vec::with_capacity(4);
+        for (slot, t) in self.scratch.inputs.iter_mut().zip([q_nope, k_nope, q, k]) {
+            let (dtype, bytes) = t.packed_16bit();
+            let (ptr, _) = ensure(slot, &self.ctx, bytes.len())?;
+            slot.as_ref().expect("ensured").write(&bytes)?;
+            let [tokens, heads, dim] = t.shape();
+            tensors.push(DeviceTensor { ptr, dtype, layout: Layout3::contiguous(tokens, heads, dim) });
+        }
+        self.accumulate(layer, &tensors[0], &tensors[1], &tensors[2], &tensors[3], batch, softmax_scale, stream)
     }
 
     /// One optimizer step over every layer fed since the last one, as
@@ -339,6 +473,9 @@ impl CudaGateTrainer {
         }
         self.step += 1;
         self.host_stale = true;
+        // The step returns with its updates done: the next call may run on
+        // another stream (a later feed's), unordered with this one.
+        cuda::sync_stream(&self.ctx, stream)?;
         Ok(StepReport { step: self.step, lr, grad_norm, layer_losses, layer_sequences })
     }
 
@@ -420,15 +557,34 @@ impl CudaGateTrainer {
         let gate = self.gate(stream)?.clone();
         let mut host = super::GateTrainer::new(gate, self.config)?;
         host.load_optimizer_state(path)?;
-        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        for (layer, state) in self.layers.iter_mut().enumerate() {
-            let Some(state) = state else { continue };
-            let (adam, _) = host.adam_state(layer)?;
-            state.m.write(&bytes(&adam.m))?;
-            state.v.write(&bytes(&adam.v))?;
-            state.adam_step = adam.step;
-        }
-        self.step = host.steps_taken();
-        Ok(())
+        let adam = host.k_adam_states();
+        self.set_adam_states(&adam, host.steps_taken())
     }
+}
+
+/// One K-projection AdamW state per layer of `gate`, of the weights' length
+/// and finite, for every layer with weights.
+fn check_adam_states(gate: &Gate, adam: &[AdamState]) -> Result<()> {
+    let c = gate.config();
+    if adam.len() != c.num_layers {
+        return Err(Error::invalid(format!(
+            "optimizer state: {} AdamW states for a gate of {} layers",
+            adam.len(),
+            c.num_layers
+        )));
+    }
+    let len: usize = c.k_weight_shape().iter().product();
+    for (layer, a) in adam.iter().enumerate().filter(|&(layer, _)| gate.has_layer(layer)) {
+        if a.m.len() != len || a.v.len() != len {
+            return Err(Error::invalid(format!(
+                "optimizer state of layer {layer}: moments of {} and {} values, the K projection has {len}",
+                a.m.len(),
+                a.v.len()
+            )));
+        }
+        if a.m.iter().chain(&a.v).any(|x| !x.is_finite()) {
+            return Err(Error::invalid(format!("optimizer state of layer {layer}: a moment is not finite")));
+        }
+    }
+    Ok(())
 }

@@ -17,6 +17,15 @@
 //!   schedule ([`GateTrainer::step`]); it saves the trained gate
 //!   ([`GateTrainer::save_gate_dir`]) and its optimizer state
 //!   ([`GateTrainer::save_optimizer_state`], [`GateTrainer::load_optimizer_state`]).
+//! - [`cuda::CudaGateTrainer`] is the same trainer on the GPU (same recipe,
+//!   step semantics and files; the released gate type), fed device tensors
+//!   by an engine or host tensors by a program.
+//! - [`dataset`] trains either one from a calibration data set on disk: the
+//!   loop of `seerattn distill` (`--device cpu|cuda`).
+//!
+//! The C API's trainer handle (`seer_trainer_*`, `src/ffi/distill.rs`) runs
+//! [`GateTrainer`] or [`cuda::CudaGateTrainer`], whichever device its first
+//! feed's tensors are on.
 //!
 //! # Upstream's recipe (microsoft/SeerAttention, `distillation_prefill.py` and
 //! `scripts/run_distillation_prefill.sh`), which [`TrainConfig::upstream`] follows
@@ -54,6 +63,7 @@
 //! [`TrainConfig`], then [`GateTrainer::load_optimizer_state`].
 
 pub mod cuda;
+pub mod dataset;
 
 use crate::batch::Batch;
 use crate::checkpoint::{self, RawTensor};
@@ -437,6 +447,14 @@ impl<B: DistillBackend> GateTrainer<B> {
         self.gate.layer(layer)?;
         let l = &self.layers[layer];
         Ok((&l.adam_k, l.adam_q.as_ref()))
+    }
+
+    /// Every layer's K-projection AdamW state (copies, in layer order),
+    /// what the GPU trainer resumes from
+    /// ([`cuda::CudaGateTrainer::with_adam_states`], with
+    /// [`GateTrainer::steps_taken`]).
+    pub fn k_adam_states(&self) -> Vec<AdamState> {
+        self.layers.iter().map(|l| l.adam_k.clone()).collect()
     }
 
     /// The target of one layer through this trainer's backend, validated as

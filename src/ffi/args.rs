@@ -277,7 +277,7 @@ pub(crate) fn device_of(name: &str, code: u32) -> FfiResult<SeerDevice> {
     }
 }
 
-fn device_name(d: SeerDevice) -> &'static str {
+pub(crate) fn device_name(d: SeerDevice) -> &'static str {
     match d {
         SeerDevice::SEER_DEVICE_CPU => "SEER_DEVICE_CPU",
         SeerDevice::SEER_DEVICE_CUDA => "SEER_DEVICE_CUDA",

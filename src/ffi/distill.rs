@@ -1,29 +1,43 @@
 //! The trainer handle: gate self-distillation through the C API (create from
 //! a gate or a config, feed layers, step, read the losses, save the gate and
-//! the optimizer state, destroy), over [`crate::distill::GateTrainer`].
+//! the optimizer state, destroy), over [`crate::distill::GateTrainer`] (the
+//! CPU reference) and [`crate::distill::cuda::CudaGateTrainer`] (the GPU).
 //!
-//! The device of the tensors fed to `seer_trainer_accumulate` picks the
-//! path, in one place ([`accumulate`]): host tensors run the CPU reference
-//! trainer; device tensors are `SEER_UNSUPPORTED` until the C API runs the
-//! GPU trainer (`distill::cuda::CudaGateTrainer`; its arm of that match is
-//! where it goes).
+//! A trainer's device is fixed by its first successful feed
+//! ([`accumulate`], the one dispatch on the tensors' device): until then it
+//! holds the gate, the recipe and any loaded optimizer state on the host
+//! ([`Trainer::Host`] not yet `fixed`); host tensors then fix it there,
+//! CUDA tensors move that state into a GPU trainer in the context that owns
+//! them ([`crate::cuda::context_of`], as the GPU kernels find the context of
+//! a caller's pointers). Later feeds on the other device are refused. A CUDA
+//! trainer runs `seer_trainer_step`, the saves and the optimizer-state load
+//! on the stream of its last successful feed: those calls take no params
+//! struct to name one in (their signatures predate the GPU trainer), and
+//! every trainer call returns with its GPU work complete, so the stream only
+//! decides where that work queues, never what it is ordered after.
 
 use super::args::{self, invalid, SeerBatch, SeerDevice, SeerTensor};
 use super::gate::{gate_handle, read_gate, SeerGate, SeerGateConfig};
 use super::status::{FfiError, FfiResult, SeerStatus};
 use crate::batch::Batch;
+use crate::config::GateConfig;
+use crate::cuda::CUstream;
+use crate::distill::cuda::CudaGateTrainer;
 use crate::distill::{init_gate, AdamWConfig, GateTrainer, LrSchedule, StepReport, TrainConfig};
+use crate::gpu::gate as gpu_gate;
 use crate::reference::distill::LossParams;
 use crate::tensor::DType;
 use std::collections::BTreeMap;
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A gate being trained by self-distillation (opaque): its weights, the
-/// gradients accumulated since the last step and the AdamW state. Created
-/// by `seer_trainer_create` (from a gate's weights) or
-/// `seer_trainer_create_random`, released by `seer_trainer_destroy`.
+/// gradients accumulated since the last step and the AdamW state, on the
+/// host or on a GPU (the device of its first successful
+/// `seer_trainer_accumulate`). Created by `seer_trainer_create` (from a
+/// gate's weights) or `seer_trainer_create_random`, released by
+/// `seer_trainer_destroy`.
 ///
 /// Thread safety: every call may come from any thread; calls on one trainer
 /// run one at a time (each waits for the one running). `seer_trainer_destroy`
@@ -34,9 +48,59 @@ pub struct SeerTrainer {
 }
 
 struct TrainerState {
-    trainer: GateTrainer,
+    trainer: Trainer,
     /// The report of the last successful step.
     last: Option<StepReport>,
+}
+
+/// The trainer of a handle, on the device its first successful feed chose.
+// One per handle, behind its mutex, never moved in bulk: the variants' sizes
+// do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Trainer {
+    /// The CPU reference trainer. Until `fixed` (by a successful feed of
+    /// host tensors) it only holds the gate, the recipe and the optimizer
+    /// state (fresh, or loaded), with nothing accumulated: a first feed of
+    /// CUDA tensors moves them to a GPU trainer instead.
+    Host { trainer: GateTrainer, fixed: bool },
+    /// The GPU trainer, and the stream of its last successful feed, where
+    /// the calls without a stream of their own (step, saves, load) run.
+    Cuda { trainer: CudaGateTrainer, stream: FeedStream },
+}
+
+/// A caller's `CUstream`, kept between calls.
+#[derive(Clone, Copy)]
+struct FeedStream(CUstream);
+
+// SAFETY: a stream handle is a driver identifier that any thread may use
+// (only the current context is per-thread, and the CUDA layer sets it
+// around every call); the caller keeps the stream alive, as documented on
+// `seer_trainer_step`.
+unsafe impl Send for FeedStream {}
+
+impl Trainer {
+    fn gate_config(&self) -> &GateConfig {
+        match self {
+            Trainer::Host { trainer, .. } => trainer.gate().config(),
+            Trainer::Cuda { trainer, .. } => trainer.gate_config(),
+        }
+    }
+
+    fn steps_taken(&self) -> u64 {
+        match self {
+            Trainer::Host { trainer, .. } => trainer.steps_taken(),
+            Trainer::Cuda { trainer, .. } => trainer.steps_taken(),
+        }
+    }
+
+    /// The device feeds must be on, once one succeeded.
+    fn fixed_device(&self) -> Option<SeerDevice> {
+        match self {
+            Trainer::Host { fixed: false, .. } => None,
+            Trainer::Host { fixed: true, .. } => Some(SeerDevice::SEER_DEVICE_CPU),
+            Trainer::Cuda { .. } => Some(SeerDevice::SEER_DEVICE_CUDA),
+        }
+    }
 }
 
 /// The live trainers, by address (see `LIVE_GATES` in the gate module: the
@@ -60,7 +124,9 @@ fn lock(h: &SeerTrainer) -> MutexGuard<'_, TrainerState> {
     h.state.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
+/// A new handle for `trainer`, whose device the first feed decides.
 fn publish(trainer: GateTrainer) -> *mut SeerTrainer {
+    let trainer = Trainer::Host { trainer, fixed: false };
     let handle = Arc::new(SeerTrainer { state: Mutex::new(TrainerState { trainer, last: None }) });
     let ptr = Arc::as_ptr(&handle).cast_mut();
     live_trainers(|live| live.insert(ptr as usize, handle));
@@ -197,7 +263,9 @@ pub unsafe extern "C" fn seer_trainer_create_random(
 /// not a live handle (a double destroy), reported through
 /// `seer_last_error_message` only. A destroy racing with calls on the
 /// handle in other threads is safe: calls already running finish, calls
-/// that start after it fail with `SEER_INVALID_ARGUMENT`.
+/// that start after it fail with `SEER_INVALID_ARGUMENT`. A CUDA trainer
+/// frees its device memory in its context (none of its work is in flight:
+/// every call returns with it done); destroy it before that context.
 #[no_mangle]
 pub unsafe extern "C" fn seer_trainer_destroy(trainer: *mut SeerTrainer) {
     let _ = ffi_call!("seer_trainer_destroy", {
@@ -224,18 +292,47 @@ pub struct SeerTrainFeedParams {
     /// The attention's multiplier of `q·k` before the softmax (for the
     /// target); 0 selects `1/sqrt(head_dim)`. Finite and >= 0.
     pub softmax_scale: f64,
+    /// CUDA stream (`cudaStream_t`, NULL for the legacy default stream) the
+    /// feed runs on when the tensors are CUDA memory; unused on the CPU. It
+    /// must belong to the context of the tensors (the trainer's, after its
+    /// first CUDA feed), and the tensors must be ready on it.
+    ///
+    /// Appended after the first release of the struct: a caller whose
+    /// `struct_size` ends before it (compiled against an older header) is
+    /// served as if it were NULL.
+    pub cuda_stream: *mut c_void,
 }
 
-/// Fill `*out` with layer 0 and the softmax scale `1/sqrt(head_dim)` (0).
-/// Writes `struct_size`.
-#[no_mangle]
-pub unsafe extern "C" fn seer_train_feed_params_default(out: *mut SeerTrainFeedParams) -> SeerStatus {
-    ffi_call!("seer_train_feed_params_default", {
-        args::out_ptr("out", out)?.write(SeerTrainFeedParams {
+impl SeerTrainFeedParams {
+    /// Size of the struct's first release (before `cuda_stream`): the
+    /// smallest `struct_size` accepted.
+    fn v1_size() -> usize {
+        std::mem::offset_of!(SeerTrainFeedParams, cuda_stream)
+    }
+
+    /// The defaults of `seer_train_feed_params_default`; every field
+    /// appended after the first release is read as its value here.
+    fn defaults() -> Self {
+        SeerTrainFeedParams {
             struct_size: std::mem::size_of::<SeerTrainFeedParams>(),
             layer: 0,
             softmax_scale: 0.0,
-        });
+            cuda_stream: std::ptr::null_mut(),
+        }
+    }
+
+    /// Read the caller's params, of this release or the first one.
+    unsafe fn read(ptr: *const SeerTrainFeedParams) -> FfiResult<Self> {
+        args::read_versioned("params", ptr, &[Self::v1_size()], Self::defaults())
+    }
+}
+
+/// Fill `*out` with layer 0, the softmax scale `1/sqrt(head_dim)` (0) and
+/// the legacy default stream (NULL). Writes `struct_size`.
+#[no_mangle]
+pub unsafe extern "C" fn seer_train_feed_params_default(out: *mut SeerTrainFeedParams) -> SeerStatus {
+    ffi_call!("seer_train_feed_params_default", {
+        args::out_ptr("out", out)?.write(SeerTrainFeedParams::defaults());
         Ok(())
     })
 }
@@ -252,10 +349,30 @@ pub unsafe extern "C" fn seer_train_feed_params_default(out: *mut SeerTrainFeedP
 /// over the sequences it was fed).
 ///
 /// The device of `q_nope` picks the path; `k_nope`, `q` and `k` must be on
-/// the same device (else `SEER_INVALID_ARGUMENT` naming the argument).
-/// - `SEER_DEVICE_CPU`: the CPU reference trainer, synchronous.
-/// - `SEER_DEVICE_CUDA`: `SEER_UNSUPPORTED`: the GPU trainer is not built into
-///   the C API yet.
+/// the same device (else `SEER_INVALID_ARGUMENT` naming the argument). The
+/// first successful feed fixes the trainer's device: feeding the other one
+/// later is `SEER_INVALID_ARGUMENT` ("trains on ... since its first feed").
+/// A failed feed fixes nothing.
+/// - `SEER_DEVICE_CPU`: the CPU reference trainer, synchronous. Any dtype
+///   for `q` and `k`; f32 `q_nope` and `k_nope` are rounded to bf16 (as the
+///   gate rounds them).
+/// - `SEER_DEVICE_CUDA`: the GPU trainer, in the CUDA context that owns
+///   `q_nope` (its first CUDA feed uploads the trainer's weights and
+///   optimizer state there; later feeds must be in that context). Work is
+///   enqueued on `params->cuda_stream`, after whatever the caller ordered
+///   before on it (the tensors must be ready there), and the call returns
+///   once it is done (the batch's loss is read back): the tensors may be
+///   reused when it returns. The released gate type only (no Q projection,
+///   head_dim 64 or 128): another gate is `SEER_UNSUPPORTED` with the reason,
+///   and the trainer stays undecided (feed host tensors instead). All four
+///   tensors bf16 or f16 (q and k of one dtype, q_nope and k_nope of one
+///   dtype; f32 is `SEER_UNSUPPORTED` here), rows 16-byte aligned with unit
+///   dim stride (`SEER_UNSUPPORTED` otherwise), device memory of their
+///   described size (`SEER_INVALID_ARGUMENT` otherwise, checked through the
+///   driver). The trainer allocates its scratch on the device as batches
+///   grow (not a hot path: no CUDA graph capture). Without a CUDA driver or
+///   GPU: `SEER_NO_DEVICE`; in a build without CUDA kernels:
+///   `SEER_UNSUPPORTED`.
 #[no_mangle]
 pub unsafe extern "C" fn seer_trainer_accumulate(
     trainer: *mut SeerTrainer,
@@ -281,14 +398,25 @@ unsafe fn accumulate(
     k: *const SeerTensor,
 ) -> FfiResult {
     let handle = trainer_handle(trainer)?;
-    let p = args::read_sized("params", params)?;
+    let p = SeerTrainFeedParams::read(params)?;
     let batch = args::batch(batch)?;
     let device = args::device_of("q_nope", args::deref("q_nope", q_nope)?.device)?;
     for (name, t) in [("k_nope", k_nope), ("q", q), ("k", k)] {
         args::require_same_device(name, args::deref(name, t)?.device, device, "q_nope")?;
     }
     let mut state = lock(&handle);
-    let c = state.trainer.gate().config();
+    if let Some(fixed) = state.trainer.fixed_device().filter(|&d| d != device) {
+        let (on, other) = match fixed {
+            SeerDevice::SEER_DEVICE_CPU => ("the CPU (SEER_DEVICE_CPU)", "host tensors"),
+            SeerDevice::SEER_DEVICE_CUDA => ("CUDA (SEER_DEVICE_CUDA)", "CUDA tensors of its context"),
+        };
+        return Err(invalid(format!(
+            "q_nope is {}, but this trainer trains on {on} since its first feed: feed it {other} (a trainer's \
+             device is fixed by its first successful feed; create another trainer for the other device)",
+            args::device_name(device)
+        )));
+    }
+    let c = state.trainer.gate_config();
     if p.layer as usize >= c.num_layers {
         return Err(invalid(format!("params->layer = {} but the gate has {} layers", p.layer, c.num_layers)));
     }
@@ -300,16 +428,64 @@ unsafe fn accumulate(
     } else {
         return Err(invalid(format!("params->softmax_scale = {s} must be finite and > 0 (0: 1/sqrt(head_dim))")));
     };
-    match device {
-        SeerDevice::SEER_DEVICE_CPU => {
-            accumulate_host(&mut state.trainer, p.layer, scale, &batch, q_nope, k_nope, q, k)
+    let state = &mut *state;
+    match (device, &mut state.trainer) {
+        (SeerDevice::SEER_DEVICE_CPU, Trainer::Host { trainer, fixed }) => {
+            accumulate_host(trainer, p.layer, scale, &batch, q_nope, k_nope, q, k)?;
+            *fixed = true;
+            Ok(())
         }
-        SeerDevice::SEER_DEVICE_CUDA => Err(FfiError::new(
-            SeerStatus::SEER_UNSUPPORTED,
-            "CUDA tensors: the GPU trainer is not built into the C API yet; feed host tensors (SEER_DEVICE_CPU) to \
-             train on the CPU reference",
-        )),
+        (SeerDevice::SEER_DEVICE_CUDA, _) => {
+            accumulate_cuda(&mut state.trainer, &p, scale, &batch, q_nope, k_nope, q, k)
+        }
+        (SeerDevice::SEER_DEVICE_CPU, Trainer::Cuda { .. }) => unreachable!("refused above: fixed on CUDA"),
     }
+}
+
+/// The CUDA path: device descriptors checked on the host, then the GPU
+/// trainer (made from the host state on the first CUDA feed, kept only if
+/// that feed succeeds).
+#[allow(clippy::too_many_arguments)]
+unsafe fn accumulate_cuda(
+    slot: &mut Trainer,
+    p: &SeerTrainFeedParams,
+    scale: f64,
+    batch: &Batch,
+    q_nope: *const SeerTensor,
+    k_nope: *const SeerTensor,
+    q: *const SeerTensor,
+    k: *const SeerTensor,
+) -> FfiResult {
+    let q_nope = args::device_tensor("q_nope", q_nope)?.tensor;
+    let k_nope = args::device_tensor("k_nope", k_nope)?.tensor;
+    let q = args::device_tensor("q", q)?.tensor;
+    let k = args::device_tensor("k", k)?.tensor;
+    let (layer, stream) = (p.layer as usize, crate::cuda::stream_from_raw(p.cuda_stream));
+    match slot {
+        Trainer::Cuda { trainer, stream: last } => {
+            trainer.accumulate(layer, &q_nope, &k_nope, &q, &k, batch, scale, stream)?;
+            *last = FeedStream(stream);
+        }
+        Trainer::Host { trainer: host, fixed: false } => {
+            // The gate first (no device needed to refuse it), then the driver:
+            // q_nope must be device memory (named in the message), and its
+            // context becomes the trainer's.
+            gpu_gate::check_supported(host.gate().config())?;
+            crate::cuda::check_device_pointer("q_nope", q_nope.ptr, q_nope.span_bytes("q_nope")?)?;
+            let ctx = crate::cuda::context_of(q_nope.ptr)?;
+            let mut trainer = CudaGateTrainer::with_adam_states(
+                host.gate().clone(),
+                *host.config(),
+                &ctx,
+                &host.k_adam_states(),
+                host.steps_taken(),
+            )?;
+            trainer.accumulate(layer, &q_nope, &k_nope, &q, &k, batch, scale, stream)?;
+            *slot = Trainer::Cuda { trainer, stream: FeedStream(stream) };
+        }
+        Trainer::Host { fixed: true, .. } => unreachable!("refused by accumulate: fixed on the CPU"),
+    }
+    Ok(())
 }
 
 /// The CPU path: host views of the four tensors, then the trainer.
@@ -367,6 +543,12 @@ pub struct SeerStepReport {
 /// when the accumulated gradient is not finite (non-finite inputs): then the
 /// accumulated gradients are dropped and weights, optimizer state, step
 /// count and the last step's losses stay as they were.
+///
+/// A CUDA trainer steps on the stream of its last successful feed (which
+/// must still exist), and returns with the update done (synchronous, as
+/// on the CPU). So do `seer_trainer_save_gate_dir`,
+/// `seer_trainer_save_optimizer_state` and
+/// `seer_trainer_load_optimizer_state` (which copy between host and device).
 #[no_mangle]
 pub unsafe extern "C" fn seer_trainer_step(
     trainer: *mut SeerTrainer,
@@ -380,7 +562,10 @@ pub unsafe extern "C" fn seer_trainer_step(
             check_report(maybe_out_report)?;
         }
         let mut state = lock(&handle);
-        let report = state.trainer.step()?;
+        let report = match &mut state.trainer {
+            Trainer::Host { trainer, .. } => trainer.step()?,
+            Trainer::Cuda { trainer, stream } => trainer.step(stream.0)?,
+        };
         let value = SeerStepReport {
             struct_size: std::mem::size_of::<SeerStepReport>(),
             step: report.step,
@@ -485,7 +670,8 @@ unsafe fn path_arg<'a>(name: &str, ptr: *const c_char) -> FfiResult<&'a Path> {
 /// (NULL for none): the model's own `config.json` text, whose fields are
 /// kept in the saved config (as upstream saves its gates). Refuses a `dir`
 /// holding `attn_gate_weights.pth` or another `*.safetensors` file (the
-/// loader would read that one, or refuse the ambiguity).
+/// loader would read that one, or refuse the ambiguity). A CUDA trainer
+/// copies its weights back first, on the stream of its last successful feed.
 #[no_mangle]
 pub unsafe extern "C" fn seer_trainer_save_gate_dir(
     trainer: *const SeerTrainer,
@@ -512,7 +698,10 @@ pub unsafe extern "C" fn seer_trainer_save_gate_dir(
                     .map_err(|_| invalid("maybe_base_config is not valid UTF-8"))?,
             )
         };
-        lock(&handle).trainer.save_gate_dir(dir, dtype, base)?;
+        match &mut lock(&handle).trainer {
+            Trainer::Host { trainer, .. } => trainer.save_gate_dir(dir, dtype, base)?,
+            Trainer::Cuda { trainer, stream } => trainer.save_gate_dir(dir, dtype, base, stream.0)?,
+        }
         Ok(())
     })
 }
@@ -520,7 +709,8 @@ pub unsafe extern "C" fn seer_trainer_save_gate_dir(
 /// Write the optimizer state (AdamW moments, step counts) to the file
 /// `path`, a `.safetensors` file (format in docs/distillation.md). Keep it
 /// out of the gate directory. Between steps only: with gradients fed and not
-/// yet stepped, `SEER_INVALID_ARGUMENT`.
+/// yet stepped, `SEER_INVALID_ARGUMENT`. The file is the same for both
+/// devices: a run saved on one resumes on the other.
 #[no_mangle]
 pub unsafe extern "C" fn seer_trainer_save_optimizer_state(
     trainer: *const SeerTrainer,
@@ -529,7 +719,10 @@ pub unsafe extern "C" fn seer_trainer_save_optimizer_state(
     ffi_call!("seer_trainer_save_optimizer_state", {
         let handle = trainer_handle(trainer)?;
         let path = path_arg("path", path)?;
-        lock(&handle).trainer.save_optimizer_state(path)?;
+        match &mut lock(&handle).trainer {
+            Trainer::Host { trainer, .. } => trainer.save_optimizer_state(path)?,
+            Trainer::Cuda { trainer, stream } => trainer.save_optimizer_state(path, stream.0)?,
+        }
         Ok(())
     })
 }
@@ -538,9 +731,11 @@ pub unsafe extern "C" fn seer_trainer_save_optimizer_state(
 /// at `path` by `seer_trainer_save_optimizer_state` for a gate of the same
 /// shape. Between steps only. To resume a run: load the gate directory saved
 /// (as F32) at the same step with `seer_gate_load`, `seer_trainer_create`
-/// from it with the same params, then this. `SEER_FORMAT_ERROR` for a file
-/// that is not such a state or is of another gate shape; `SEER_IO_ERROR` when
-/// it cannot be read. On failure the trainer is unchanged.
+/// from it with the same params, then this (before the first feed: the
+/// state goes to whichever device that feed fixes). `SEER_FORMAT_ERROR` for
+/// a file that is not such a state or is of another gate shape;
+/// `SEER_IO_ERROR` when it cannot be read. On failure the trainer is
+/// unchanged.
 #[no_mangle]
 pub unsafe extern "C" fn seer_trainer_load_optimizer_state(
     trainer: *mut SeerTrainer,
@@ -549,7 +744,10 @@ pub unsafe extern "C" fn seer_trainer_load_optimizer_state(
     ffi_call!("seer_trainer_load_optimizer_state", {
         let handle = trainer_handle(trainer)?;
         let path = path_arg("path", path)?;
-        lock(&handle).trainer.load_optimizer_state(path)?;
+        match &mut lock(&handle).trainer {
+            Trainer::Host { trainer, .. } => trainer.load_optimizer_state(path)?,
+            Trainer::Cuda { trainer, stream } => trainer.load_optimizer_state(path, stream.0)?,
+        }
         Ok(())
     })
 }
