@@ -18,7 +18,6 @@
 mod common;
 use common::capi::*;
 use common::device::{ctx, cuda_tensor, poisoned, to_device};
-use common::encode;
 use seerattn::cuda::{testing, testing::Stream, DeviceBuffer};
 use seerattn::distill::cuda::CudaGateTrainer;
 use seerattn::distill::{init_gate, TrainConfig};
@@ -357,6 +356,50 @@ fn gpu_c_api_gate_the_gpu_cannot_train_is_refused_then_trains_on_the_host() {
     assert!(losses(&t, 1)[0] > 0.0);
 }
 
+/// f32 device tensors are rounded on the device (pre-RoPE to bf16, post-RoPE
+/// to the other one's dtype): feeding the f32 widening of bf16 data, all
+/// four or some of them, trains bit for bit as feeding the bf16 data.
+#[test]
+#[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
+fn gpu_c_api_f32_cuda_feeds_are_rounded_as_16_bit_ones() {
+    let ctx = ctx();
+    let stream = Stream::new(&ctx).unwrap();
+    let root = temp_dir("f32");
+    start_gate(&root, 1, 5);
+    let gate = Gate::load(&root);
+    let x = Batch4::new(&ctx, &[(300, 300), (70, 70)], 41);
+    x.write_on(&ctx, &stream);
+    stream.synchronize().unwrap();
+    let p = feed_params(0, stream.raw().cast());
+    let run = |descs: &[SeerTensor; 4]| {
+        let t = create(&gate, &train_params(6));
+        expect(x.feed(&t, &p, descs), SEER_OK, "feed");
+        let (status, report) = step(&t);
+        expect(status, SEER_OK, "step");
+        (report.grad_norm.to_bits(), losses(&t, 1)[0].to_bits())
+    };
+    let bf16 = run(&x.cuda_descs());
+    // f32 widenings of the same values (exact), packed.
+    let wide: Vec<DeviceBuffer> = Batch4::host_bytes(&x.nope, &x.roped)
+        .iter()
+        .map(|b| {
+            let f: Vec<u8> = b
+                .chunks(2)
+                .flat_map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32().to_le_bytes())
+                .collect();
+            to_device(&ctx, &f)
+        })
+        .collect();
+    let good = x.cuda_descs();
+    let f32_desc = |i: usize| SeerTensor { data: wide[i].ptr() as *mut c_void, dtype: F32, ..good[i] };
+    let all: [SeerTensor; 4] = std::array::from_fn(f32_desc);
+    assert_eq!(run(&all), bf16, "all four f32");
+    let pre_only = [f32_desc(0), f32_desc(1), good[2], good[3]];
+    assert_eq!(run(&pre_only), bf16, "f32 q_nope and k_nope");
+    let q_only = [good[0], good[1], f32_desc(2), good[3]];
+    assert_eq!(run(&q_only), bf16, "f32 post-RoPE q, bf16 k");
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
 fn gpu_c_api_cuda_trainer_refuses_host_feeds_and_bad_device_buffers() {
@@ -382,18 +425,6 @@ fn gpu_c_api_cuda_trainer_refuses_host_feeds_and_bad_device_buffers() {
     host_k[3].data = x.roped.k.as_ptr().cast_mut().cast();
     let msg = expect(x.feed(&t, &p, &host_k), SEER_INVALID_ARGUMENT, "host memory as k");
     assert!(msg.contains("not device memory"), "{msg}");
-    // f32 pre-RoPE inputs (the gate's logits read 16-bit rows).
-    let [tq, hq, d] = x.shapes()[0];
-    let f32_q = to_device(&ctx, &encode(&vec![0.5; tq * hq * d], DType::F32));
-    let mut f32_desc = good;
-    f32_desc[0] = SeerTensor { data: f32_q.ptr() as *mut c_void, dtype: F32, ..good[0] };
-    let msg = expect(x.feed(&t, &p, &f32_desc), SEER_UNSUPPORTED, "f32 q_nope");
-    assert!(msg.contains("bf16 or f16 pre-RoPE"), "{msg}");
-    // An f32 post-RoPE q (the target's kernel reads 16-bit rows too).
-    let mut f32_post = good;
-    f32_post[2] = f32_desc[0];
-    let msg = expect(x.feed(&t, &p, &f32_post), SEER_UNSUPPORTED, "f32 q");
-    assert!(msg.contains("takes bf16 or f16"), "{msg}");
     // Rows not 16-byte aligned: q 2 bytes into a larger allocation.
     let q_bytes = Batch4::host_bytes(&x.nope, &x.roped)[2].clone();
     let shifted = poisoned(&ctx, q_bytes.len() + 64);

@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::gate::{Gate, WeightRef};
 use crate::gpu::distill as gpu;
 use crate::gpu::gate::{check_supported, DeviceGate};
-use crate::gpu::{check_buffer, DeviceTensor};
+use crate::gpu::{check_buffer, convert, DeviceTensor};
 use crate::reference::distill::SeqLosses;
 use crate::tensor::{DType, Layout3, Tensor3};
 use std::ffi::c_void;
@@ -89,6 +89,8 @@ struct Scratch {
     /// Device copies of host inputs (q_nope, k_nope, q, k) for
     /// [`CudaGateTrainer::accumulate_host`].
     inputs: [Option<DeviceBuffer>; 4],
+    /// 16-bit copies of f32 device inputs (q_nope, k_nope, q, k).
+    rounded: [Option<DeviceBuffer>; 4],
 }
 
 fn ensure(buf: &mut Option<DeviceBuffer>, ctx: &Ctx, len: usize) -> Result<(u64, usize)> {
@@ -241,17 +243,18 @@ impl CudaGateTrainer {
     /// Feed one layer a batch, as [`super::GateTrainer::accumulate`]: the
     /// target from post-RoPE `q`, `k` at the attention's `softmax_scale`,
     /// the loss of the gate on pre-RoPE `q_nope`, `k_nope` and its gradient,
-    /// added to the layer's accumulator. Device tensors (bf16 or f16, rows
-    /// 16-byte aligned with unit dim stride) of the trainer's context;
+    /// added to the layer's accumulator. Device tensors of the trainer's
+    /// context: bf16 or f16 with rows 16-byte aligned and unit dim stride,
+    /// or f32 with any strides, rounded on the device first (pre-RoPE to
+    /// bf16 as the gate rounds them, post-RoPE `q` and `k` to the other
+    /// one's 16-bit dtype, bf16 when both are f32, as the prefill rounds q);
     /// enqueued on `stream`, which is then synchronized to return the
     /// batch's per-sequence losses. The inputs must be ready on `stream`
     /// (written by work ordered before this call on it).
     ///
     /// Errors before anything is enqueued for: a layer without weights,
-    /// shapes not the gate's or the batch's, an f32 pre-RoPE input (the GPU
-    /// gate's logits read 16-bit rows: `Unsupported`; round them first or
-    /// use [`CudaGateTrainer::accumulate_host`]), a tensor that is not
-    /// device memory of its size in the trainer's context.
+    /// shapes not the gate's or the batch's, a tensor that is not device
+    /// memory of its size in the trainer's context.
     ///
     /// # Safety
     /// The tensors must be valid device memory until this returns; `stream`
@@ -276,16 +279,6 @@ impl CudaGateTrainer {
                 "distillation: q {:?} and k {:?} do not have the gate's (q heads, kv heads, head_dim) {want:?}",
                 q.layout.shape, k.layout.shape
             )));
-        }
-        // The gate's logits kernels read 16-bit rows; the mask path rounds
-        // f32 inputs into the caller's workspace, which a feed has none of.
-        for (name, t) in [("q_nope", q_nope), ("k_nope", k_nope)] {
-            if t.dtype == DType::F32 {
-                return Err(Error::unsupported(format!(
-                    "{name} is f32: the GPU trainer takes bf16 or f16 pre-RoPE inputs (round them to bf16 first, \
-                     as the gate does)"
-                )));
-            }
         }
         // Every input in the trainer's context, before anything is enqueued
         // (the kernels check them too, but against the context of `q` or of
@@ -325,6 +318,21 @@ impl CudaGateTrainer {
         stream: CUstream,
     ) -> Result<Vec<f64>> {
         let ctx = self.ctx;
+        // The kernels read 16-bit rows. f32 inputs are rounded on the device
+        // into trainer scratch as the inference path rounds them: pre-RoPE
+        // q_nope and k_nope to bf16 (as the gate does), post-RoPE q and k to
+        // the other one's 16-bit dtype, bf16 when both are f32 (as the
+        // prefill rounds an f32 q to the keys' dtype).
+        let post16 = |other: &DeviceTensor| if other.dtype == DType::F32 { DType::BF16 } else { other.dtype };
+        let wanted = [DType::BF16, DType::BF16, post16(k), post16(q)];
+        let mut inputs = [*q_nope, *k_nope, *q, *k];
+        for (i, name) in ["q_nope", "k_nope", "q", "k"].into_iter().enumerate() {
+            if inputs[i].dtype == DType::F32 {
+                let dst = ensure(&mut self.scratch.rounded[i], &ctx, convert::packed_bytes(inputs[i].layout.shape))?;
+                inputs[i] = convert::to_16bit(&ctx, "the trainer", name, &inputs[i], dst.0, wanted[i], stream)?;
+            }
+        }
+        let [q_nope, k_nope, q, k] = &inputs;
         let target_len = gpu::target_len(batch, c.num_q_heads)?;
         let target = ensure(&mut self.scratch.target, &ctx, target_len * 4)?;
         let ws_len = gpu::workspace_bytes(batch, c.num_q_heads, ctx.sm_count() as usize)?;

@@ -364,10 +364,13 @@ pub unsafe extern "C" fn seer_train_feed_params_default(out: *mut SeerTrainFeedP
 ///   once it is done (the batch's loss is read back): the tensors may be
 ///   reused when it returns. The released gate type only (no Q projection,
 ///   head_dim 64 or 128): another gate is `SEER_UNSUPPORTED` with the reason,
-///   and the trainer stays undecided (feed host tensors instead). All four
-///   tensors bf16 or f16 (q and k of one dtype, q_nope and k_nope of one
-///   dtype; f32 is `SEER_UNSUPPORTED` here), rows 16-byte aligned with unit
-///   dim stride (`SEER_UNSUPPORTED` otherwise), device memory of their
+///   and the trainer stays undecided (feed host tensors instead). bf16 or
+///   f16 tensors (q and k of one dtype, q_nope and k_nope of one dtype) with
+///   rows 16-byte aligned and unit dim stride (`SEER_UNSUPPORTED`
+///   otherwise), or f32 with any strides, rounded on the device into the
+///   trainer's scratch first: q_nope and k_nope to bf16 (as the gate rounds
+///   them), q and k to the other one's dtype (bf16 when both are f32, as
+///   the prefill rounds an f32 q); all device memory of their
 ///   described size (`SEER_INVALID_ARGUMENT` otherwise, checked through the
 ///   driver). The trainer allocates its scratch on the device as batches
 ///   grow (not a hot path: no CUDA graph capture). Without a CUDA driver or
