@@ -738,14 +738,16 @@ fn gpu_trainer_feeds_host_tensors_as_device_ones_and_refuses_bad_inputs_first() 
     // Refused before anything is enqueued: the trainer has nothing to step after.
     let mut t = CudaGateTrainer::new(gate, train, &ctx).unwrap();
     let [qn, kn, q, k] = x.t;
-    let f32_qn = upload(&ctx, &f32s[0]);
-    let f32_dev = DeviceTensor { ptr: f32_qn.ptr(), dtype: DType::F32, layout: qn.layout };
+    let f32_qn = upload(&ctx, &[f32s[0].as_slice(), &[0u8; 16]].concat());
+    // f32 device inputs are rounded on the device (ffi_distill_cuda checks
+    // them bit for bit against bf16 feeds); one 2 bytes off f32 alignment is not.
+    let f32_dev = DeviceTensor { ptr: f32_qn.ptr() + 2, dtype: DType::F32, layout: qn.layout };
     let host_mem = DeviceTensor { ptr: p.k.as_ptr() as u64, ..k };
     // The end of a 2 MiB allocation (a whole granule, whatever the driver rounds to).
     let short = testing::alloc_zeroed(&ctx, 2 << 20).unwrap();
     let short_kn = DeviceTensor { ptr: short.ptr() + (2 << 20) - 1024, ..kn };
     let cases: [(&str, [DeviceTensor; 4], &str); 3] = [
-        ("f32 q_nope", [f32_dev, kn, q, k], "bf16 or f16 pre-RoPE"),
+        ("misaligned f32 q_nope", [f32_dev, kn, q, k], "not aligned to 4 bytes"),
         ("host memory as k", [qn, kn, q, host_mem], "not device memory"),
         ("k_nope past its allocation", [qn, short_kn, q, k], "past its allocation"),
     ];
