@@ -25,7 +25,7 @@ use seerattn::ffi::args::SeerTensor;
 use seerattn::ffi::distill::*;
 use seerattn::ffi::status::SeerStatus;
 use seerattn::gpu::DeviceTensor;
-use seerattn::{Batch, DType, GateConfig, Layout3, WeightRef};
+use seerattn::{Batch, DType, GateConfig, Layout3};
 use std::ffi::{c_void, CString};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -83,18 +83,7 @@ fn c_path(p: &Path) -> CString {
 /// rounded to bf16: the values the GPU trainer's bf16 copy holds, so that
 /// CPU and GPU trainers start from the same gate.
 fn start_gate(dir: &Path, layers: usize, seed: u64) -> seerattn::Gate {
-    let mut gate = init_gate(rust_config(layers), seed).unwrap();
-    let shape = gate.config().k_weight_shape();
-    for layer in 0..layers {
-        let w: Vec<u8> = gate
-            .layer(layer)
-            .unwrap()
-            .k_proj
-            .iter()
-            .flat_map(|x| half::bf16::from_f32(*x).to_f32().to_le_bytes())
-            .collect();
-        gate.set_layer_weights(layer, WeightRef { dtype: DType::F32, shape, bytes: &w }, None).unwrap();
-    }
+    let gate = common::gate_rounded_to_bf16(&init_gate(rust_config(layers), seed).unwrap());
     seerattn::checkpoint::save_gate_dir(&gate, dir, DType::F32, None).unwrap();
     gate
 }

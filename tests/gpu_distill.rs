@@ -623,25 +623,6 @@ fn gpu_trainer_resumes_from_its_files_bit_for_bit() {
     eprintln!("resumed after 25 of 30 steps: weights equal bit for bit to uninterrupted training");
 }
 
-/// A copy of `gate` with every weight rounded to bf16 (kept as f32): the
-/// values the GPU trainer's bf16 copy holds, so that a CPU and a GPU run
-/// from it start from the same gate.
-fn rounded_to_bf16(gate: &Gate) -> Gate {
-    let mut g = gate.clone();
-    let shape = g.config().k_weight_shape();
-    for layer in 0..g.config().num_layers {
-        let w: Vec<u8> = g
-            .layer(layer)
-            .unwrap()
-            .k_proj
-            .iter()
-            .flat_map(|x| half::bf16::from_f32(*x).to_f32().to_le_bytes())
-            .collect();
-        g.set_layer_weights(layer, WeightRef { dtype: DType::F32, shape, bytes: &w }, None).unwrap();
-    }
-    g
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
 fn gpu_trainer_with_adam_states_resumes_as_load_optimizer_state() {
@@ -778,7 +759,7 @@ fn gpu_dataset_run_on_the_planted_set_matches_the_cpu_run_and_resumes() {
     let blocks = dataset::make_planted(&data, &planted, &mut |_| {}).unwrap();
     assert_eq!(blocks.len(), 2);
     let model = seerattn::checkpoint::read_config(&data.join("model_config.json")).unwrap();
-    let start = rounded_to_bf16(&seerattn::distill::init_gate(model.clone(), 0).unwrap());
+    let start = gate_rounded_to_bf16(&seerattn::distill::init_gate(model.clone(), 0).unwrap());
     let mut config = TrainConfig::upstream(12);
     (config.adamw.lr, config.schedule.warmup_steps) = (2e-2, 2);
     let run = |device: Device, name: &str, stop_at: Option<u64>, resume: bool| -> Vec<Vec<f64>> {

@@ -244,3 +244,22 @@ pub fn decode(bytes: &[u8], dtype: DType) -> Vec<f32> {
         })
         .collect()
 }
+
+/// A copy of `gate` with every weight rounded to bf16 (kept as f32): the
+/// values the GPU trainer's bf16 copy holds, so that a CPU and a GPU run
+/// from it start from the same gate.
+pub fn gate_rounded_to_bf16(gate: &seerattn::Gate) -> seerattn::Gate {
+    let mut g = gate.clone();
+    let shape = g.config().k_weight_shape();
+    for layer in 0..g.config().num_layers {
+        let w: Vec<u8> = g
+            .layer(layer)
+            .unwrap()
+            .k_proj
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_f32().to_le_bytes())
+            .collect();
+        g.set_layer_weights(layer, seerattn::gate::WeightRef { dtype: DType::F32, shape, bytes: &w }, None).unwrap();
+    }
+    g
+}
