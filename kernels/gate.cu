@@ -21,6 +21,9 @@
  *                        radix top-k, the selected blocks written over the
  *                        logits in place. No row is held in shared memory, so
  *                        sequences of any length work.
+ * For the threshold rule on rows of 257 key blocks and more (16k tokens),
+ * kernels/gate_select.cu replaces the last two: two passes over recomputed
+ * logits (log-sum-exp, then kept bits) and a compaction, no logit written.
  * The logits kernel finds each sequence's k_gate rows through SeqEntry::k_gate
  * and GateArgs::k_gate_{head,row}_stride: the workspace here, a cache below.
  *

@@ -190,6 +190,16 @@ run() {
             record "gpu_attention ($kernel)" "$status" "$logs/gpu_attention-$kernel.log"
         done
     fi
+    # The gate's threshold rule runs on kernels/gate_select.cu from 257 key
+    # blocks on and on the logits + select kernels below: the gate tests'
+    # shapes are short, so run them once more with the former forced.
+    if [ -x "$stage/bin/gpu_gate" ]; then
+        local status=0
+        echo "== gpu_gate (SEERATTN_GATE_SELECT=fused)"
+        SEERATTN_GATE_SELECT=fused "$stage/bin/gpu_gate" --include-ignored \
+            >"$logs/gpu_gate-fused.log" 2>&1 || status=$?
+        record "gpu_gate (select fused)" "$status" "$logs/gpu_gate-fused.log"
+    fi
     local gate="tests/data/upstream/gqa4_s1000_gates" scratch status
     scratch=$(mktemp -d)
     echo "== c/prefill"

@@ -1049,6 +1049,8 @@ fn check_sizes(gate: &capi::Gate, lens: &[(usize, usize)], splits: usize) -> Siz
         hq * k_rows * d * 2,
         longest * (d / 2) * 8,
         seqs.len() * hkv * 3 * d * 4,
+        // The threshold rule's partial (max, sum) per row and chunk of 4 key tiles.
+        hq * (q_blocks + 64) * longest.div_ceil(256).max(1) * 8,
     ] {
         ws = align(ws + part, 256);
     }

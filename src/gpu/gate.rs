@@ -4,7 +4,9 @@
 //! by value, the scratch layout inside the caller's workspace, and the grids
 //! of the launches; [`DeviceGate`] holds a gate's weights on the device
 //! (uploaded once); [`compute_mask`] validates device buffers and enqueues
-//! pool -> project -> select on the caller's stream. Nothing here allocates,
+//! pool -> project -> logits -> select on the caller's stream (for the
+//! threshold rule on long rows, logits -> select is kernels/gate_select.cu's
+//! log-sum-exp pass -> kept-bit pass -> compaction). Nothing here allocates,
 //! copies between host and device, or synchronizes once the weights are up.
 //!
 //! Chunked prefill without the pre-RoPE keys of earlier chunks: a K-block
@@ -162,6 +164,10 @@ pub struct GatePlan {
     k_gate_offset: usize,
     rope_offset: usize,
     staging_offset: usize,
+    /// The threshold rule's per-(row, key chunk) partial max and sum
+    /// (kernels/gate_select.cu): float2 [hq][q_gate_rows][threshold_chunks].
+    partials_offset: usize,
+    threshold_chunks: usize,
     workspace_bytes: usize,
 }
 
@@ -213,7 +219,9 @@ impl GatePlan {
         let rope_offset = align_up(k_gate_offset + hq * kblock_rows_padded * d * 2, 256);
         // K-block cache updates stage each sequence's new partial-block state here.
         let staging_offset = align_up(rope_offset + max_k_blocks * (d / 2) * 8, 256);
-        let workspace_bytes = align_up(staging_offset + batch.len() * hkv * 3 * d * 4, 256);
+        let partials_offset = align_up(staging_offset + batch.len() * hkv * 3 * d * 4, 256);
+        let threshold_chunks = max_k_blocks.div_ceil(WIDE_TILE * THRESHOLD_CHUNK_TILES).max(1);
+        let workspace_bytes = align_up(partials_offset + hq * q_gate_rows * threshold_chunks * 8, 256);
         Ok(GatePlan {
             seqs,
             total_q_blocks: qblocks,
@@ -229,6 +237,8 @@ impl GatePlan {
             k_gate_offset,
             rope_offset,
             staging_offset,
+            partials_offset,
+            threshold_chunks,
             workspace_bytes,
         })
     }
@@ -862,6 +872,67 @@ unsafe fn launch_update<const S: usize>(
     cuda::launch(project, [project_x, args.hq as u32, 1], [THREADS, 1, 1], 0, stream, &mut params)
 }
 
+/// `GateArgs::method` of the threshold rule (`kMethodThreshold`).
+const METHOD_THRESHOLD: i32 = 0;
+/// Key tiles (of 64 key blocks) per work item of the threshold kernels
+/// (`kChunkTiles` in kernels/gate_select.cu).
+const THRESHOLD_CHUNK_TILES: usize = 4;
+/// Longest row (key blocks) the threshold compaction holds in registers
+/// (`32 * kWordsPerLane * 64` in kernels/gate_select.cu): 1M tokens.
+const THRESHOLD_MAX_ROW: usize = 32 * 8 * 64;
+
+/// Shortest longest-row (key blocks) for which the threshold kernels beat
+/// logits + select (H100, ncu: 8k tokens 25.6 vs 15.4 us, 32k 59.5 vs 65,
+/// 128k 391 vs 563; kernels/NOTES.md).
+const THRESHOLD_MIN_ROW: usize = 257;
+
+/// Whether the threshold rule runs on kernels/gate_select.cu (two passes
+/// over recomputed logits, nothing materialized) rather than on the logits
+/// and select kernels: rows of [`THRESHOLD_MIN_ROW`] to [`THRESHOLD_MAX_ROW`]
+/// key blocks. `SEERATTN_GATE_SELECT=staged` or `=fused` forces one where
+/// both apply (to compare them in one run, and to test both; read once).
+fn threshold_kernels_apply(plan: &GatePlan) -> bool {
+    static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let forced = *FORCED.get_or_init(|| match std::env::var("SEERATTN_GATE_SELECT").as_deref() {
+        Ok("staged") => Some(false),
+        Ok("fused") => Some(true),
+        _ => None,
+    });
+    plan.max_k_blocks <= THRESHOLD_MAX_ROW && forced.unwrap_or(plan.max_k_blocks >= THRESHOLD_MIN_ROW)
+}
+
+/// The threshold rule's three launches (kernels/gate_select.cu): each
+/// row's partial max and sum per chunk of key tiles, then the kept blocks
+/// as bit words in the rows' own slots, then one warp per row turning them
+/// into the index list.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_threshold<const S: usize>(
+    ctx: &Ctx,
+    plan: &GatePlan,
+    params: &mut [*mut c_void; 2],
+    workspace: u64,
+    d: usize,
+    seqs: u32,
+    hq: u32,
+    stream: CUstream,
+) -> Result<()> {
+    let fatbin = kernels::fatbin("gate_select")?;
+    let lse = cuda::function(ctx, fatbin, &format!("seer_gate_threshold_lse_d{d}_s{S}"))?;
+    let bits = cuda::function(ctx, fatbin, &format!("seer_gate_threshold_bits_d{d}_s{S}"))?;
+    let compact = cuda::function(ctx, fatbin, &format!("seer_gate_threshold_compact_s{S}"))?;
+    let mut partials = workspace + plan.partials_offset as u64;
+    let mut chunks = plan.threshold_chunks as i32;
+    let mut pass_params: [*mut c_void; 4] =
+        [params[0], params[1], (&mut partials as *mut u64).cast(), (&mut chunks as *mut i32).cast()];
+    let row_tiles = plan.max_q_blocks.div_ceil(WIDE_TILE);
+    let grid = [(row_tiles * plan.threshold_chunks) as u32, seqs, hq];
+    let smem = (3 * WIDE_TILE * d * 2) as u32;
+    cuda::launch(lse, grid, [THREADS, 1, 1], smem, stream, &mut pass_params)?;
+    cuda::launch(bits, grid, [THREADS, 1, 1], smem, stream, &mut pass_params)?;
+    let rows_x = plan.total_rows.div_ceil(THREADS as usize / 32) as u32;
+    cuda::launch(compact, [rows_x, 1, 1], [THREADS, 1, 1], 0, stream, params)
+}
+
 #[allow(clippy::too_many_arguments)]
 unsafe fn launch_all<const S: usize>(
     ctx: &Ctx,
@@ -912,6 +983,12 @@ unsafe fn launch_all<const S: usize>(
     if !cached {
         let project_grid = [project_x, args.hq as u32, project_split];
         cuda::launch(project, project_grid, [THREADS, 1, 1], 0, stream, &mut params)?;
+    }
+    if with_select && args.method == METHOD_THRESHOLD && threshold_kernels_apply(plan) {
+        // The workspace starts at q_gate (GatePlan: q_gate_offset is 0).
+        let workspace = args.q_gate - plan.q_gate_offset as u64;
+        let hq = args.hq as u32;
+        return launch_threshold::<S>(ctx, plan, &mut params, workspace, d, n, hq, stream);
     }
     // The logits go into the mask's own index slots; one warp per row then
     // selects in place.
