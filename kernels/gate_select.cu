@@ -199,9 +199,10 @@ __device__ void threshold_pass(const GateArgs& a, const SeqTable<MAXS>& tab, flo
                 if (p.x != -CUDART_INF_F) l += p.y * fast_exp2((p.x - m) * scale_log2);
             }
             lse2[h] = m * scale_log2 + __log2f(l);
-            // p > t  <=>  s * scale_log2 > lse2 + log2(t)
-            cut2[h] = by_logit ? lse2[h] + log2f(a.threshold) : 0.f;
             dense[h] = a.last_block_dense && qb[h] + 2 >= e.k_blocks;
+            // p > t  <=>  s * scale_log2 > lse2 + log2(t); a dense row keeps
+            // every causal block (every finite score is above -inf).
+            cut2[h] = dense[h] ? -CUDART_INF_F : (by_logit ? lse2[h] + log2f(a.threshold) : 0.f);
         }
     }
     const long long per_head_slots = tri(e.k_blocks) - tri(e.first_q_block);
@@ -246,6 +247,9 @@ __device__ void threshold_pass(const GateArgs& a, const SeqTable<MAXS>& tab, flo
                 for (int j = 0; j < 4; ++j)
                     row_sum[j >> 1] += fast_exp2(fmaf(s[n][j], scale_log2, -base[j >> 1]));
         } else {
+            // Bit 8 n + (j & 1) of the lane's word, then one shift by
+            // 2 (lane % 4) for the quad position: every per-element shift is
+            // a constant after unrolling.
             unsigned long long word[2] = {0ull, 0ull};
 #pragma unroll
             for (int n = 0; n < 8; ++n)
@@ -254,20 +258,23 @@ __device__ void threshold_pass(const GateArgs& a, const SeqTable<MAXS>& tab, flo
                     const int h = j >> 1;
                     const float x = s[n][j];
                     bool keep;
-                    if (x == -CUDART_INF_F) {
+                    if (by_logit) {
+                        // cut2 is -inf for a dense row; -inf (not causal) is
+                        // never above any cut.
+                        keep = x * scale_log2 > cut2[h];
+                    } else if (x == -CUDART_INF_F) {
                         keep = false;  // not causal
                     } else if (dense[h]) {
                         keep = true;
-                    } else if (by_logit) {
-                        keep = x * scale_log2 > cut2[h];
                     } else {
                         const float p = exp2f(x * scale_log2 - lse2[h]);
                         keep = a.threshold_bf16 ? __bfloat162float(__float2bfloat16(p)) > t_bf16 : p > a.threshold;
                     }
-                    if (keep) word[h] |= 1ull << (n * 8 + 2 * (lane % 4) + (j & 1));
+                    word[h] |= static_cast<unsigned long long>(keep) << (n * 8 + (j & 1));
                 }
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
+                word[h] <<= 2 * (lane % 4);
                 word[h] |= __shfl_xor_sync(0xffffffffu, word[h], 1);
                 word[h] |= __shfl_xor_sync(0xffffffffu, word[h], 2);
                 const int n_keys = qb[h] + 1;  // the row's slots
@@ -332,8 +339,7 @@ __device__ void compact(const GateArgs& a, const SeqTable<MAXS>& tab) {
     }
     __syncwarp();  // every word read before any index lands on it
     // Words in order, each broadcast from the lane holding it; a ballot per
-    // 32 keys ranks the kept ones (a per-lane walk over set bits was 3.7x
-    // slower at 32k, where rows keep 60% of their blocks).
+    // 32 keys ranks the kept ones.
     int* out = a.indices + slot;
     int count = 0;
 #pragma unroll

@@ -882,8 +882,8 @@ const THRESHOLD_CHUNK_TILES: usize = 4;
 const THRESHOLD_MAX_ROW: usize = 32 * 8 * 64;
 
 /// Shortest longest-row (key blocks) for which the threshold kernels beat
-/// logits + select (H100, ncu: 8k tokens 25.6 vs 15.4 us, 32k 59.5 vs 65,
-/// 128k 391 vs 563; kernels/NOTES.md).
+/// logits + select (H100, ncu, 32 heads: 8k tokens 25.6 vs 15.4 us, 32k
+/// 51.9 vs 65, 128k 352 vs 563; kernels/NOTES.md, gate v7 and v7b).
 const THRESHOLD_MIN_ROW: usize = 257;
 
 /// Whether the threshold rule runs on kernels/gate_select.cu (two passes
