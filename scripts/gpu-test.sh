@@ -5,7 +5,10 @@
 #   scripts/gpu-test.sh build   here (cargo, a C compiler, python3 for nvcc):
 #       builds the library and every test binary in release with the CUDA
 #       kernels compiled, and stages what the run needs in .devbuild/
-#       (git-ignored, self-contained, ~tens of MB):
+#       (git-ignored, self-contained, ~80 MB; to move it to a machine with a
+#       size limit, `tar -cf - .devbuild | xz -T2 -9` makes it ~7 MB: every
+#       binary embeds the same kernel images, which xz's large window
+#       finds; -3 leaves ~40 MB):
 #         bin/    test executables (Rust tests link the library statically)
 #         c/      the examples-c programs and the llama.cpp shim's test
 #                 (bindings/llama.cpp), linked against lib/ through an rpath
