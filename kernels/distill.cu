@@ -110,22 +110,12 @@ __device__ __forceinline__ Item decode_item(const DistillArgs& a, const SeqTable
     return w;
 }
 
-// Copy a 64-row tile into swizzled shared memory: row r is token `token0 +
-// r` when r is in [r_begin, r_end), zeros otherwise.
+// A 64-row tile into swizzled shared memory: row r is token `token0 + r`
+// when r is in [r_begin, r_end), zeros otherwise.
 template <int D, typename T>
 __device__ __forceinline__ void load_tile(uint32_t dst, const T* base, long long row_stride, long long token0,
                                           int r_begin, int r_end) {
-    using Tile = Swizzled<D * 2>;
-    constexpr int kChunks = Tile::kChunks;
-    constexpr int kRowsPerPass = kThreads / kChunks;
-    const int c = threadIdx.x % kChunks;
-    const int r0 = threadIdx.x / kChunks;
-#pragma unroll
-    for (int j = 0; j < kBlock / kRowsPerPass; ++j) {
-        const int r = r0 + j * kRowsPerPass;
-        const bool valid = r >= r_begin && r < r_end;
-        cp_async16(dst + Tile::offset(r, c), valid ? base + (token0 + r) * row_stride + c * 8 : base, valid);
-    }
+    load_rows_swizzled<D, T, kThreads>(dst, base, row_stride, token0, r_begin, r_end);
 }
 
 // The main loop of one item: every causal key block, the row tile maxima
@@ -161,18 +151,7 @@ __device__ __forceinline__ void scan_keys(const DistillArgs& a, const Item& w, u
         cp_async_commit();
 
         float s[8][4];
-#pragma unroll
-        for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                uint32_t b[4];
-                ldmatrix_x4(b, cur + Tile::offset(np * 16 + lane % 8 + (lane / 16) * 8, ks * 2 + (lane / 8) % 2));
-                mma_16816<T>(s[2 * np], qa[ks], b[0], b[1]);
-                mma_16816<T>(s[2 * np + 1], qa[ks], b[2], b[3]);
-            }
-        }
+        qk_tile<D, T>(s, qa, cur, lane);
         // Keys that do not exist (past k_len, last block) or are after the
         // query (diagonal block): -inf. Lane 4g + t holds rows g, g + 8 and
         // keys 8n + 2t, 8n + 2t + 1.
@@ -187,32 +166,14 @@ __device__ __forceinline__ void scan_keys(const DistillArgs& a, const Item& w, u
                     if (key >= key_limit || (kb == w.qb && key > row)) s[n][j] = -CUDART_INF_F;
                 }
         }
-        float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
-#pragma unroll
-        for (int n = 0; n < 8; ++n) {
-            tile_max[0] = fmaxf(tile_max[0], fmaxf(s[n][0], s[n][1]));
-            tile_max[1] = fmaxf(tile_max[1], fmaxf(s[n][2], s[n][3]));
-        }
-        float base[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-            const float new_max = fmaxf(row_max[h], tile_max[h]);
-            // A row with no key yet (an invalid row's zero scores are still
-            // finite, so only a row whose keys were all masked): keep 0.
-            base[h] = new_max == -CUDART_INF_F ? 0.f : new_max * a.scale_log2;
-            row_sum[h] *= fast_exp2(row_max[h] * a.scale_log2 - base[h]);
-            row_max[h] = new_max;
-        }
+        // An invalid row's zero scores are still finite, so only a row whose
+        // keys were all masked keeps max -inf (and sum 0).
+        float tile_max[2];
+        online_max_sum<8>(s, a.scale_log2, row_max, row_sum, tile_max);
         if (lane % 4 == 0) {
             slab[kb * kBlock + row0 + lane / 4] = tile_max[0];
             slab[kb * kBlock + row0 + lane / 4 + 8] = tile_max[1];
         }
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) row_sum[j >> 1] += fast_exp2(fmaf(s[n][j], a.scale_log2, -base[j >> 1]));
 
         cp_async_wait<0>();
         // The next tile has landed for every thread, and every warp is done

@@ -61,35 +61,7 @@ __device__ __forceinline__ long long tri(long long n) { return n * (n + 1) / 2; 
 // swizzled [64][D] tile; rows at or past `valid` are zero-filled.
 template <int D>
 __device__ __forceinline__ void load_rows(uint32_t dst, const bf16* base, long long stride, int row0, int valid) {
-    using Tile = Swizzled<D * 2>;
-    constexpr int kChunks = Tile::kChunks;
-    constexpr int kRowsPerPass = kThreads / kChunks;
-    const int c = threadIdx.x % kChunks;
-    const int r0 = threadIdx.x / kChunks;
-#pragma unroll
-    for (int j = 0; j < kRows / kRowsPerPass; ++j) {
-        const int r = r0 + j * kRowsPerPass;
-        const bool ok = row0 + r < valid;
-        cp_async16(dst + Tile::offset(r, c), ok ? base + (row0 + r) * stride + c * 8 : base, ok);
-    }
-}
-
-// S = Q K^T for the warp's 16 rows and the 64 keys of the tile at `sk`.
-template <int D>
-__device__ __forceinline__ void scores(float (&s)[8][4], const uint32_t (&qa)[D / 16][4], uint32_t sk, int lane) {
-    using Tile = Swizzled<D * 2>;
-#pragma unroll
-    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-            uint32_t b[4];
-            ldmatrix_x4(b, sk + Tile::offset(np * 16 + lane % 8 + (lane / 16) * 8, ks * 2 + (lane / 8) % 2));
-            mma_16816<bf16>(s[2 * np], qa[ks], b[0], b[1]);
-            mma_16816<bf16>(s[2 * np + 1], qa[ks], b[2], b[3]);
-        }
-    }
+    load_rows_swizzled<D, bf16, kThreads>(dst, base, stride, row0, 0, valid - row0);
 }
 
 // Key tiles per work item: an item is (sequence, head, 64-row tile, chunk
@@ -216,7 +188,7 @@ __device__ void threshold_pass(const GateArgs& a, const SeqTable<MAXS>& tab, flo
         }
         cp_async_commit();
         float s[8][4];
-        scores<D>(s, qa, cur, lane);
+        qk_tile<D, bf16>(s, qa, cur, lane);
 #pragma unroll
         for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -225,27 +197,8 @@ __device__ void threshold_pass(const GateArgs& a, const SeqTable<MAXS>& tab, flo
                 if (key > qb[j >> 1]) s[n][j] = -CUDART_INF_F;  // not causal
             }
         if (PASS == 1) {
-            float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
-#pragma unroll
-            for (int n = 0; n < 8; ++n) {
-                tile_max[0] = fmaxf(tile_max[0], fmaxf(s[n][0], s[n][1]));
-                tile_max[1] = fmaxf(tile_max[1], fmaxf(s[n][2], s[n][3]));
-            }
-            float base[2];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-                tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-                const float new_max = fmaxf(row_max[h], tile_max[h]);
-                base[h] = new_max == -CUDART_INF_F ? 0.f : new_max * scale_log2;
-                row_sum[h] *= fast_exp2(row_max[h] * scale_log2 - base[h]);
-                row_max[h] = new_max;
-            }
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-#pragma unroll
-                for (int j = 0; j < 4; ++j)
-                    row_sum[j >> 1] += fast_exp2(fmaf(s[n][j], scale_log2, -base[j >> 1]));
+            float tile_max[2];
+            online_max_sum<8>(s, scale_log2, row_max, row_sum, tile_max);
         } else {
             // Bit 8 n + (j & 1) of the lane's word, then one shift by
             // 2 (lane % 4) for the quad position: every per-element shift is

@@ -98,6 +98,77 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
+// Copy 64 rows of D elements of T into a swizzled [64][D] tile with cp.async
+// by a CTA of THREADS threads: tile row r is row `row0 + r` of `base` (row
+// stride in elements) when r is in [r_begin, r_end), zeros otherwise.
+template <int D, typename T, int THREADS>
+__device__ __forceinline__ void load_rows_swizzled(uint32_t dst, const T* base, long long row_stride, long long row0,
+                                                   int r_begin, int r_end) {
+    using Tile = Swizzled<D * 2>;
+    constexpr int kChunks = Tile::kChunks;
+    constexpr int kRowsPerPass = THREADS / kChunks;
+    const int c = threadIdx.x % kChunks;
+    const int r0 = threadIdx.x / kChunks;
+#pragma unroll
+    for (int j = 0; j < 64 / kRowsPerPass; ++j) {
+        const int r = r0 + j * kRowsPerPass;
+        const bool valid = r >= r_begin && r < r_end;
+        cp_async16(dst + Tile::offset(r, c), valid ? base + (row0 + r) * row_stride + c * 8 : base, valid);
+    }
+}
+
+// S = Q K^T for one warp's 16 query rows and a 64-key tile: Q as the A
+// fragments of its D / 16 k-steps (held in registers), K a swizzled
+// [64][D] tile of T (Swizzled<D * 2>) at shared address `sk`. S in the C
+// layout, n8 tile n holding keys 8n..8n+7.
+template <int D, typename T>
+__device__ __forceinline__ void qk_tile(float (&s)[8][4], const uint32_t (&qa)[D / 16][4], uint32_t sk, int lane) {
+    using Tile = Swizzled<D * 2>;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            uint32_t b[4];
+            ldmatrix_x4(b, sk + Tile::offset(np * 16 + lane % 8 + (lane / 16) * 8, ks * 2 + (lane / 8) % 2));
+            mma_16816<T>(s[2 * np], qa[ks], b[0], b[1]);
+            mma_16816<T>(s[2 * np + 1], qa[ks], b[2], b[3]);
+        }
+    }
+}
+
+// Online softmax statistics of one 16-row score tile of NT n8 tiles in the
+// m16n8 C layout (lane 4g + t holds rows g and g + 8 of the warp's 16; a
+// row's quad of lanes holds all its columns): the running maximum of the
+// raw scores and this thread's share of sum exp2(s * scale_log2 -
+// max * scale_log2), rescaled when the maximum moves. Scores of -inf
+// (masked) add nothing; a row with nothing unmasked yet keeps max -inf and
+// sum 0. `tile_max` returns the tile's row maxima (the quad agrees).
+template <int NT>
+__device__ __forceinline__ void online_max_sum(const float (&s)[NT][4], float scale_log2, float (&row_max)[2],
+                                               float (&row_sum)[2], float (&tile_max)[2]) {
+    tile_max[0] = tile_max[1] = -__int_as_float(0x7f800000);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        tile_max[0] = fmaxf(tile_max[0], fmaxf(s[n][0], s[n][1]));
+        tile_max[1] = fmaxf(tile_max[1], fmaxf(s[n][2], s[n][3]));
+    }
+    float base[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+        const float new_max = fmaxf(row_max[h], tile_max[h]);
+        base[h] = new_max == -__int_as_float(0x7f800000) ? 0.f : new_max * scale_log2;
+        row_sum[h] *= fast_exp2(row_max[h] * scale_log2 - base[h]);
+        row_max[h] = new_max;
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) row_sum[j >> 1] += fast_exp2(fmaf(s[n][j], scale_log2, -base[j >> 1]));
+}
 // Two floats rounded to T and packed into one 32-bit register (lo first).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
