@@ -124,7 +124,6 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T* base, long long
 template <int D, typename T>
 __device__ __forceinline__ void scan_keys(const DistillArgs& a, const Item& w, uint32_t sQ, uint32_t sK,
                                           float* slab, float (&lse2)[2]) {
-    using Tile = Swizzled<D * 2>;
     constexpr int kTileBytes = kBlock * D * 2;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row0 = warp * 16;
@@ -136,8 +135,7 @@ __device__ __forceinline__ void scan_keys(const DistillArgs& a, const Item& w, u
     __syncthreads();
     // Q's A fragments for all D / 16 k-steps stay in registers for the item.
     uint32_t qa[D / 16][4];
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) ldmatrix_x4(qa[ks], sQ + Tile::offset(row0 + lane % 16, ks * 2 + lane / 16));
+    load_a_fragments<D>(qa, sQ, row0, lane);
 
     float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};  // raw scores
     float row_sum[2] = {0.f, 0.f};                      // this thread's share

@@ -115,7 +115,6 @@ __device__ __forceinline__ bool decode(const SeqTable<MAXS>& tab, int chunks, It
 // the words into the index list in place.
 template <int D, int MAXS, int PASS>
 __device__ void threshold_pass(const GateArgs& a, const SeqTable<MAXS>& tab, float2* partials, int chunks) {
-    using Tile = Swizzled<D * 2>;
     constexpr int kTileBytes = kRows * D * 2;
     extern __shared__ __align__(128) unsigned char smem[];
     Item w;
@@ -134,8 +133,7 @@ __device__ void threshold_pass(const GateArgs& a, const SeqTable<MAXS>& tab, flo
     cp_async_wait<0>();
     __syncthreads();
     uint32_t qa[D / 16][4];
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) ldmatrix_x4(qa[ks], sQ + Tile::offset(row0 + lane % 16, ks * 2 + lane / 16));
+    load_a_fragments<D>(qa, sQ, row0, lane);
 
     // This lane's two rows (g and g + 8 of the warp's 16): local index,
     // absolute query block (its causal limit in key blocks), whether real.

@@ -117,6 +117,15 @@ __device__ __forceinline__ void load_rows_swizzled(uint32_t dst, const T* base, 
     }
 }
 
+// A warp's A fragments of its 16 rows (from row0) of a swizzled [64][D]
+// tile at `sq`, for all D / 16 k-steps (kept in registers by the caller).
+template <int D>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&qa)[D / 16][4], uint32_t sq, int row0, int lane) {
+    using Tile = Swizzled<D * 2>;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) ldmatrix_x4(qa[ks], sq + Tile::offset(row0 + lane % 16, ks * 2 + lane / 16));
+}
+
 // S = Q K^T for one warp's 16 query rows and a 64-key tile: Q as the A
 // fragments of its D / 16 k-steps (held in registers), K a swizzled
 // [64][D] tile of T (Swizzled<D * 2>) at shared address `sk`. S in the C
