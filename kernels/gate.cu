@@ -357,19 +357,6 @@ __device__ void kcache_commit(const GateArgs& a, const SeqTable<MAXS>& tab) {
 
 // ------------------------------------------------------------- projection --
 
-// The last sequence whose `field` (kblock_base, qblock_base or row_base:
-// each non-decreasing over the table) is <= value: the sequence a global
-// key-block row, query-block row or mask row belongs to. Binary search.
-template <int MAXS>
-__device__ int seq_containing(const SeqTable<MAXS>& tab, long long SeqEntry::*field, long long value) {
-    int lo = 0, hi = tab.num_seqs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (tab.seq[mid].*field <= value) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
 // 16-byte global -> shared copies that bypass registers (cp.async, sm_80+),
 // so a CTA can fetch the next operand chunk while the tensor cores work.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -685,8 +672,7 @@ __device__ void logits(const GateArgs& a, const SeqTable<MAXS>& tab) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(fq[kk], Q + kk * 16, D);
     }
-    const long long per_head_slots = tri(e.k_blocks) - tri(e.first_q_block);
-    const long long head_slot = e.slot_base + head * per_head_slots - tri(e.first_q_block);
+    const long long head_slot = head_slot_base(e, head);
 
     for (int t = 0; t < tiles; ++t) {
         __syncthreads();  // everyone is done with the previous tile
@@ -736,15 +722,9 @@ __device__ void select_rows(const GateArgs& a, const SeqTable<MAXS>& tab) {
     const long long row = static_cast<long long>(blockIdx.x) * kWarps + warp;
     if (blockIdx.x == 0 && threadIdx.x == 0) a.row_offsets[a.total_rows] = a.total_slots;
     if (row >= a.total_rows) return;
-    const SeqEntry& e = tab.seq[seq_containing(tab, &SeqEntry::row_base, row)];
-    const long long local = row - e.row_base;
-    const int head = static_cast<int>(local / e.q_blocks);
-    const int i = static_cast<int>(local % e.q_blocks);
-    const int q_block = e.first_q_block + i;
-    const long long per_head_slots = tri(e.k_blocks) - tri(e.first_q_block);
-    const long long slot = e.slot_base + head * per_head_slots + tri(q_block) - tri(e.first_q_block);
-    float* logits_row = reinterpret_cast<float*>(a.indices + slot);
-    select_row(a, logits_row, q_block + 1, q_block, e.k_blocks, row, slot, hist[warp]);
+    const MaskRowAt m = mask_row_at(tab, row);
+    float* logits_row = reinterpret_cast<float*>(a.indices + m.slot);
+    select_row(a, logits_row, m.q_block + 1, m.q_block, m.e->k_blocks, row, m.slot, hist[warp]);
 }
 
 }  // namespace

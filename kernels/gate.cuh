@@ -114,12 +114,51 @@ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 // n(n+1)/2: index slots of causal rows 0..n-1.
 __device__ __forceinline__ long long tri(long long n) { return n * (n + 1) / 2; }
 
+// The index slot of mask row (head, absolute query block qb) of sequence e
+// is head_slot_base(e, head) + tri(qb): a head's rows follow each other,
+// row qb holding qb + 1 slots (src/mask.rs).
+__device__ __forceinline__ long long head_slot_base(const SeqEntry& e, int head) {
+    return e.slot_base + head * (tri(e.k_blocks) - tri(e.first_q_block)) - tri(e.first_q_block);
+}
+
+// The last sequence whose `field` (kblock_base, qblock_base or row_base:
+// each non-decreasing over the table) is <= value: the sequence a global
+// key-block row, query-block row or mask row belongs to. Binary search.
+template <int MAXS>
+__device__ int seq_containing(const SeqTable<MAXS>& tab, long long SeqEntry::*field, long long value) {
+    int lo = 0, hi = tab.num_seqs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (tab.seq[mid].*field <= value) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
 // NeoX RoPE of the pair (x1, x2) = (x[c], x[c + D/2]) by the rotation
 // (cos, sin) of the rope table.
 __device__ __forceinline__ void rope_pair(float& x1, float& x2, float2 cs) {
     const float a = x1, b = x2;
     x1 = a * cs.x - b * cs.y;
     x2 = b * cs.x + a * cs.y;
+}
+
+// Mask row `row` of the batch (rows of sequence e: head-major, then query
+// block): its sequence, head, absolute query block and first index slot.
+struct MaskRowAt {
+    const SeqEntry* e;
+    int head;
+    int q_block;
+    long long slot;
+};
+template <int MAXS>
+__device__ __forceinline__ MaskRowAt mask_row_at(const SeqTable<MAXS>& tab, long long row) {
+    MaskRowAt m;
+    m.e = &tab.seq[seq_containing(tab, &SeqEntry::row_base, row)];
+    const long long local = row - m.e->row_base;
+    m.head = static_cast<int>(local / m.e->q_blocks);
+    m.q_block = m.e->first_q_block + static_cast<int>(local % m.e->q_blocks);
+    m.slot = head_slot_base(*m.e, m.head) + tri(m.q_block);
+    return m;
 }
 
 }  // namespace seer

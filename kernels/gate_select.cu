@@ -55,8 +55,6 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 64;  // mask rows per CTA
 constexpr int kKeys = 64;  // key blocks per tile
 
-__device__ __forceinline__ long long tri(long long n) { return n * (n + 1) / 2; }
-
 // Rows [row0, row0 + 64) of `base` (row stride `stride` elements) into a
 // swizzled [64][D] tile; rows at or past `valid` are zero-filled.
 template <int D>
@@ -175,8 +173,7 @@ __device__ void threshold_pass(const GateArgs& a, const SeqTable<MAXS>& tab, flo
             cut2[h] = dense[h] ? -CUDART_INF_F : (by_logit ? lse2[h] + log2f(a.threshold) : 0.f);
         }
     }
-    const long long per_head_slots = tri(e.k_blocks) - tri(e.first_q_block);
-    const long long head_slot = e.slot_base + w.head * per_head_slots - tri(e.first_q_block);
+    const long long head_slot = head_slot_base(e, w.head);
 
     for (int t = w.tile0; t < w.tile_end; ++t) {
         const uint32_t cur = sK + ((t - w.tile0) & 1) * kTileBytes;
@@ -263,20 +260,11 @@ __device__ void compact(const GateArgs& a, const SeqTable<MAXS>& tab) {
     const long long row = static_cast<long long>(blockIdx.x) * kWarps + warp;
     if (blockIdx.x == 0 && threadIdx.x == 0) a.row_offsets[a.total_rows] = a.total_slots;
     if (row >= a.total_rows) return;
-    int lo = 0, hi = tab.num_seqs - 1;  // the sequence owning the row
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (tab.seq[mid].row_base <= row) lo = mid; else hi = mid - 1;
-    }
-    const SeqEntry& e = tab.seq[lo];
-    const long long in_seq = row - e.row_base;
-    const int head = static_cast<int>(in_seq / e.q_blocks);
-    const int i = static_cast<int>(in_seq % e.q_blocks);
-    const int q_block = e.first_q_block + i;
+    const MaskRowAt m = mask_row_at(tab, row);
+    const int q_block = m.q_block;
+    const long long slot = m.slot;
     const int n = q_block + 1;
     const int words = (n + kKeys - 1) / kKeys;
-    const long long per_head_slots = tri(e.k_blocks) - tri(e.first_q_block);
-    const long long slot = e.slot_base + head * per_head_slots + tri(q_block) - tri(e.first_q_block);
     const unsigned* in = reinterpret_cast<const unsigned*>(a.indices + slot);
     unsigned long long held[kWordsPerLane];
 #pragma unroll

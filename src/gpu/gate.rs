@@ -33,7 +33,7 @@ pub use super::{DeviceMask, DeviceTensor};
 const WEIGHTS_CONTEXT: &str = "the one the gate's weights were uploaded to";
 use crate::batch::Batch;
 use crate::config::{EmptyRowPolicy, GateConfig, GateType, MaskParams, SparsityMethod, ThresholdCompare};
-use crate::cuda::{self, kernels, CUstream, Ctx, DeviceBuffer};
+use crate::cuda::{self, kernels, CUfunction, CUstream, Ctx, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::gate::Gate;
 use crate::mask::MaskLayout;
@@ -901,36 +901,13 @@ fn threshold_kernels_apply(plan: &GatePlan) -> bool {
     plan.max_k_blocks <= THRESHOLD_MAX_ROW && forced.unwrap_or(plan.max_k_blocks >= THRESHOLD_MIN_ROW)
 }
 
-/// The threshold rule's three launches (kernels/gate_select.cu): each
-/// row's partial max and sum per chunk of key tiles, then the kept blocks
-/// as bit words in the rows' own slots, then one warp per row turning them
-/// into the index list.
-#[allow(clippy::too_many_arguments)]
-unsafe fn launch_threshold<const S: usize>(
-    ctx: &Ctx,
-    plan: &GatePlan,
-    params: &mut [*mut c_void; 2],
-    workspace: u64,
-    d: usize,
-    seqs: u32,
-    hq: u32,
-    stream: CUstream,
-) -> Result<()> {
-    let fatbin = kernels::fatbin("gate_select")?;
-    let lse = cuda::function(ctx, fatbin, &format!("seer_gate_threshold_lse_d{d}_s{S}"))?;
-    let bits = cuda::function(ctx, fatbin, &format!("seer_gate_threshold_bits_d{d}_s{S}"))?;
-    let compact = cuda::function(ctx, fatbin, &format!("seer_gate_threshold_compact_s{S}"))?;
-    let mut partials = workspace + plan.partials_offset as u64;
-    let mut chunks = plan.threshold_chunks as i32;
-    let mut pass_params: [*mut c_void; 4] =
-        [params[0], params[1], (&mut partials as *mut u64).cast(), (&mut chunks as *mut i32).cast()];
-    let row_tiles = plan.max_q_blocks.div_ceil(WIDE_TILE);
-    let grid = [(row_tiles * plan.threshold_chunks) as u32, seqs, hq];
-    let smem = (3 * WIDE_TILE * d * 2) as u32;
-    cuda::launch(lse, grid, [THREADS, 1, 1], smem, stream, &mut pass_params)?;
-    cuda::launch(bits, grid, [THREADS, 1, 1], smem, stream, &mut pass_params)?;
-    let rows_x = plan.total_rows.div_ceil(THREADS as usize / 32) as u32;
-    cuda::launch(compact, [rows_x, 1, 1], [THREADS, 1, 1], 0, stream, params)
+/// The kernels that turn projected Q and K into the mask.
+enum Selection {
+    /// seer_gate_logits_* (every causal logit into the mask's slots), then
+    /// seer_gate_select_* (one warp per row, either rule).
+    Staged { logits: CUfunction, select: CUfunction },
+    /// kernels/gate_select.cu: the threshold rule without materialized logits.
+    Threshold { lse: CUfunction, bits: CUfunction, compact: CUfunction },
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -961,8 +938,21 @@ unsafe fn launch_all<const S: usize>(
     let wide_ctas: usize =
         plan.seqs.iter().map(|e| (e.q_blocks as usize).div_ceil(WIDE_TILE)).sum::<usize>() * args.hq as usize;
     let row_warps = if wide_ctas < 4 * ctx.sm_count().max(1) as usize { 1 } else { 4 };
-    let logits = cuda::function(ctx, fatbin, &format!("seer_gate_logits_d{d}_s{S}_r{row_warps}"))?;
-    let select = cuda::function(ctx, fatbin, &format!("seer_gate_select_s{S}"))?;
+    // Every function is looked up before the first launch: a missing one
+    // enqueues nothing.
+    let selection = if with_select && args.method == METHOD_THRESHOLD && threshold_kernels_apply(plan) {
+        let select = kernels::fatbin("gate_select")?;
+        Selection::Threshold {
+            lse: cuda::function(ctx, select, &format!("seer_gate_threshold_lse_d{d}_s{S}"))?,
+            bits: cuda::function(ctx, select, &format!("seer_gate_threshold_bits_d{d}_s{S}"))?,
+            compact: cuda::function(ctx, select, &format!("seer_gate_threshold_compact_s{S}"))?,
+        }
+    } else {
+        Selection::Staged {
+            logits: cuda::function(ctx, fatbin, &format!("seer_gate_logits_d{d}_s{S}_r{row_warps}"))?,
+            select: cuda::function(ctx, fatbin, &format!("seer_gate_select_s{S}"))?,
+        }
+    };
     let n = plan.seqs.len() as u32;
     let q_padding = plan.q_gate_rows - plan.total_q_blocks;
     let mut args_only: [*mut c_void; 1] = [(args as *mut GateArgs).cast()];
@@ -984,12 +974,26 @@ unsafe fn launch_all<const S: usize>(
         let project_grid = [project_x, args.hq as u32, project_split];
         cuda::launch(project, project_grid, [THREADS, 1, 1], 0, stream, &mut params)?;
     }
-    if with_select && args.method == METHOD_THRESHOLD && threshold_kernels_apply(plan) {
-        // The workspace starts at q_gate (GatePlan: q_gate_offset is 0).
-        let workspace = args.q_gate - plan.q_gate_offset as u64;
-        let hq = args.hq as u32;
-        return launch_threshold::<S>(ctx, plan, &mut params, workspace, d, n, hq, stream);
-    }
+    let (logits, select) = match selection {
+        Selection::Staged { logits, select } => (logits, select),
+        Selection::Threshold { lse, bits, compact } => {
+            // The three launches of kernels/gate_select.cu: each row's
+            // partial max and sum per chunk of key tiles, then the kept
+            // blocks as bit words in the rows' own slots, then one warp per
+            // row turning them into the index list. The workspace starts at
+            // q_gate (GatePlan: q_gate_offset is 0).
+            let mut partials = args.q_gate - plan.q_gate_offset as u64 + plan.partials_offset as u64;
+            let mut chunks = plan.threshold_chunks as i32;
+            let mut pass_params: [*mut c_void; 4] =
+                [params[0], params[1], (&mut partials as *mut u64).cast(), (&mut chunks as *mut i32).cast()];
+            let grid = [(plan.max_q_blocks.div_ceil(WIDE_TILE) * plan.threshold_chunks) as u32, n, args.hq as u32];
+            let smem = (3 * WIDE_TILE * d * 2) as u32;
+            cuda::launch(lse, grid, [THREADS, 1, 1], smem, stream, &mut pass_params)?;
+            cuda::launch(bits, grid, [THREADS, 1, 1], smem, stream, &mut pass_params)?;
+            let rows_x = plan.total_rows.div_ceil(THREADS as usize / 32) as u32;
+            return cuda::launch(compact, [rows_x, 1, 1], [THREADS, 1, 1], 0, stream, &mut params);
+        }
+    };
     // The logits go into the mask's own index slots; one warp per row then
     // selects in place.
     let logits_x = plan.max_q_blocks.div_ceil(TILE * row_warps) as u32;
