@@ -142,32 +142,47 @@ impl<'a> Tensor3<'a> {
         load_f32(self.bytes, self.dtype, self.layout.offset(t, h, d))
     }
 
+    /// The elements, packed `[tokens, heads, dim]`, each rounded to `dtype`
+    /// (to nearest even).
+    pub fn rounded(&self, dtype: DType) -> Vec<u8> {
+        let [tokens, heads, dim] = self.layout.shape;
+        let mut out = vec![0u8; tokens * heads * dim * dtype.size()];
+        let mut i = 0;
+        for t in 0..tokens {
+            for h in 0..heads {
+                for x in 0..dim {
+                    store_f32(&mut out, dtype, i, self.get(t, h, x));
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+
     /// The elements as a contiguous 16-bit tensor: its dtype and
     /// little-endian bytes. bf16 and f16 keep their dtype and bits; f32 is
     /// rounded to bf16 (to nearest even), as the gate rounds f32 inputs.
     /// For uploading host tensors to kernels that read packed 16-bit rows.
     pub(crate) fn packed_16bit(&self) -> (DType, Vec<u8>) {
+        if self.dtype == DType::F32 {
+            return (DType::BF16, self.rounded(DType::BF16));
+        }
         let [tokens, heads, dim] = self.layout.shape;
         let n = tokens * heads * dim;
-        if self.dtype != DType::F32 && self.layout == Layout3::contiguous(tokens, heads, dim) {
+        if self.layout == Layout3::contiguous(tokens, heads, dim) {
             return (self.dtype, self.bytes[..2 * n].to_vec());
         }
-        let dtype = if self.dtype == DType::F32 { DType::BF16 } else { self.dtype };
+        // 16-bit elements are copied, not converted (every bit kept).
         let mut out = Vec::with_capacity(2 * n);
         for t in 0..tokens {
             for h in 0..heads {
                 for d in 0..dim {
                     let i = self.layout.offset(t, h, d);
-                    let bits = match self.dtype {
-                        // 16-bit elements are copied, not converted (every bit kept).
-                        DType::BF16 | DType::F16 => [self.bytes[2 * i], self.bytes[2 * i + 1]],
-                        DType::F32 => bf16::from_f32(load_f32(self.bytes, DType::F32, i)).to_bits().to_le_bytes(),
-                    };
-                    out.extend_from_slice(&bits);
+                    out.extend_from_slice(&self.bytes[2 * i..2 * i + 2]);
                 }
             }
         }
-        (dtype, out)
+        (self.dtype, out)
     }
 }
 

@@ -13,7 +13,7 @@
 use crate::cuda::{self, kernels, CUstream, Ctx};
 use crate::error::{Error, Result};
 use crate::gpu::{check_buffer, DeviceTensor};
-use crate::tensor::{store_f32, DType, Layout3, Tensor3};
+use crate::tensor::{DType, Layout3, Tensor3};
 use std::ffi::c_void;
 
 /// `seer::convert::Args` (kernels/convert.cu).
@@ -101,18 +101,7 @@ pub(crate) unsafe fn to_16bit(
 /// to `dtype` into packed bytes of `[tokens, heads, dim]`, round to nearest
 /// even. For f32 inputs of the CPU path.
 pub fn round_host(src: &Tensor3, dtype: DType) -> Vec<u8> {
-    let [tokens, heads, dim] = src.shape();
-    let mut out = vec![0u8; tokens * heads * dim * dtype.size()];
-    let mut i = 0;
-    for t in 0..tokens {
-        for h in 0..heads {
-            for x in 0..dim {
-                store_f32(&mut out, dtype, i, src.get(t, h, x));
-                i += 1;
-            }
-        }
-    }
-    out
+    src.rounded(dtype)
 }
 
 #[cfg(test)]
