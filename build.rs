@@ -217,7 +217,7 @@ fn compile(nvcc: &Path, include: &Path, src: &Path, out: &Path, inputs: u64) -> 
     let stamp = format!("{inputs:016x} {nvcc:?} {nvcc_meta:?} {FLAGS:?} {GENCODES:?}");
     let report_path = out.join(format!("{stem}.ptxas.txt"));
     if fatbin.is_file() && std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
-        warn_spills(&stem, &std::fs::read_to_string(&report_path).unwrap_or_default());
+        check_report(&stem, &std::fs::read_to_string(&report_path).unwrap_or_default())?;
         return Ok(fatbin);
     }
     let _ = std::fs::remove_file(&stamp_path);
@@ -233,20 +233,35 @@ fn compile(nvcc: &Path, include: &Path, src: &Path, out: &Path, inputs: u64) -> 
             output.status
         ));
     }
-    // ptxas prints its resource report (--resource-usage) and spill warnings;
-    // keep all of it for the notes, and surface spills as build warnings.
+    // ptxas prints its resource report (--resource-usage), spill warnings
+    // and wgmma advisories; keep all of it for the notes.
     let report = format!("{stdout}{stderr}");
     let _ = std::fs::write(&report_path, &report);
-    warn_spills(&stem, &report);
+    check_report(&stem, &report)?;
     let _ = std::fs::write(&stamp_path, stamp);
     Ok(fatbin)
 }
 
-/// Surface ptxas's warnings (register spills above all) as build warnings.
-fn warn_spills(stem: &str, report: &str) {
+/// Surface ptxas's warnings (register spills above all) as build warnings,
+/// and fail on its wgmma advisories (C7510-C7519: "Potential Performance
+/// Loss", waits or fences ptxas had to inject between wgmma instructions).
+/// Such a kernel is still correct but runs its matrix products one at a
+/// time: a wgmma issued under a condition once made the whole prefill
+/// kernel 25% slower, with nothing but this info line to show for it
+/// (kernels/NOTES.md, v17).
+fn check_report(stem: &str, report: &str) -> Result<(), String> {
     for line in report.lines().filter(|l| l.contains("warning")) {
         println!("cargo:warning=seerattn: {stem}.cu: {}", line.trim());
     }
+    let serialized: Vec<&str> = report.lines().filter(|l| l.contains("(C751")).map(str::trim).collect();
+    if serialized.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "seerattn: ptxas serialized or fenced wgmma instructions in {stem}.cu (keep every wgmma and the waits \
+         on it out of data-dependent branches):\n{}",
+        serialized.join("\n")
+    ))
 }
 
 /// Write only when the content differs, so that an unchanged kernels.rs does
