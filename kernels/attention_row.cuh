@@ -187,11 +187,17 @@ __device__ __forceinline__ void softmax_scores(float (&s)[M][NT][4], WarpRows<D,
         for (int h = 0; h < 2; ++h) {
             tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
             tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-            const float new_max = fmaxf(w.row_max[m][h], tile_max[h]);
+            const float old_max = w.row_max[m][h];
+            const float new_max = fmaxf(old_max, tile_max[h]);
             // A row with nothing unmasked yet keeps max -inf: subtract 0
             // instead, so that exp2 gives 0, not NaN.
             base[h] = new_max == -CUDART_INF_F ? 0.f : new_max * scale_log2;
-            corr[m][h] = fast_exp2(w.row_max[m][h] * scale_log2 - base[h]);
+            // Exactly 1 when the maximum did not move, which callers test
+            // to skip rescaling O. Computing it would not give that: the
+            // FFMA old * scale - base leaves the rounding error of
+            // base = new * scale, so exp2 of it is 1 +- an ulp, and the
+            // wgmma kernel rescaled O after every block (v18).
+            corr[m][h] = new_max == old_max ? 1.f : fast_exp2(old_max * scale_log2 - base[h]);
             w.row_max[m][h] = new_max;
             w.row_sum[m][h] *= corr[m][h];
         }
