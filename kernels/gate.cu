@@ -14,7 +14,8 @@
  *                        precision, once per block instead of once per head);
  *   seer_gate_pool_*     one pass over Q and K, whole token rows per CTA (the
  *                        memory-bound part, at the DRAM floor);
- *   seer_gate_project_*  K projection on bf16 tensor cores (WMMA), RoPE epilogue;
+ *   seer_gate_project_*  K projection on bf16 tensor cores (mma.sync, the
+ *                        head's weights staged once per CTA), RoPE epilogue;
  *   seer_gate_logits_*   every causal logit on tensor cores, written as f32
  *                        into the mask's own index slots;
  *   seer_gate_select_*   one warp per row: softmax statistics, threshold or
@@ -58,6 +59,7 @@
  * cache, against the one-shot gate over the same chunks).
  */
 #include "gate.cuh"
+#include "tile.cuh"
 
 #include <mma.h>
 
@@ -358,7 +360,7 @@ __device__ void kcache_commit(const GateArgs& a, const SeqTable<MAXS>& tab) {
 // ------------------------------------------------------------- projection --
 
 // 16-byte global -> shared copies that bypass registers (cp.async, sm_80+),
-// so a CTA can fetch the next operand chunk while the tensor cores work.
+// for the logits kernel's key tiles.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
@@ -367,128 +369,203 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// One CTA: 64 key-block rows of one query head and 1 / SPLIT of the output
-// columns, a [64 x 3D] · [3D x D/SPLIT] GEMM on bf16 tensor cores. With
-// SPLIT = 2 (chosen by the host when 64-row tiles alone leave the GPU
-// underfilled) a CTA takes columns [c0, c0 + D/4) and their RoPE partners
-// [c0 + D/2, c0 + 3D/4), so its epilogue has both halves of every pair.
-// Operands go through shared memory in 32-wide chunks of the reduction
-// dimension, double-buffered with cp.async; each warp owns 16 rows. The
-// accumulator then goes through shared memory (reusing the staging space)
-// so the epilogue can rotate (c, c + D/2) pairs at each row's block-start
-// position.
+// The K projection of one query head: k_gate = RoPE(pooled_k[kv] . W[h]),
+// a [rows x 3D] . [3D x D] GEMM on mma.sync (m16n8k16, f32 accumulators)
+// with the rotation in the epilogue. 1.6 GFLOP at 32k tokens (6.4 at 128k),
+// W[h] 3D * D * 2 bytes (96 KB at D = 128), pooled_k 3 MB and k_gate 4 MB
+// at 32k: small, so what decides the time is latency, not bandwidth (v7's
+// WMMA kernel waited on a 32-wide operand chunk from L2 every 0.3 us of
+// tensor work: 36 us at 32k).
+//
+// Each CTA stages W[h] in shared memory once (cp.async, swizzled so the
+// ldmatrix.trans reads of B fragments are conflict-free) and then walks its
+// share of the 64-row tiles, `per` consecutive tiles (chosen by the host so
+// that the CTAs fill the GPU once). 8 warps: warp w takes rows
+// 16 (w % 4) .. + 16 of the tile and columns [c0, c0 + D/4) and their RoPE
+// partners [c0 + D/2, c0 + 3D/4), c0 = (w / 4) D/4, so the epilogue rotates
+// (c, c + D/2) pairs in registers. A fragments come straight from global
+// memory in 16-byte loads (each row piece read by the two warps of its
+// rows), a third of the reduction ahead of the products that use them.
 //
 // CACHED (K-block cache update): the rows are the batch's touched blocks
 // (pooled_k rows numbered like q_gate rows, see kcache_pool) and each goes
 // to its sequence's cache, k_gate row [block][head]; rows past the last
 // touched block are computed from scratch padding and dropped.
-template <int D, int MAXS, int SPLIT, bool CACHED>
+constexpr int kProjectThreads = 256;
+
+// W[h] in shared memory: row k of the [3D][D] matrix, 16-byte chunks of
+// columns, chunk c of row k at c ^ f(k). The A fragments come from 16-byte
+// loads (see project), so a B fragment's 8 rows are k = 8a + b + const for
+// a = 0..3, b = 0..1; f(k) = 2 ((k >> 3) & 3) + (k & 1) puts those 8 rows
+// in 8 different bank groups (ldmatrix without conflicts).
+template <int D>
+__device__ __forceinline__ uint32_t weight_offset(int k, int chunk) {
+    const int f = (((k >> 3) & 3) << 1) | (k & 1);
+    return static_cast<uint32_t>(k * D * 2 + ((chunk ^ f) << 4));
+}
+
+template <int D, int MAXS, bool CACHED>
 __device__ void project(const GateArgs& a, const SeqTable<MAXS>& tab) {
     constexpr int kRows = 64;
     constexpr int kIn = 3 * D;
-    constexpr int kCols = D / SPLIT;             // output columns of this CTA
-    constexpr int kQuarter = kCols / 2;          // each of its two column ranges
-    constexpr int kChunk = 32;
-    constexpr int kChunks = kIn / kChunk;
-    constexpr int kALd = kChunk + 16;  // +16 elements: rows stay 32-byte aligned, banks rotate
-    constexpr int kBLd = kCols + 16;
-    constexpr int kStageBytes = 2 * (kRows * kALd + kChunk * kBLd) * 2;
-    constexpr int kTileBytes = kRows * kCols * 4;
-    __shared__ __align__(128) unsigned char raw[kStageBytes > kTileBytes ? kStageBytes : kTileBytes];
+    constexpr int kChunks = kIn / 32;     // 32-wide pieces of the reduction (two k16 steps)
+    constexpr int kGroup = kChunks / 3;   // pieces whose A fragments are loaded together
+    constexpr int kHalfTiles = D / 32;    // n8 tiles per column half of a warp
+    constexpr int kWChunks = D / 8;       // 16-byte chunks per row of W
+    extern __shared__ __align__(128) unsigned char smem_w[];
     __shared__ int position_block[kRows];
     __shared__ bf16* row_out[kRows];  // where each row's k_gate goes (null: nowhere)
-    bf16 (*sa)[kRows][kALd] = reinterpret_cast<bf16 (*)[kRows][kALd]>(raw);
-    bf16 (*sb)[kChunk][kBLd] = reinterpret_cast<bf16 (*)[kChunk][kBLd]>(raw + 2 * kRows * kALd * 2);
-    float (*tile)[kCols] = reinterpret_cast<float (*)[kCols]>(raw);
 
     const int head = blockIdx.y;
-    const int c0 = blockIdx.z * kQuarter;
     const int kv = head / a.group;
-    const long long row0 = static_cast<long long>(blockIdx.x) * kRows;
-    const int warp = threadIdx.x / 32;
-    const long long ldA = static_cast<long long>(a.hkv) * kIn;
-    const bf16* A = a.pooled_k + row0 * ldA + kv * kIn;
-    const bf16* B = a.weights + static_cast<long long>(head) * kIn * D;
-    // Local column x of the CTA (0 .. kCols) is output column `col(x)`.
-    auto col = [&](int x) { return x < kQuarter ? c0 + x : D / 2 + c0 + (x - kQuarter); };
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int wrow = (warp % 4) * 16;
+    const int c0 = (warp / 4) * (D / 4);
+    const long long tiles = CACHED ? (tab.total_q_blocks + kRows - 1) / kRows : a.kblock_rows_padded / kRows;
+    const long long per = (tiles + gridDim.x - 1) / gridDim.x;
+    const long long tile0 = blockIdx.x * per;
+    const long long tile1 = min(tiles, tile0 + per);
+    if (tile0 >= tile1) return;
 
-    if (threadIdx.x < kRows) {
-        // Which block of its sequence each row is (rows past the last
-        // sequence are zero padding: any position rotates zero to zero).
-        const long long row = row0 + threadIdx.x;
-        if (CACHED) {
-            const SeqEntry& e = tab.seq[seq_containing(tab, &SeqEntry::qblock_base, row)];
-            const long long local = row - e.qblock_base;
-            const bool real = row < tab.total_q_blocks && local < e.q_blocks;
-            const int block = real ? e.first_q_block + static_cast<int>(local) : 0;
-            position_block[threadIdx.x] = block;
-            row_out[threadIdx.x] = real ? e.k_gate + (static_cast<long long>(block) * a.hq + head) * D : nullptr;
-        } else {
-            const SeqEntry& e = tab.seq[seq_containing(tab, &SeqEntry::kblock_base, row)];
-            const long long local = row - e.kblock_base;
-            position_block[threadIdx.x] = local < e.k_blocks ? static_cast<int>(local) : 0;
-            row_out[threadIdx.x] = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + row) * D;
+    // W[h] into shared memory, all of it, once.
+    const uint32_t sw = tile::smem_addr(smem_w);
+    {
+        const bf16* w = a.weights + static_cast<long long>(head) * kIn * D;
+        for (int p = threadIdx.x; p < kIn * kWChunks; p += kProjectThreads) {
+            const int k = p / kWChunks, ch = p % kWChunks;
+            tile::cp_async16(sw + weight_offset<D>(k, ch), w + static_cast<long long>(k) * D + ch * 8, true);
         }
+        tile::cp_async_commit();
     }
-    auto fetch = [&](int chunk, int buf) {
-        const int k0 = chunk * kChunk;
-        // A: 64 rows x 32 elements = 256 pieces of 16 bytes.
-        for (int p = threadIdx.x; p < kRows * kChunk / 8; p += kThreads) {
-            const int r = p / (kChunk / 8), c = (p % (kChunk / 8)) * 8;
-            cp_async16(&sa[buf][r][c], A + r * ldA + k0 + c);
-        }
-        // B: 32 rows x this CTA's columns (two ranges of D/4).
-        for (int p = threadIdx.x; p < kChunk * kCols / 8; p += kThreads) {
-            const int r = p / (kCols / 8), x = (p % (kCols / 8)) * 8;
-            cp_async16(&sb[buf][r][x], B + static_cast<long long>(k0 + r) * D + col(x));
-        }
-        cp_async_commit();
-    };
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kCols / 16];
+    // A of tile `tl`, pieces [p0, p0 + kGroup): this thread's 16 bytes of
+    // rows g and g + 8 of the warp's 16 (elements 8t .. 8t + 7 of each
+    // 32-wide piece). Whole 64-byte row segments per warp instruction; the
+    // k16 steps then take the reduction in the order these loads give it
+    // (k 8t + 2j, 8t + 2j + 1 as the fragment's column pair 2t + 8 (j % 2)
+    // of step j / 2), and the B fragments read W's rows in the same order.
+    const long long ldA = static_cast<long long>(a.hkv) * kIn;
+    auto load_a = [&](uint4 (&f)[kGroup][2], long long tl, int p0) {
+        const bf16* arow = a.pooled_k + (tl * kRows + wrow + g) * ldA + kv * kIn + 8 * t;
 #pragma unroll
-    for (int n = 0; n < kCols / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
-    fetch(0, 0);
-    for (int chunk = 0; chunk < kChunks; ++chunk) {
-        const int buf = chunk & 1;
-        if (chunk + 1 < kChunks) {
-            fetch(chunk + 1, buf ^ 1);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
+        for (int p = 0; p < kGroup; ++p) {
+            f[p][0] = __ldg(reinterpret_cast<const uint4*>(arow + (p0 + p) * 32));
+            f[p][1] = __ldg(reinterpret_cast<const uint4*>(arow + 8 * ldA + (p0 + p) * 32));
         }
+    };
+    uint4 fa[2][kGroup][2];
+    load_a(fa[0], tile0, 0);
+
+    // Where this lane's ldmatrix rows of B start, per (k16 step of a piece,
+    // column half, n16 pair): row i of matrix m (lane 8m + i) is the
+    // fragment's k 8 (m & 1) + i, which the A loads put at W row
+    // 32 piece + 8 (i / 2) + 4 step + 2 (m & 1) + i % 2, whose swizzle
+    // f is i. A piece moves every address by 64 D bytes, an immediate.
+    uint32_t b_addr[2][2][kHalfTiles / 2];
+    {
+        const int m = lane / 8, i = lane % 8;
+#pragma unroll
+        for (int step = 0; step < 2; ++step)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int np = 0; np < kHalfTiles / 2; ++np) {
+                    const int k = 8 * (i / 2) + 4 * step + 2 * (m & 1) + i % 2;
+                    const int n = c0 + h * (D / 2) + np * 16 + (m >> 1) * 8;
+                    b_addr[step][h][np] = sw + weight_offset<D>(k, n / 8);
+                }
+    }
+    for (long long tl = tile0; tl < tile1; ++tl) {
+        const long long row0 = tl * kRows;
+        // The previous tile's epilogue has read position_block and row_out.
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < kChunk; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, &sa[buf][warp * 16][kk], kALd);
-#pragma unroll
-            for (int n = 0; n < kCols / 16; ++n) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fb;
-                wmma::load_matrix_sync(fb, &sb[buf][kk][n * 16], kBLd);
-                wmma::mma_sync(acc[n], fa, fb, acc[n]);
+        if (threadIdx.x < kRows) {
+            // Which block of its sequence each row is (rows past the last
+            // sequence are zero padding: any position rotates zero to zero).
+            const long long row = row0 + threadIdx.x;
+            if (CACHED) {
+                const SeqEntry& e = tab.seq[seq_containing(tab, &SeqEntry::qblock_base, row)];
+                const long long local = row - e.qblock_base;
+                const bool real = row < tab.total_q_blocks && local < e.q_blocks;
+                const int block = real ? e.first_q_block + static_cast<int>(local) : 0;
+                position_block[threadIdx.x] = block;
+                row_out[threadIdx.x] = real ? e.k_gate + (static_cast<long long>(block) * a.hq + head) * D : nullptr;
+            } else {
+                const SeqEntry& e = tab.seq[seq_containing(tab, &SeqEntry::kblock_base, row)];
+                const long long local = row - e.kblock_base;
+                position_block[threadIdx.x] = local < e.k_blocks ? static_cast<int>(local) : 0;
+                row_out[threadIdx.x] = a.k_gate + (static_cast<long long>(head) * a.kblock_rows_padded + row) * D;
             }
         }
-        // The next iteration's fetch overwrites the other buffer: wait until
-        // every warp is done reading this one.
+        tile::cp_async_wait<0>();  // W[h] (first tile only; nothing pending after)
         __syncthreads();
-    }
-#pragma unroll
-    for (int n = 0; n < kCols / 16; ++n) {
-        wmma::store_matrix_sync(&tile[warp * 16][n * 16], acc[n], kCols, wmma::mem_row_major);
-    }
-    __syncthreads();
 
-    for (int w = threadIdx.x; w < kRows * kQuarter; w += kThreads) {
-        const int r = w / kQuarter;
-        const int x = w % kQuarter;
-        const int c = c0 + x;
-        bf16* out = row_out[r];
-        if (out == nullptr) continue;
-        float x1 = tile[r][x], x2 = tile[r][kQuarter + x];
-        rope_pair(x1, x2, a.rope[static_cast<long long>(position_block[r]) * (D / 2) + c]);
-        out[c] = __float2bfloat16(x1);
-        out[c + D / 2] = __float2bfloat16(x2);
+        float acc[2][kHalfTiles][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int n = 0; n < kHalfTiles; ++n) acc[h][n][0] = acc[h][n][1] = acc[h][n][2] = acc[h][n][3] = 0.f;
+#pragma unroll
+        for (int grp = 0; grp < 3; ++grp) {
+            // The next group's fragments (after the last group, the next
+            // tile's first, into the buffer the last group leaves) are in
+            // flight while this group's products run.
+            if (grp + 1 < 3) load_a(fa[(grp + 1) & 1], tl, (grp + 1) * kGroup);
+#pragma unroll
+            for (int p = 0; p < kGroup; ++p) {
+                const uint4 lo = fa[grp & 1][p][0], hi = fa[grp & 1][p][1];
+                const int piece = grp * kGroup + p;
+#pragma unroll
+                for (int step = 0; step < 2; ++step) {
+                    const uint32_t af[4] = {step ? lo.z : lo.x, step ? hi.z : hi.x, step ? lo.w : lo.y,
+                                            step ? hi.w : hi.y};
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+                        for (int np = 0; np < kHalfTiles / 2; ++np) {
+                            // Matrices (k 0..7, n), (k 8..15, n), (k 0..7,
+                            // n + 8), (k 8..15, n + 8): b0, b1 of n8 tiles
+                            // 2np and 2np + 1.
+                            uint32_t b[4];
+                            tile::ldmatrix_x4_trans(b, b_addr[step][h][np] + piece * 64 * D);
+                            tile::mma_16816<bf16>(acc[h][2 * np], af, b[0], b[1]);
+                            tile::mma_16816<bf16>(acc[h][2 * np + 1], af, b[2], b[3]);
+                        }
+                    }
+                }
+            }
+        }
+        if (tl + 1 < tile1) load_a(fa[0], tl + 1, 0);
+
+        // Epilogue: rotate (c, c + D/2) at each row's block-start position,
+        // round to bf16, store pairs of columns. Every (cos, sin) is loaded
+        // before the first store: the compiler cannot move a load of the
+        // table above a store through `out`, and one L2 round trip per
+        // column pair made the epilogue a third of the kernel.
+        float4 cs[2][kHalfTiles];  // (cos, sin) of columns c and c + 1
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const float2* rope = a.rope + static_cast<long long>(position_block[wrow + g + 8 * half]) * (D / 2);
+#pragma unroll
+            for (int n = 0; n < kHalfTiles; ++n)
+                cs[half][n] = __ldg(reinterpret_cast<const float4*>(rope + c0 + n * 8 + 2 * t));
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            bf16* out = row_out[wrow + g + 8 * half];
+            if (out == nullptr) continue;
+#pragma unroll
+            for (int n = 0; n < kHalfTiles; ++n) {
+                const int c = c0 + n * 8 + 2 * t;
+                float x1a = acc[0][n][2 * half], x2a = acc[1][n][2 * half];
+                float x1b = acc[0][n][2 * half + 1], x2b = acc[1][n][2 * half + 1];
+                rope_pair(x1a, x2a, make_float2(cs[half][n].x, cs[half][n].y));
+                rope_pair(x1b, x2b, make_float2(cs[half][n].z, cs[half][n].w));
+                *reinterpret_cast<__nv_bfloat162*>(out + c) = __floats2bfloat162_rn(x1a, x1b);
+                *reinterpret_cast<__nv_bfloat162*>(out + c + D / 2) = __floats2bfloat162_rn(x2a, x2b);
+            }
+        }
     }
 }
 
@@ -747,11 +824,10 @@ __device__ void select_rows(const GateArgs& a, const SeqTable<MAXS>& tab) {
     SEER_POOL(D, T, TN, S, 8, 1)                                                                   \
     SEER_POOL(D, T, TN, S, 4, 2)                                                                   \
     SEER_POOL(D, T, TN, S, 8, 2)
-#define SEER_PROJECT(D, S, SPLIT)                                                                  \
-    extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
-        seer_gate_project_d##D##_s##S##_n##SPLIT(const seer::GateArgs a,                           \
-                                                 const __grid_constant__ seer::SeqTable<S> tab) {  \
-        seer::project<D, S, SPLIT, false>(a, tab);                                                 \
+#define SEER_PROJECT(D, S)                                                                         \
+    extern "C" __global__ void __launch_bounds__(seer::kProjectThreads, 2)                        \
+        seer_gate_project_d##D##_s##S(const seer::GateArgs a, const __grid_constant__ seer::SeqTable<S> tab) { \
+        seer::project<D, S, false>(a, tab);                                                        \
     }
 #define SEER_ROPE(D)                                                                               \
     extern "C" __global__ void __launch_bounds__(seer::kThreads) seer_gate_rope_d##D(const seer::GateArgs a) { \
@@ -781,20 +857,18 @@ __device__ void select_rows(const GateArgs& a, const SeqTable<MAXS>& tab) {
         seer::kcache_commit<D, S>(a, tab);                                                         \
     }
 #define SEER_KCACHE_PROJECT(D, S)                                                                  \
-    extern "C" __global__ void __launch_bounds__(seer::kThreads)                                  \
+    extern "C" __global__ void __launch_bounds__(seer::kProjectThreads, 2)                        \
         seer_gate_kcache_project_d##D##_s##S(const seer::GateArgs a,                               \
                                              const __grid_constant__ seer::SeqTable<S> tab) {      \
-        seer::project<D, S, 1, true>(a, tab);                                                      \
+        seer::project<D, S, true>(a, tab);                                                      \
     }
 #define SEER_GATE_KERNELS(S)                                                                       \
     SEER_POOL_PIECES(64, __nv_bfloat16, bf16, S)                                                   \
     SEER_POOL_PIECES(64, __half, f16, S)                                                           \
     SEER_POOL_PIECES(128, __nv_bfloat16, bf16, S)                                                  \
     SEER_POOL_PIECES(128, __half, f16, S)                                                          \
-    SEER_PROJECT(64, S, 1)                                                                         \
-    SEER_PROJECT(64, S, 2)                                                                         \
-    SEER_PROJECT(128, S, 1)                                                                        \
-    SEER_PROJECT(128, S, 2)                                                                        \
+    SEER_PROJECT(64, S)                                                                            \
+    SEER_PROJECT(128, S)                                                                           \
     SEER_KCACHE(64, __nv_bfloat16, bf16, S)                                                        \
     SEER_KCACHE(64, __half, f16, S)                                                                \
     SEER_KCACHE(128, __nv_bfloat16, bf16, S)                                                       \

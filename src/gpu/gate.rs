@@ -868,8 +868,24 @@ unsafe fn launch_update<const S: usize>(
     cuda::launch(commit, [n, 1, 1], [POOL_THREADS, 1, 1], 0, stream, &mut params)?;
     // pooled_k holds kblock_rows_padded >= total_q_blocks + 64 rows: every
     // 64-row tile reads inside the workspace.
-    let project_x = plan.total_q_blocks.div_ceil(WIDE_TILE) as u32;
-    cuda::launch(project, [project_x, args.hq as u32, 1], [THREADS, 1, 1], 0, stream, &mut params)
+    let tiles = plan.total_q_blocks.div_ceil(WIDE_TILE);
+    let (grid, smem) = project_launch(ctx, tiles, args.hq as usize, d);
+    cuda::launch(project, grid, [PROJECT_THREADS, 1, 1], smem, stream, &mut params)
+}
+
+/// Threads of a projection CTA (`kProjectThreads` in kernels/gate.cu).
+const PROJECT_THREADS: u32 = 256;
+
+/// Grid and dynamic shared memory of the projection over `tiles` 64-row
+/// tiles per head: each CTA stages its head's weights (3 d x d bf16) once
+/// and walks a run of consecutive tiles, as many as make the CTAs fill the
+/// GPU once at two CTAs per SM (the kernel derives the run length from the
+/// grid the same way).
+fn project_launch(ctx: &Ctx, tiles: usize, hq: usize, d: usize) -> ([u32; 3], u32) {
+    let slots = 2 * ctx.sm_count().max(1) as usize;
+    let per = (tiles * hq).div_ceil(slots).max(1);
+    let grid = [tiles.div_ceil(per).max(1) as u32, hq as u32, 1];
+    (grid, (3 * d * d * 2) as u32)
 }
 
 /// `GateArgs::method` of the threshold rule (`kMethodThreshold`).
@@ -927,12 +943,7 @@ unsafe fn launch_all<const S: usize>(
     let rope = cuda::function(ctx, fatbin, &format!("seer_gate_rope_d{d}"))?;
     let shape = PoolShape::choose(args.hq as usize, args.hkv as usize, d, plan, ctx.sm_count().max(1) as usize)?;
     let pool = cuda::function(ctx, fatbin, &format!("seer_gate_pool_d{d}_{ty}_s{S}_q{}_k{}", shape.qp, shape.kp))?;
-    // Split the projection's columns in two when 64-row tiles alone would
-    // leave SMs idle (short batches); long ones keep whole rows per CTA.
-    let project_x = (plan.kblock_rows_padded / WIDE_TILE) as u32;
-    let project_split =
-        if (project_x as usize) * (args.hq as usize) < 4 * ctx.sm_count().max(1) as usize { 2 } else { 1 };
-    let project = cuda::function(ctx, fatbin, &format!("seer_gate_project_d{d}_s{S}_n{project_split}"))?;
+    let project = cuda::function(ctx, fatbin, &format!("seer_gate_project_d{d}_s{S}"))?;
     // Logits CTAs take 64 rows (each key tile fetched once per 64 rows)
     // unless that leaves too few CTAs to fill the GPU; then 16.
     let wide_ctas: usize =
@@ -971,8 +982,8 @@ unsafe fn launch_all<const S: usize>(
     let grid = [shape.slices as u32, pool_blocks, n + 1];
     cuda::launch(pool, grid, [POOL_THREADS, 1, 1], pool_smem, stream, &mut params)?;
     if !cached {
-        let project_grid = [project_x, args.hq as u32, project_split];
-        cuda::launch(project, project_grid, [THREADS, 1, 1], 0, stream, &mut params)?;
+        let (grid, smem) = project_launch(ctx, plan.kblock_rows_padded / WIDE_TILE, args.hq as usize, d);
+        cuda::launch(project, grid, [PROJECT_THREADS, 1, 1], smem, stream, &mut params)?;
     }
     let (logits, select) = match selection {
         Selection::Staged { logits, select } => (logits, select),
