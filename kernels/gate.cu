@@ -392,6 +392,14 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // to its sequence's cache, k_gate row [block][head]; rows past the last
 // touched block are computed from scratch padding and dropped.
 constexpr int kProjectThreads = 256;
+// CTAs per SM the registers are budgeted for: two on Hopper (227 KB of
+// shared memory hold two heads' weights at D = 128), one on sm_80 (164 KB
+// hold one there).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kProjectMinBlocks = 1;
+#else
+constexpr int kProjectMinBlocks = 2;
+#endif
 
 // W[h] in shared memory: row k of the [3D][D] matrix, 16-byte chunks of
 // columns, chunk c of row k at c ^ f(k). The A fragments come from 16-byte
@@ -825,7 +833,7 @@ __device__ void select_rows(const GateArgs& a, const SeqTable<MAXS>& tab) {
     SEER_POOL(D, T, TN, S, 4, 2)                                                                   \
     SEER_POOL(D, T, TN, S, 8, 2)
 #define SEER_PROJECT(D, S)                                                                         \
-    extern "C" __global__ void __launch_bounds__(seer::kProjectThreads, 2)                        \
+    extern "C" __global__ void __launch_bounds__(seer::kProjectThreads, seer::kProjectMinBlocks)  \
         seer_gate_project_d##D##_s##S(const seer::GateArgs a, const __grid_constant__ seer::SeqTable<S> tab) { \
         seer::project<D, S, false>(a, tab);                                                        \
     }
@@ -857,7 +865,7 @@ __device__ void select_rows(const GateArgs& a, const SeqTable<MAXS>& tab) {
         seer::kcache_commit<D, S>(a, tab);                                                         \
     }
 #define SEER_KCACHE_PROJECT(D, S)                                                                  \
-    extern "C" __global__ void __launch_bounds__(seer::kProjectThreads, 2)                        \
+    extern "C" __global__ void __launch_bounds__(seer::kProjectThreads, seer::kProjectMinBlocks)  \
         seer_gate_kcache_project_d##D##_s##S(const seer::GateArgs a,                               \
                                              const __grid_constant__ seer::SeqTable<S> tab) {      \
         seer::project<D, S, true>(a, tab);                                                      \

@@ -879,10 +879,11 @@ const PROJECT_THREADS: u32 = 256;
 /// Grid and dynamic shared memory of the projection over `tiles` 64-row
 /// tiles per head: each CTA stages its head's weights (3 d x d bf16) once
 /// and walks a run of consecutive tiles, as many as make the CTAs fill the
-/// GPU once at two CTAs per SM (the kernel derives the run length from the
-/// grid the same way).
+/// GPU once at two CTAs per SM on Hopper, one before it (`kProjectMinBlocks`;
+/// the kernel derives the run length from the grid the same way).
 fn project_launch(ctx: &Ctx, tiles: usize, hq: usize, d: usize) -> ([u32; 3], u32) {
-    let slots = 2 * ctx.sm_count().max(1) as usize;
+    let per_sm = if ctx.compute_capability().0 >= 9 { 2 } else { 1 };
+    let slots = per_sm * ctx.sm_count().max(1) as usize;
     let per = (tiles * hq).div_ceil(slots).max(1);
     let grid = [tiles.div_ceil(per).max(1) as u32, hq as u32, 1];
     (grid, (3 * d * d * 2) as u32)
