@@ -39,9 +39,10 @@
  * cycle, 989 TFLOP/s over 132 SMs), 64 * 64 exponentials (256 cycles of
  * the SM's 16 MUFU lanes, to overlap with the other consumer's wgmma), K
  * and V tiles 2 * 64 * D * 2 bytes (32 KB at D = 128) from L2: at 450
- * TFLOP/s that is 6.9 TB/s, which ncu reads as 74% of L2 throughput - a
- * 64-row tile feeds each K/V tile to one warpgroup only, so 600+ TFLOP/s
- * needs tiles shared between consumers (kernels/NOTES.md).
+ * TFLOP/s that is 6.9 TB/s, 74% of L2 throughput. Sharing tiles between
+ * the two consumers halves that and leaves the time unchanged (v17 in
+ * kernels/NOTES.md): what caps a consumer is its chain of waits per
+ * 64-key step.
  * Per item: Q 64 * D * 2 bytes in, O 64 * D * sizeof(out) out.
  *
  * Shared memory: per consumer Q + kStages K + kStages V + one tail tile of
