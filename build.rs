@@ -247,7 +247,7 @@ fn compile(nvcc: &Path, include: &Path, src: &Path, out: &Path, inputs: u64) -> 
 /// Loss", waits or fences ptxas had to inject between wgmma instructions).
 /// Such a kernel is still correct but runs its matrix products one at a
 /// time: a wgmma issued under a condition once made the whole prefill
-/// kernel 25% slower, with nothing but this info line to show for it
+/// kernel 22% slower, with nothing but this info line to show for it
 /// (kernels/NOTES.md, v17).
 fn check_report(stem: &str, report: &str) -> Result<(), String> {
     for line in report.lines().filter(|l| l.contains("warning")) {
