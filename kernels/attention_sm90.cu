@@ -41,8 +41,9 @@
  * and V tiles 2 * 64 * D * 2 bytes (32 KB at D = 128) from L2: at 450
  * TFLOP/s that is 6.9 TB/s, 74% of L2 throughput. Sharing tiles between
  * the two consumers halves that and leaves the time unchanged (v17 in
- * kernels/NOTES.md): what caps a consumer is its chain of waits per
- * 64-key step.
+ * kernels/NOTES.md), and so does halving the waits per FLOP with 128-key
+ * steps (v19, slower): what caps the kernel is how the two consumers'
+ * softmax and matrix phases fit together on the SM.
  * Per item: Q 64 * D * 2 bytes in, O 64 * D * sizeof(out) out.
  *
  * Shared memory: per consumer Q + kStages K + kStages V + one tail tile of
@@ -354,9 +355,13 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
     using Buf = Buffers<D, kStages>;
     using Bar = Barriers<kStages>;
     // Registers per thread after setmaxnreg: the producer keeps a few, the
-    // consumers take the rest (48 * 128 + 224 * 256 = 63488 <= 65536).
+    // consumers take the rest. setmaxnreg.inc draws on the registers the CTA
+    // was launched with (168 per thread at 384 threads: 64512), not on the
+    // register file: asking for more hangs the consumers in the allocation
+    // (v19's first run, kernels/NOTES.md).
     constexpr int kProducerRegs = 48;
     constexpr int kConsumerRegs = 224;
+    static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 168 * kThreads, "setmaxnreg.inc would wait forever");
     extern __shared__ __align__(128) unsigned char smem_raw[];
     // TMA's 128-byte swizzle needs 1024-byte aligned tiles (the host adds
     // the slack to the dynamic shared memory size).
