@@ -42,30 +42,6 @@
 
 namespace seer::attn {
 
-// Copy a 64-row tile of one head into swizzled shared memory: row r is
-// token `token0 + r` when `r` is in [r_begin, r_end), zeros otherwise.
-// Thread t owns chunk t % kChunks of rows t / kChunks + j * kRowsPerPass:
-// a fixed trip count, so the loop unrolls and each copy costs one 64-bit
-// add for its source (the address arithmetic was the busiest pipe).
-template <int D, int kThreads, typename T>
-__device__ __forceinline__ void load_tile(uint32_t dst, const T* base, long long row_stride, long long token0,
-                                          int r_begin, int r_end) {
-    using Tile = Swizzled<D * 2>;
-    constexpr int kChunks = Tile::kChunks;
-    constexpr int kRowsPerPass = kThreads / kChunks;
-    static_assert(kThreads % kChunks == 0 && kBlock % kRowsPerPass == 0, "whole rows per pass");
-    const int c = threadIdx.x % kChunks;
-    const int r0 = threadIdx.x / kChunks;
-    const T* src = base + (token0 + r0) * row_stride + c * 8;
-    const long long step = kRowsPerPass * row_stride;
-#pragma unroll
-    for (int j = 0; j < kBlock / kRowsPerPass; ++j) {
-        const int r = r0 + j * kRowsPerPass;
-        const bool valid = r >= r_begin && r < r_end;
-        cp_async16(dst + Tile::offset(r, c), valid ? src + j * step : base, valid);
-    }
-}
-
 // S = Q K^T for one warp: M x NT tiles of m16n8 (16 * M rows, 8 * NT keys
 // from key col0). Q's A fragments are read from shared memory per k16 step
 // (registers hold O and S; caching Q too would not fit), K's B fragments
@@ -262,14 +238,14 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
             __syncthreads();
         }
     } else if (slot < mask.count) {
-        load_tile<D, kThreads>(sQ, q, a.q_row_stride, q_token0, r_begin, r_end);
-        load_tile<D, kThreads>(sK, k, a.k_row_stride, key_token0(kb), 0, key_rows(kb));
+        load_rows_swizzled<D, T, kThreads>(sQ, q, a.q_row_stride, q_token0, r_begin, r_end);
+        load_rows_swizzled<D, T, kThreads>(sK, k, a.k_row_stride, key_token0(kb), 0, key_rows(kb));
         cp_async_commit();
         while (true) {
             // K_j (and Q) landed; every warp is done with V_{j-1}.
             cp_async_wait<0>();
             __syncthreads();
-            load_tile<D, kThreads>(sV, v, a.v_row_stride, key_token0(kb), 0, key_rows(kb));
+            load_rows_swizzled<D, T, kThreads>(sV, v, a.v_row_stride, key_token0(kb), 0, key_rows(kb));
             cp_async_commit();
 
             float s[M][kNT][4];
@@ -282,10 +258,10 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
             int next_kb = -1;
             const int next_slot = mask.next(slot + 1, next_kb);
             if (next_slot < mask.count) {
-                load_tile<D, kThreads>(sK, k, a.k_row_stride, key_token0(next_kb), 0, key_rows(next_kb));
+                load_rows_swizzled<D, T, kThreads>(sK, k, a.k_row_stride, key_token0(next_kb), 0, key_rows(next_kb));
                 cp_async_commit();
             }
-            // load_tile zero-filled the rows past the sequence.
+            // load_rows_swizzled zero-filled the rows past the sequence.
             pv_tile<D, M, kNT, T, Tile>(w, s, sV, col0, lane, kBlock);
             if (next_slot >= mask.count) break;
             slot = next_slot;

@@ -359,16 +359,6 @@ __device__ void kcache_commit(const GateArgs& a, const SeqTable<MAXS>& tab) {
 
 // ------------------------------------------------------------- projection --
 
-// 16-byte global -> shared copies that bypass registers (cp.async, sm_80+),
-// for the logits kernel's key tiles.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 // The K projection of one query head: k_gate = RoPE(pooled_k[kv] . W[h]),
 // a [rows x 3D] . [3D x D] GEMM on mma.sync (m16n8k16, f32 accumulators)
 // with the rotation in the epilogue. 1.6 GFLOP at 32k tokens (6.4 at 128k),
@@ -705,18 +695,9 @@ __device__ void select_row(const GateArgs& a, float* row, int n, int q_block, in
         const unsigned ties = __ballot_sync(0xffffffffu, tie);
         if (tie) keep = __popc(ties & ((1u << lane) - 1u)) < ties_left;
         ties_left -= min(ties_left, __popc(ties));
-        const unsigned kept = __ballot_sync(0xffffffffu, keep);
-        if (keep) out[count + __popc(kept & ((1u << lane) - 1u))] = j;
-        count += __popc(kept);
+        count = warp_append(out, count, keep, j, lane);
     }
-    if (count == 0 && a.keep_diagonal) {
-        if (lane == 0) out[0] = q_block;
-        count = 1;
-    }
-    if (lane == 0) {
-        a.counts[mask_row] = count;
-        a.row_offsets[mask_row] = slot;
-    }
+    finish_row(a, mask_row, slot, out, count, q_block, lane);
 }
 
 // The logits of every causal (query block, key block) pair, scaled by
@@ -763,10 +744,11 @@ __device__ void logits(const GateArgs& a, const SeqTable<MAXS>& tab) {
         __syncthreads();  // everyone is done with the previous tile
         for (int p = threadIdx.x; p < kCols * D / 8; p += kThreads) {
             const int row = p / (D / 8), c = (p % (D / 8)) * 8;
-            cp_async16(&keys[row][c], K + (static_cast<long long>(t) * kCols + row) * a.k_gate_row_stride + c);
+            const bf16* src = K + (static_cast<long long>(t) * kCols + row) * a.k_gate_row_stride + c;
+            tile::cp_async16(tile::smem_addr(&keys[row][c]), src, true);
         }
-        cp_async_commit();
-        cp_async_wait<0>();
+        tile::cp_async_commit();
+        tile::cp_async_wait<0>();
         __syncthreads();
         if (!warp_active) continue;
 #pragma unroll

@@ -161,4 +161,28 @@ __device__ __forceinline__ MaskRowAt mask_row_at(const SeqTable<MAXS>& tab, long
     return m;
 }
 
+// Warp-wide append to a mask row's index list: every lane whose `keep` is
+// set writes `value` at out[count + (kept lanes below it)], in lane order.
+// Returns the new count (the same on every lane).
+__device__ __forceinline__ int warp_append(int* out, int count, bool keep, int value, int lane) {
+    const unsigned kept = __ballot_sync(0xffffffffu, keep);
+    if (keep) out[count + __popc(kept & ((1u << lane) - 1u))] = value;
+    return count + __popc(kept);
+}
+
+// The end of a mask row written by one warp: a row that kept nothing keeps
+// its diagonal block when the empty-row policy says so; then the row's
+// count and first slot.
+__device__ __forceinline__ void finish_row(const GateArgs& a, long long row, long long slot, int* out, int count,
+                                           int q_block, int lane) {
+    if (count == 0 && a.keep_diagonal) {
+        if (lane == 0) out[0] = q_block;
+        count = 1;
+    }
+    if (lane == 0) {
+        a.counts[row] = count;
+        a.row_offsets[row] = slot;
+    }
+}
+
 }  // namespace seer

@@ -316,21 +316,12 @@ __device__ void compact(const GateArgs& a, const SeqTable<MAXS>& tab) {
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
                     const bool keep = (word >> (half * 32 + lane)) & 1ull;
-                    const unsigned kept = __ballot_sync(0xffffffffu, keep);
-                    if (keep) out[count + __popc(kept & ((1u << lane) - 1u))] = t * kKeys + half * 32 + lane;
-                    count += __popc(kept);
+                    count = warp_append(out, count, keep, t * kKeys + half * 32 + lane, lane);
                 }
             }
         }
     }
-    if (count == 0 && a.keep_diagonal) {
-        if (lane == 0) out[0] = q_block;
-        count = 1;
-    }
-    if (lane == 0) {
-        a.counts[row] = count;
-        a.row_offsets[row] = slot;
-    }
+    finish_row(a, row, slot, out, count, q_block, lane);
 }
 
 }  // namespace seer::gate_select

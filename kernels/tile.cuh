@@ -101,19 +101,26 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // Copy 64 rows of D elements of T into a swizzled [64][D] tile with cp.async
 // by a CTA of THREADS threads: tile row r is row `row0 + r` of `base` (row
 // stride in elements) when r is in [r_begin, r_end), zeros otherwise.
+// Thread t owns chunk t % kChunks of rows t / kChunks + j * kRowsPerPass:
+// a fixed trip count, so the loop unrolls and each copy costs one 64-bit
+// add for its source (the address arithmetic was the prefill's busiest
+// pipe).
 template <int D, typename T, int THREADS>
 __device__ __forceinline__ void load_rows_swizzled(uint32_t dst, const T* base, long long row_stride, long long row0,
                                                    int r_begin, int r_end) {
     using Tile = Swizzled<D * 2>;
     constexpr int kChunks = Tile::kChunks;
     constexpr int kRowsPerPass = THREADS / kChunks;
+    static_assert(THREADS % kChunks == 0 && 64 % kRowsPerPass == 0, "whole rows per pass");
     const int c = threadIdx.x % kChunks;
     const int r0 = threadIdx.x / kChunks;
+    const T* src = base + (row0 + r0) * row_stride + c * 8;
+    const long long step = kRowsPerPass * row_stride;
 #pragma unroll
     for (int j = 0; j < 64 / kRowsPerPass; ++j) {
         const int r = r0 + j * kRowsPerPass;
         const bool valid = r >= r_begin && r < r_end;
-        cp_async16(dst + Tile::offset(r, c), valid ? base + (row0 + r) * row_stride + c * 8 : base, valid);
+        cp_async16(dst + Tile::offset(r, c), valid ? src + j * step : base, valid);
     }
 }
 

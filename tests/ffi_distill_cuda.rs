@@ -167,6 +167,41 @@ impl Batch4 {
         unsafe { seer_trainer_accumulate(t.0, p, &self.nope.lens.batch(), &d[0], &d[1], &d[2], &d[3]) }
     }
 }
+/// The start of the one-layer tests: a context and a stream of the
+/// engine's, a one-layer gate saved under a fresh directory and loaded
+/// through the C API, and a batch of `lens` written to the device on that
+/// stream (not waited for). The directory goes on drop.
+struct OneLayer {
+    ctx: seerattn::cuda::Ctx,
+    stream: Stream,
+    root: PathBuf,
+    gate: Gate,
+    x: Batch4,
+}
+
+impl OneLayer {
+    fn new(name: &str, gate_seed: u64, lens: &[(usize, usize)], batch_seed: u64) -> OneLayer {
+        let ctx = ctx();
+        let stream = Stream::new(&ctx).unwrap();
+        let root = temp_dir(name);
+        start_gate(&root, 1, gate_seed);
+        let gate = Gate::load(&root);
+        let x = Batch4::new(&ctx, lens, batch_seed);
+        x.write_on(&ctx, &stream);
+        OneLayer { ctx, stream, root, gate, x }
+    }
+
+    /// Feed params of layer 0 on the fixture's stream.
+    fn params(&self) -> SeerTrainFeedParams {
+        feed_params(0, self.stream.raw().cast())
+    }
+}
+
+impl Drop for OneLayer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
 
 fn step(t: &Trainer) -> (SeerStatus, SeerStepReport) {
     let mut r = SeerStepReport {
@@ -351,17 +386,12 @@ fn gpu_c_api_gate_the_gpu_cannot_train_is_refused_then_trains_on_the_host() {
 #[test]
 #[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
 fn gpu_c_api_f32_cuda_feeds_are_rounded_as_16_bit_ones() {
-    let ctx = ctx();
-    let stream = Stream::new(&ctx).unwrap();
-    let root = temp_dir("f32");
-    start_gate(&root, 1, 5);
-    let gate = Gate::load(&root);
-    let x = Batch4::new(&ctx, &[(300, 300), (70, 70)], 41);
-    x.write_on(&ctx, &stream);
-    stream.synchronize().unwrap();
-    let p = feed_params(0, stream.raw().cast());
+    let f = OneLayer::new("f32", 5, &[(300, 300), (70, 70)], 41);
+    let (ctx, gate, x) = (&f.ctx, &f.gate, &f.x);
+    f.stream.synchronize().unwrap();
+    let p = f.params();
     let run = |descs: &[SeerTensor; 4]| {
-        let t = create(&gate, &train_params(6));
+        let t = create(gate, &train_params(6));
         expect(x.feed(&t, &p, descs), SEER_OK, "feed");
         let (status, report) = step(&t);
         expect(status, SEER_OK, "step");
@@ -376,7 +406,7 @@ fn gpu_c_api_f32_cuda_feeds_are_rounded_as_16_bit_ones() {
                 .chunks(2)
                 .flat_map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32().to_le_bytes())
                 .collect();
-            to_device(&ctx, &f)
+            to_device(ctx, &f)
         })
         .collect();
     let good = x.cuda_descs();
@@ -392,15 +422,10 @@ fn gpu_c_api_f32_cuda_feeds_are_rounded_as_16_bit_ones() {
 #[test]
 #[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
 fn gpu_c_api_cuda_trainer_refuses_host_feeds_and_bad_device_buffers() {
-    let ctx = ctx();
-    let stream = Stream::new(&ctx).unwrap();
-    let root = temp_dir("refusals");
-    start_gate(&root, 1, 3);
-    let gate = Gate::load(&root);
-    let t = create(&gate, &train_params(6));
-    let x = Batch4::new(&ctx, &[(300, 300)], 31);
-    x.write_on(&ctx, &stream);
-    let p = feed_params(0, stream.raw().cast());
+    let f = OneLayer::new("refusals", 3, &[(300, 300)], 31);
+    let (ctx, stream, x) = (&f.ctx, &f.stream, &f.x);
+    let t = create(&f.gate, &train_params(6));
+    let p = f.params();
     expect(x.feed(&t, &p, &x.cuda_descs()), SEER_OK, "first CUDA feed");
     let (status, first) = step(&t);
     expect(status, SEER_OK, "step");
@@ -416,15 +441,15 @@ fn gpu_c_api_cuda_trainer_refuses_host_feeds_and_bad_device_buffers() {
     assert!(msg.contains("not device memory"), "{msg}");
     // Rows not 16-byte aligned: q 2 bytes into a larger allocation.
     let q_bytes = Batch4::host_bytes(&x.nope, &x.roped)[2].clone();
-    let shifted = poisoned(&ctx, q_bytes.len() + 64);
-    testing::copy_to_device(&ctx, shifted.ptr() + 2, &q_bytes).unwrap();
+    let shifted = poisoned(ctx, q_bytes.len() + 64);
+    testing::copy_to_device(ctx, shifted.ptr() + 2, &q_bytes).unwrap();
     let mut misaligned = good;
     misaligned[2].data = (shifted.ptr() + 2) as *mut c_void;
     let msg = expect(x.feed(&t, &p, &misaligned), SEER_UNSUPPORTED, "misaligned q rows");
     assert!(msg.contains("16-byte"), "{msg}");
     // k_nope running past the end of its allocation (2 MiB: a whole
     // allocation granule, whatever the driver rounds to).
-    let short = poisoned(&ctx, 2 << 20);
+    let short = poisoned(ctx, 2 << 20);
     let mut short_k = good;
     short_k[1].data = (short.ptr() + (2 << 20) - 1024) as *mut c_void;
     let msg = expect(x.feed(&t, &p, &short_k), SEER_INVALID_ARGUMENT, "k_nope past its allocation");
@@ -451,7 +476,6 @@ fn gpu_c_api_cuda_trainer_refuses_host_feeds_and_bad_device_buffers() {
     expect(status, SEER_OK, "step");
     assert_eq!((first.step, second.step), (1, 2));
     assert!(losses(&t, 1)[0].is_finite());
-    std::fs::remove_dir_all(&root).unwrap();
 }
 
 /// A refused first CUDA feed leaves the trainer undecided, whether it was
@@ -461,18 +485,13 @@ fn gpu_c_api_cuda_trainer_refuses_host_feeds_and_bad_device_buffers() {
 #[test]
 #[ignore = "needs a CUDA GPU; run with scripts/gpu-test.sh"]
 fn gpu_c_api_a_refused_first_cuda_feed_leaves_the_trainer_undecided() {
-    let ctx = ctx();
-    let stream = Stream::new(&ctx).unwrap();
-    let root = temp_dir("undecided");
-    start_gate(&root, 1, 4);
-    let gate = Gate::load(&root);
+    let f = OneLayer::new("undecided", 4, &[(200, 200)], 41);
+    let (ctx, gate, x) = (&f.ctx, &f.gate, &f.x);
     let params = train_params(4);
-    let x = Batch4::new(&ctx, &[(200, 200)], 41);
-    x.write_on(&ctx, &stream);
-    let p = feed_params(0, stream.raw().cast());
+    let p = f.params();
     let good = x.cuda_descs();
 
-    let a = create(&gate, &params);
+    let a = create(gate, &params);
     let mut host_q_nope = good;
     host_q_nope[0].data = x.nope.q.as_ptr().cast_mut().cast();
     let msg = expect(x.feed(&a, &p, &host_q_nope), SEER_INVALID_ARGUMENT, "host memory as the first q_nope");
@@ -481,10 +500,10 @@ fn gpu_c_api_a_refused_first_cuda_feed_leaves_the_trainer_undecided() {
     let msg = expect(x.feed(&a, &p, &x.host_descs()), SEER_INVALID_ARGUMENT, "then host tensors");
     assert!(msg.contains("trains on CUDA"), "{msg}");
 
-    let b = create(&gate, &params);
+    let b = create(gate, &params);
     let q_bytes = Batch4::host_bytes(&x.nope, &x.roped)[2].clone();
-    let shifted = poisoned(&ctx, q_bytes.len() + 64);
-    testing::copy_to_device(&ctx, shifted.ptr() + 2, &q_bytes).unwrap();
+    let shifted = poisoned(ctx, q_bytes.len() + 64);
+    testing::copy_to_device(ctx, shifted.ptr() + 2, &q_bytes).unwrap();
     let mut misaligned = good;
     misaligned[2].data = (shifted.ptr() + 2) as *mut c_void;
     let msg = expect(x.feed(&b, &p, &misaligned), SEER_UNSUPPORTED, "misaligned q in the first feed");
@@ -497,5 +516,4 @@ fn gpu_c_api_a_refused_first_cuda_feed_leaves_the_trainer_undecided() {
         expect(status, SEER_OK, "step");
         assert_eq!(report.step, 1);
     }
-    std::fs::remove_dir_all(&root).unwrap();
 }
