@@ -12,6 +12,15 @@ length and mask density, on the same q, k, v tensors:
   sdpa_flash        dense causal SDPA, FlashAttention-2 backend (density 1)
   sdpa_cudnn        dense causal SDPA, cuDNN backend (density 1)
 
+With --total NZ (e.g. 0.1), also the whole layer at that density, on a
+synthetic gate (the released Qavg_Kmaxminavg type, gate_hidden 128,
+random weights, the top-k rule keeping NZ of each row's causal blocks):
+
+  seerattn_gate     seer_gate_compute_mask alone (through bindings/python)
+  seerattn_prefill  seer_sparse_prefill on the mask the gate made (tag
+                    "gate_mask"), for the split of the total
+  seerattn_total    seer_gate_attention: gate, mask and prefill in one call
+
 Shape: one sequence, 32 q heads, 8 kv heads, head_dim 128 (--head-dim 64
 for the other size the kernels are built for), bf16, causal.
 Masks: for each query block row, the diagonal block plus randomly chosen
@@ -25,12 +34,18 @@ Before timing, each seerattn output is checked against the anchor on the
 same inputs (flex at that density; SDPA flash at density 1): relative error
 at most 2e-2 or the benchmark fails.
 
-Timing: CUDA events around each call, warm-up first, median of the repeats,
-three input sets rotated so repeated calls do not measure L2-resident data.
+Timing: CUDA events around each call, median of the repeats, three input
+sets rotated so repeated calls do not measure L2-resident data. Every
+measurement starts from the same state: 1 s idle, then at least 0.3 s of
+warm-up calls (an idle H100 sits at 345 MHz). The rest matters: dense
+prefill draws the H100's 700 W cap and its clock falls to 1600-1700 MHz,
+so a measurement that followed a heavy one without it was up to 15% slower
+(the "50% density dip" of earlier runs: 50% timed right after 100%; with
+50% first, 100% second, the 100% run was the slow one).
 
 Usage: python3 bench/prefill.py OUT.jsonl [--seqs 8192,32768,65536]
            [--densities 1,0.5,0.2,0.1,0.05] [--lib .devbuild/lib/libseerattn.so]
-           [--head-dim 128|64] [--chunk N] [--no-anchors] [--tag T]
+           [--head-dim 128|64] [--chunk N] [--total NZ] [--no-anchors] [--tag T]
 """
 import argparse
 import ctypes
@@ -40,6 +55,8 @@ import math
 import os
 import statistics
 import sys
+import tempfile
+import time
 
 import torch
 
@@ -137,7 +154,6 @@ class Library:
         cu = (cu_q, cu_k)
         params = SeerPrefillParams()
         self.check(self.lib.seer_prefill_params_default(ctypes.byref(params)), "params")
-        params.cuda_stream = torch.cuda.current_stream().cuda_stream
         if workspace is not None:
             params.workspace = workspace.data_ptr()
             params.workspace_bytes = workspace.numel()
@@ -150,6 +166,8 @@ class Library:
 
         def call():
             _ = keep
+            # The stream current at the call (a graph capture's, when capturing).
+            params.cuda_stream = torch.cuda.current_stream().cuda_stream
             self.check(
                 self.lib.seer_sparse_prefill(
                     ctypes.byref(params), ctypes.byref(batch), ctypes.byref(tq), ctypes.byref(tk), ctypes.byref(tv),
@@ -239,13 +257,70 @@ def computed_flops(dense):
     return (total - diag) * 4 * BLOCK * BLOCK * D + diag * 2 * BLOCK * BLOCK * D
 
 
+# ---------------------------------------------------------------- gate
+
+
+def write_gate_dir(path, seed):
+    """A one-layer gate directory of the released format for the benchmark's
+    shape: config.json (Qavg_Kmaxminavg, gate_hidden 128, plain RoPE) and
+    random weights `mask_linear_k.weight` [HQ, 3 * D, 128] as bf16
+    safetensors (written here: no safetensors package needed)."""
+    os.makedirs(path, exist_ok=True)
+    hidden = 128
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HQ * D,
+        "num_attention_heads": HQ, "num_key_value_heads": HKV, "head_dim": D, "num_hidden_layers": 1,
+        "max_position_embeddings": 262144, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+        "seerattn_gate_type": "Qavg_Kmaxminavg", "seerattn_gate_block_size": BLOCK,
+        "seerattn_gate_hidden_size": hidden, "seerattn_gate_force_double": False,
+        "seerattn_sparsity_method": "nz_ratio", "seerattn_threshold": 0.0, "seerattn_nz_ratio": 0.1,
+        "seerattn_last_block_dense": True,
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(HQ, 3 * D, hidden, generator=g) / math.sqrt(3 * D)).to(torch.bfloat16)
+    data = w.view(torch.int16).numpy().tobytes()
+    name = "model.layers.0.self_attn.attn_gate.mask_linear_k.weight"
+    header = json.dumps({
+        "__metadata__": {"format": "pt"},
+        name: {"dtype": "BF16", "shape": list(w.shape), "data_offsets": [0, len(data)]},
+    }).encode()
+    header += b" " * (-len(header) % 8)
+    with open(os.path.join(path, "attn_gate_weights.safetensors"), "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + data)
+
+
+def dense_of(mask, nb):
+    """Dense bool [HQ, nb, nb] of an index-list mask of one sequence (device
+    tensors counts, indices, row_offsets)."""
+    counts, indices, offsets = mask
+    rows = counts.numel()
+    total = int(offsets[-1])
+    slot = torch.arange(total, device="cuda")
+    row = torch.searchsorted(offsets[1:], slot, right=True)
+    keep = (slot - offsets[row]) < counts[row].long()
+    dense = torch.zeros(rows, nb, dtype=torch.bool, device="cuda")
+    dense[row[keep], indices[:total][keep].long()] = True
+    return dense.view(HQ, nb, nb)
+
+
 # ---------------------------------------------------------------- timing
 
 
-def time_ms(calls, warmup, reps):
-    """Median ms of `reps` timed calls, rotating over `calls` (input sets)."""
-    for i in range(warmup):
+def time_ms(calls, warmup, reps, warm_s=0.3, rest_s=1.0):
+    """Median ms of `reps` timed calls, rotating over `calls` (input sets),
+    after `rest_s` seconds idle and then at least `warmup` calls and
+    `warm_s` seconds of them."""
+    torch.cuda.synchronize()
+    time.sleep(rest_s)
+    start = time.perf_counter()
+    i = 0
+    while i < warmup or time.perf_counter() - start < warm_s:
         calls[i % len(calls)]()
+        i += 1
+        if i % 4 == 0:
+            torch.cuda.synchronize()  # host time then tracks device time
     torch.cuda.synchronize()
     times = []
     for i in range(reps):
@@ -263,6 +338,81 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def time_total(args, lib, n, sets, emit):
+    """The whole layer at top-k density args.total: the gate alone, the
+    prefill on its mask, and both in one seer_gate_attention call, on the
+    same inputs (pre-RoPE q and k are the post-RoPE ones here: the timing
+    does not depend on their values)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python"))
+    os.environ.setdefault("SEERATTN_LIBRARY", os.path.abspath(args.lib))
+    import seerattn
+
+    nb = n // BLOCK
+    with tempfile.TemporaryDirectory() as gdir:
+        write_gate_dir(gdir, seed=1)
+        gate = seerattn.Gate(gdir)
+    gate.upload()
+    batch = seerattn.Batch.from_lengths([n])
+    rule = seerattn.MaskRule(nz_ratio=args.total)
+    gws = torch.empty(seerattn.gate_workspace_size(gate, batch), dtype=torch.uint8, device="cuda")
+    pws = torch.empty(max(seerattn.prefill_workspace_size(batch, HQ, D), 16), dtype=torch.uint8, device="cuda")
+    masks = [seerattn.BlockMask.empty(batch, HQ, device="cuda") for _ in sets]
+    outs = [torch.empty_like(s[0]) for s in sets]
+
+    def gate_call(i):
+        q, k, _ = sets[i]
+        seerattn.block_mask(gate, 0, q, k, batch=batch, rule=rule, mask=masks[i], workspace=gws)
+
+    def total_call(i):
+        q, k, v = sets[i]
+        seerattn.gate_attention(gate, 0, q, k, q, k, v, batch=batch, rule=rule, mask=masks[i], out=outs[i],
+                                gate_workspace=gws, prefill_workspace=pws)
+
+    for i in range(len(sets)):
+        gate_call(i)
+    torch.cuda.synchronize()
+    mask = (masks[0].counts, masks[0].indices, masks[0].row_offsets)
+    dense = dense_of(mask, nb)
+    density = float(dense.sum()) / (HQ * nb * (nb + 1) / 2)
+    flops = computed_flops(dense)
+    # The one call gives what the two calls give.
+    total_call(0)
+    ref = torch.empty_like(outs[0])
+    lib.prefill_call(sets[0][0], sets[0][1], sets[0][2], mask, ref, pws)()
+    torch.cuda.synchronize()
+    err = rel_err(outs[0], ref)
+    print(f"  gate_attention vs gate then prefill: relative difference {err:.2e} (density {density:.3f})")
+    if not err <= 1e-6:
+        raise SystemExit(f"seer_gate_attention disagrees with its two halves at n={n}: {err}")
+
+    # Timed as CUDA graph replays, as an engine runs a layer: the binding's
+    # Python work per call (~0.1 ms) would otherwise sit inside the events.
+    def graphs(fn):
+        out = []
+        for i in range(len(sets)):
+            fn(i)  # eager first: loads the kernels
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn(i)
+            out.append(g.replay)
+        return out
+
+    prefill_calls = []
+    for i, (q, k, v) in enumerate(sets):
+        m = (masks[i].counts, masks[i].indices, masks[i].row_offsets)
+        prefill_calls.append(lambda c=lib.prefill_call(q, k, v, m, outs[i], pws): c())
+    blocks = int(dense.sum())
+    ms = time_ms(graphs(gate_call), 3, 10)
+    emit("seerattn_gate", n, density, ms, 0, method="nz_ratio", graph=True)
+    ms = time_ms(graphs(lambda i: prefill_calls[i]()), 3, 10)
+    emit("seerattn_prefill", n, density, ms, flops, computed_blocks=blocks, mask="gate_mask", graph=True)
+    ms = time_ms(graphs(total_call), 3, 10)
+    emit("seerattn_total", n, density, ms, flops, computed_blocks=blocks, method="nz_ratio", graph=True)
+    torch.cuda.synchronize()
+    gate.close()
+
+
 def main():
     global D  # the shape's head_dim, read by the helpers above
     ap = argparse.ArgumentParser()
@@ -274,6 +424,8 @@ def main():
     ap.add_argument("--no-anchors", action="store_true", help="time seerattn only (tuning runs)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--head-dim", type=int, default=128, choices=[64, 128])
+    ap.add_argument("--total", type=float, default=0.0,
+                    help="also time gate + prefill at this top-k density (seerattn_gate, seerattn_total)")
     ap.add_argument("--chunk", type=int, default=0,
                     help="also time a chunk of this many queries over each seq_len keys (split-KV vs unsplit)")
     args = ap.parse_args()
@@ -379,6 +531,8 @@ def main():
                 ms = time_ms(flex_calls, 3, reps)
                 emit("flex_block64", n, real_density, ms, flops, computed_blocks=int(dense.sum()))
             del outs, seer_calls, mask
+        if args.total:
+            time_total(args, lib, n, sets, emit)
         del sets
         torch.cuda.empty_cache()
 
