@@ -41,9 +41,11 @@
  * and V tiles 2 * 64 * D * 2 bytes (32 KB at D = 128) from L2: at 450
  * TFLOP/s that is 6.9 TB/s, 74% of L2 throughput. Sharing tiles between
  * the two consumers halves that and leaves the time unchanged (v17 in
- * kernels/NOTES.md), and so does halving the waits per FLOP with 128-key
- * steps (v19, slower): what caps the kernel is how the two consumers'
- * softmax and matrix phases fit together on the SM.
+ * kernels/NOTES.md), and neither halving the waits per FLOP with 128-key
+ * steps (v19), pipelining across items (v20) nor pinning the softmax
+ * between the two products' waits (v21) made it faster: ncu finds the
+ * consumers never waiting for K or V, their time in their own softmax
+ * (~40%) and wgmma issue and waits (~45%).
  * Per item: Q 64 * D * 2 bytes in, O 64 * D * sizeof(out) out.
  *
  * Shared memory: per consumer Q + kStages K + kStages V + one tail tile of
