@@ -11,16 +11,20 @@
  *   out[t, h] = softmax_j(scale * q_t . k_j) . v_j,  lse = ln sum_j exp(scale * q_t . k_j)
  * A row that selects no block gives zeros and lse = -inf.
  *
- * Structure: a persistent grid of one CTA per SM, three warpgroups.
- * - Warpgroup 0 produces. Its warps c and c + 2 (c = 0, 1) feed consumer
- *   c: one lane of each walks the consumer's work items and their key lists;
- *   the first brings Q once per item and K per listed block, the second V,
- *   by TMA into rings of kStages K and V buffers, each completing on a
+ * Structure: a persistent grid of one CTA per SM, one producer warpgroup
+ * and C consumer warpgroups: C = 2 at D = 128 (their accumulators and Q
+ * fragments fill the register file), C = 3 at D = 64 (v22: a third chain
+ * of waits per SM, +14-16% there).
+ * - Warpgroup 0 produces. With two consumers its warps c and c + 2 feed
+ *   consumer c: one lane of each walks the consumer's work items and their
+ *   key lists; the first brings Q once per item and K per listed block, the
+ *   second V. With three, one lane of warp c brings consumer c's Q, K and
+ *   V. All by TMA into rings of kStages K and V buffers, each completing on a
  *   "full" mbarrier; a buffer is reused once the consumer has arrived on
  *   its "empty" mbarrier. The mask decides what is fetched: skipped blocks
  *   cost nothing.
- * - Warpgroups 1 and 2 consume, each its own work items, round robin over
- *   the launch (item = 2 * blockIdx.x + c + k * 2 * gridDim.x, so the items
+ * - Warpgroups 1 to C consume, each its own work items, round robin over
+ *   the launch (item = C * blockIdx.x + c + k * C * gridDim.x, so the items
  *   in flight are neighbours in the head-major, longest-first order). Per
  *   item, Q goes from its tile into registers (the A operand of S; its
  *   buffer is handed back after the item's first S). Per listed key block j: S_j = Q K_j^T
@@ -29,8 +33,8 @@
  *   memory read transposed through its descriptor); the online softmax of
  *   S_j (kernels/attention_row.cuh) runs while that second product is still
  *   on the tensor cores, and O is rescaled for block j (only when a row
- *   maximum of the warp moved) once it has landed. The two consumers'
- *   softmax and matrix work interleave on the SM.
+ *   maximum of the warp moved) once it has landed. The consumers' softmax
+ *   and matrix work interleave on the SM.
  * - Epilogue per item: O / row sum straight from the accumulators to the
  *   caller's buffer (rows that hold queries only), lse per row.
  *
@@ -50,7 +54,8 @@
  *
  * Shared memory: per consumer Q + kStages K + kStages V + one tail tile of
  * [64][D] 16-bit elements in TMA's 128-byte swizzle (96 KB at D = 128 and
- * two stages; 192 KB per CTA), plus 1 KB alignment slack and the mbarriers.
+ * two stages, 192 KB per CTA; 48 KB at D = 64, 144 KB for three), plus 1 KB
+ * alignment slack and the mbarriers.
  *
  * Robustness: the mask is read as by the mma.sync kernels (counts, offsets
  * and indices only inside their declared lengths, indices outside the
@@ -67,8 +72,13 @@ namespace seer::attn::sm90 {
 
 using namespace seer::tile;
 
-constexpr int kConsumers = 2;
-constexpr int kThreads = 128 * (1 + kConsumers);
+// Consumer warpgroups per CTA: two at D = 128 (their registers fill the
+// file), three at D = 64 (half the accumulators and Q fragments, half the
+// shared memory per consumer: v22, +14-16% over two).
+template <int D>
+constexpr int kConsumersFor = D == 64 ? 3 : 2;
+template <int D>
+constexpr int kThreadsFor = 128 * (1 + kConsumersFor<D>);
 
 // One consumer's shared memory: Q, then the K ring, then the V ring, then
 // the tail tile (each tile 1024-byte aligned, as TMA's 128-byte swizzle
@@ -136,12 +146,13 @@ __device__ __forceinline__ unsigned total_items(const AttnArgs& a) {
 // only after P_j V_j, a softmax later.
 template <int D, int kStages, int S>
 __device__ __forceinline__ void produce(const AttnArgs& a, const SeqTable<S>& tab, const TensorMap* map_q,
-                                        const TensorMap* map_k, const TensorMap* map_v, int c, bool keys,
+                                        const TensorMap* map_k, const TensorMap* map_v, int c, bool keys, bool values,
                                         Buffers<D, kStages> buf, Barriers<kStages> bar) {
+    constexpr int C = kConsumersFor<D>;
     uint32_t items = 0;
     RingPos<kStages> pos;
     const unsigned total = total_items(a);
-    for (unsigned item = 2 * blockIdx.x + c; item < total; item += 2 * gridDim.x) {
+    for (unsigned item = C * blockIdx.x + c; item < total; item += C * gridDim.x) {
         const RowWork work = decode_work(a, tab, item);
         int kb = -1;
         int slot = work.mask.next(0, kb);
@@ -157,7 +168,8 @@ __device__ __forceinline__ void produce(const AttnArgs& a, const SeqTable<S>& ta
             if (keys) {
                 mbar_wait(bar.k_empty(pos.stage), pos.parity ^ 1);
                 tma_tile<D>(a, buf.k(pos.stage), map_k, 1, work.kv_head, token0, bar.k_full(pos.stage));
-            } else {
+            }
+            if (values) {
                 mbar_wait(bar.v_empty(pos.stage), pos.parity ^ 1);
                 tma_tile<D>(a, buf.v(pos.stage), map_v, 2, work.kv_head, token0, bar.v_full(pos.stage));
             }
@@ -251,7 +263,8 @@ __device__ __forceinline__ void consume(const AttnArgs& a, const SeqTable<S>& ta
     uint32_t items = 0;
     RingPos<kStages> pos;
     const unsigned total = total_items(a);
-    for (unsigned item = 2 * blockIdx.x + c; item < total; item += 2 * gridDim.x) {
+    constexpr int C = kConsumersFor<D>;
+    for (unsigned item = C * blockIdx.x + c; item < total; item += C * gridDim.x) {
         const RowWork work = decode_work(a, tab, item);
         WarpRows<D, 1> w;
         w.init();
@@ -358,30 +371,42 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
     using Bar = Barriers<kStages>;
     // Registers per thread after setmaxnreg: the producer keeps a few, the
     // consumers take the rest. setmaxnreg.inc draws on the registers the CTA
-    // was launched with (168 per thread at 384 threads: 64512), not on the
-    // register file: asking for more hangs the consumers in the allocation
-    // (v19's first run, kernels/NOTES.md).
-    constexpr int kProducerRegs = 48;
-    constexpr int kConsumerRegs = 224;
-    static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 168 * kThreads, "setmaxnreg.inc would wait forever");
+    // was launched with (65536 / threads, rounded down to 8, per thread), not
+    // on the register file: asking for more hangs the consumers in the
+    // allocation (v19's first run, kernels/NOTES.md).
+    constexpr int C = kConsumersFor<D>;
+    constexpr int kThreads = kThreadsFor<D>;
+    // Two consumers: 48 * 128 + 224 * 256 = 63488 of 168 * 384. Three: 32 *
+    // 128 + 160 * 384 = 65536 of 128 * 512.
+    constexpr int kProducerRegs = C == 2 ? 48 : 32;
+    constexpr int kConsumerRegs = C == 2 ? 224 : 160;
+    constexpr int kLaunchRegs = (65536 / kThreads) & ~7;
+    static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * C <= kLaunchRegs * kThreads,
+                  "setmaxnreg.inc would wait forever");
     extern __shared__ __align__(128) unsigned char smem_raw[];
     // TMA's 128-byte swizzle needs 1024-byte aligned tiles (the host adds
     // the slack to the dynamic shared memory size).
     const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
     const int wg = threadIdx.x / 128;
-    // Producer warps 0 and 1 bring Q and K for consumers 0 and 1, warps 2
-    // and 3 their V.
-    const int c = wg == 0 ? (threadIdx.x / 32) % 2 : wg - 1;
+    const int pw = (threadIdx.x / 32) % 4;  // producer warp
+    // Two consumers: producer warps 0 and 1 bring Q and K for consumers 0
+    // and 1, warps 2 and 3 their V. Three: warp c brings consumer c's Q, K
+    // and V (warp 3 idles).
+    const int c = wg == 0 ? (C == 2 ? pw % 2 : (pw < C ? pw : 0)) : wg - 1;
     const Buf buf{base + c * Buf::kBytes};
-    const Bar bar{base + kConsumers * Buf::kBytes + c * Bar::kBytes};
-    if (threadIdx.x < kConsumers) {
-        Bar{base + kConsumers * Buf::kBytes + threadIdx.x * Bar::kBytes}.init();
+    const Bar bar{base + C * Buf::kBytes + c * Bar::kBytes};
+    if (threadIdx.x < C) {
+        Bar{base + C * Buf::kBytes + threadIdx.x * Bar::kBytes}.init();
         fence_mbar_init();
     }
     __syncthreads();
     if (wg == 0) {
         regs_release<kProducerRegs>();
-        if (threadIdx.x % 32 == 0) produce<D, kStages>(a, tab, map_q, map_k, map_v, c, threadIdx.x < 64, buf, bar);
+        if (threadIdx.x % 32 == 0 && pw < (C == 2 ? 4 : C)) {
+            const bool keys = C == 2 ? pw < 2 : true;
+            const bool values = C == 2 ? pw >= 2 : true;
+            produce<D, kStages>(a, tab, map_q, map_k, map_v, c, keys, values, buf, bar);
+        }
     } else {
         regs_claim<kConsumerRegs>();
         consume<D, kStages, T, O>(a, tab, c, buf, bar);
@@ -391,8 +416,8 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
 }  // namespace seer::attn::sm90
 
 // One extern "C" symbol per (head_dim, input dtype, output dtype, table
-// capacity): seer_attn_fwd_wgmma_k{kStages}_d{D}_{in}_{out}_s{S}; 384 threads,
-// 2 * (2 + 2 * kStages) * 64 * D * 2 + 1024 + 2 * 8 * (2 + 4 * kStages)
+// capacity): seer_attn_fwd_wgmma_k{kStages}_d{D}_{in}_{out}_s{S}; 128 * (1 + C)
+// threads, C * (2 + 2 * kStages) * 64 * D * 2 + 1024 + C * 8 * (2 + 4 * kStages)
 // bytes of dynamic shared memory (src/gpu/attention.rs computes the same).
 // Built for sm_90a only; the sm_80 and compute_90 (PTX) images trap, and the
 // host selects these kernels only on compute capability 9.0.
@@ -403,7 +428,7 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
 #endif
 
 #define SEER_ATTN_WGMMA(KS, D, T, TN, O, ON, S)                                                                  \
-    extern "C" __global__ void __launch_bounds__(seer::attn::sm90::kThreads, 1)                                 \
+    extern "C" __global__ void __launch_bounds__(seer::attn::sm90::kThreadsFor<D>, 1)                           \
         seer_attn_fwd_wgmma_k##KS##_d##D##_##TN##_##ON##_s##S(                                                  \
             const __grid_constant__ seer::attn::AttnArgs a, const __grid_constant__ seer::attn::SeqTable<S> tab, \
             const __grid_constant__ seer::tile::TensorMap tq, const __grid_constant__ seer::tile::TensorMap tk,  \

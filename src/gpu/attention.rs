@@ -391,7 +391,8 @@ pub(crate) unsafe fn sparse_prefill(
     // The mma.sync kernels keep one Q, one K and one V tile of 64 rows in
     // shared memory (TMA: aligned to 1024 bytes, three mbarriers after it);
     // the wgmma kernel a Q tile, WGMMA_STAGES K and V tiles and a tail tile
-    // per consumer warpgroup and 8-byte mbarriers (kernels/attention_sm90.cu).
+    // per consumer warpgroup (wgmma_consumers) and 8-byte mbarriers
+    // (kernels/attention_sm90.cu).
     let tile = (BLOCK * d * 2) as u32;
     let fatbin = kernels::fatbin(kernel.file())?;
     let (threads, smem) = match &kernel {
@@ -399,17 +400,21 @@ pub(crate) unsafe fn sparse_prefill(
         Kernel::Tma(_) => (64, 3 * tile + 1024 + 64),
         Kernel::Wgmma(_) => {
             let stages = WGMMA_STAGES as u32;
-            (384, 2 * (2 + 2 * stages) * tile + 1024 + 2 * 8 * (2 + 4 * stages))
+            let c = wgmma_consumers(d) as u32;
+            (128 * (1 + c), c * (2 + 2 * stages) * tile + 1024 + c * 8 * (2 + 4 * stages))
         }
     };
     for table in &plan.launches {
         let units: i64 = table.iter().map(|e| e.q_blocks as i64).sum();
         let items = units * hq as i64 * args.splits as i64;
         // One CTA per item, or for the persistent wgmma kernel one per SM
-        // (two items at a time: one per consumer warpgroup), fewer when the
+        // (two or three items at a time: one per consumer warpgroup), fewer when the
         // launch has fewer items.
         let ctas = match &kernel {
-            Kernel::Wgmma(_) => ((items + 1) / 2).min(ctx.sm_count().max(1) as i64),
+            Kernel::Wgmma(_) => {
+                let c = wgmma_consumers(d) as i64;
+                ((items + c - 1) / c).min(ctx.sm_count().max(1) as i64)
+            }
             _ => items,
         };
         let grid = [ctas as u32, 1, 1];
@@ -452,6 +457,16 @@ pub(crate) unsafe fn sparse_prefill(
 /// K and V stages per consumer warpgroup of the wgmma kernel (its template
 /// argument in kernels/attention_sm90.cu).
 const WGMMA_STAGES: usize = 2;
+
+/// Consumer warpgroups per CTA of the wgmma kernel (`kConsumersFor` in
+/// kernels/attention_sm90.cu): three at head_dim 64, two at 128.
+fn wgmma_consumers(d: usize) -> usize {
+    if d == 64 {
+        3
+    } else {
+        2
+    }
+}
 
 /// Q, K and V tensor maps of the TMA-fed kernels.
 #[derive(Clone, Copy)]
