@@ -140,10 +140,12 @@ __device__ __forceinline__ unsigned total_items(const AttnArgs& a) {
 }
 
 // A producer lane of consumer c, in exactly the order the consumer takes
-// them: with `keys`, Q per item and K per listed block; else V per listed
-// block. Two lanes (of two warps), so that a K load never waits behind
-// the release of a V buffer: the consumer frees K_j right after S_j but V_j
-// only after P_j V_j, a softmax later.
+// them: with `keys`, Q per item and K per listed block; with `values`, V per
+// listed block. With two consumers each has two lanes (of two warps), one
+// for each, so that a K load never waits behind the release of a V buffer:
+// the consumer frees K_j right after S_j but V_j only after P_j V_j, a
+// softmax later. With three (D = 64) one lane per consumer does both, in
+// the order K_j, V_j.
 template <int D, int kStages, int S>
 __device__ __forceinline__ void produce(const AttnArgs& a, const SeqTable<S>& tab, const TensorMap* map_q,
                                         const TensorMap* map_k, const TensorMap* map_v, int c, bool keys, bool values,
