@@ -8,7 +8,7 @@
 //! copy, no synchronization: the call is capturable in a CUDA graph.
 //!
 //! Launch plan: one CTA per mask row (sequence, query head, query block),
-//! or for the persistent wgmma kernel one CTA per SM whose two consumer
+//! or for the persistent wgmma kernel one CTA per SM whose three consumer
 //! warpgroups take the rows round robin in the same order; head-major: the
 //! CTAs in flight work on one KV head, whose K and V (16 MB at 32k tokens,
 //! head_dim 128, bf16) stay in L2 while the query heads of its
@@ -390,8 +390,8 @@ pub(crate) unsafe fn sparse_prefill(
     }
     // The mma.sync kernels keep one Q, one K and one V tile of 64 rows in
     // shared memory (TMA: aligned to 1024 bytes, three mbarriers after it);
-    // the wgmma kernel a Q tile, WGMMA_STAGES K and V tiles and a tail tile
-    // per consumer warpgroup (wgmma_consumers) and 8-byte mbarriers
+    // the wgmma kernel a Q tile and a ring of wgmma_slots(d) K and V tiles
+    // per consumer warpgroup (WGMMA_CONSUMERS), and 8-byte mbarriers
     // (kernels/attention_sm90.cu).
     let tile = (BLOCK * d * 2) as u32;
     let fatbin = kernels::fatbin(kernel.file())?;
@@ -399,20 +399,20 @@ pub(crate) unsafe fn sparse_prefill(
         Kernel::CpAsync => (128, 3 * tile),
         Kernel::Tma(_) => (64, 3 * tile + 1024 + 64),
         Kernel::Wgmma(_) => {
-            let stages = WGMMA_STAGES as u32;
-            let c = wgmma_consumers(d) as u32;
-            (128 * (1 + c), c * (2 + 2 * stages) * tile + 1024 + c * 8 * (2 + 4 * stages))
+            let slots = wgmma_slots(d) as u32;
+            let c = WGMMA_CONSUMERS as u32;
+            (128 * (1 + c), c * (1 + slots) * tile + 1024 + c * 8 * (2 + 2 * slots))
         }
     };
     for table in &plan.launches {
         let units: i64 = table.iter().map(|e| e.q_blocks as i64).sum();
         let items = units * hq as i64 * args.splits as i64;
         // One CTA per item, or for the persistent wgmma kernel one per SM
-        // (two or three items at a time: one per consumer warpgroup), fewer when the
-        // launch has fewer items.
+        // (three items at a time: one per consumer warpgroup), fewer when
+        // the launch has fewer items.
         let ctas = match &kernel {
             Kernel::Wgmma(_) => {
-                let c = wgmma_consumers(d) as i64;
+                let c = WGMMA_CONSUMERS as i64;
                 ((items + c - 1) / c).min(ctx.sm_count().max(1) as i64)
             }
             _ => items,
@@ -422,7 +422,7 @@ pub(crate) unsafe fn sparse_prefill(
         let name = |s: usize| match &kernel {
             Kernel::CpAsync => format!("seer_attn_fwd_d{d}_m1n1_{input}_{kernel_output}_s{s}"),
             Kernel::Tma(_) => format!("seer_attn_fwd_tma_k1_d{d}_m2n1_{input}_{kernel_output}_s{s}"),
-            Kernel::Wgmma(_) => format!("seer_attn_fwd_wgmma_k{WGMMA_STAGES}_d{d}_{input}_{kernel_output}_s{s}"),
+            Kernel::Wgmma(_) => format!("seer_attn_fwd_wgmma_d{d}_{input}_{kernel_output}_s{s}"),
         };
         if table.len() <= SMALL_SEQS {
             let f = cuda::function(&ctx, fatbin, &name(SMALL_SEQS))?;
@@ -454,17 +454,18 @@ pub(crate) unsafe fn sparse_prefill(
     Ok(())
 }
 
-/// K and V stages per consumer warpgroup of the wgmma kernel (its template
-/// argument in kernels/attention_sm90.cu).
-const WGMMA_STAGES: usize = 2;
+/// Consumer warpgroups per CTA of the wgmma kernel (`kConsumers` in
+/// kernels/attention_sm90.cu).
+const WGMMA_CONSUMERS: usize = 3;
 
-/// Consumer warpgroups per CTA of the wgmma kernel (`kConsumersFor` in
-/// kernels/attention_sm90.cu): three at head_dim 64, two at 128.
-fn wgmma_consumers(d: usize) -> usize {
+/// Tiles in a consumer's K/V ring of the wgmma kernel (`Shape<D>::kSlots`
+/// in kernels/attention_sm90.cu): four at head_dim 64, three at 128 (what
+/// three consumers' Q and rings can have of 227 KB).
+fn wgmma_slots(d: usize) -> usize {
     if d == 64 {
-        3
+        4
     } else {
-        2
+        3
     }
 }
 
@@ -486,7 +487,7 @@ enum Kernel {
     CpAsync,
     /// 2 warps of 32 rows, one K buffer (kernels/NOTES.md: two spilled).
     Tma(Maps),
-    /// Persistent, a producer and two consumer warpgroups.
+    /// Persistent, a producer and three consumer warpgroups.
     Wgmma(Maps),
 }
 
