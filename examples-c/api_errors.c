@@ -340,7 +340,7 @@ int main(int argc, char **argv) {
             expect("prefill_workspace_size: CUDA without kernels", seer_prefill_workspace_size(&batch, (uint32_t)hq, (uint32_t)d, SEER_DEVICE_CUDA, &none), SEER_UNSUPPORTED);
         } else {
             expect("prefill_workspace_size: CUDA", seer_prefill_workspace_size(&batch, (uint32_t)hq, (uint32_t)d, SEER_DEVICE_CUDA, &none), SEER_OK);
-            expect_true("prefill_workspace_size: CUDA needs none", none == 0);
+            expect_true("prefill_workspace_size: CUDA, unsplit: the 256 bytes of work-item counters", none == 256);
             expect("prefill_workspace_size: CUDA head_dim 256", seer_prefill_workspace_size(&batch, (uint32_t)hq, 256, SEER_DEVICE_CUDA, &none), SEER_UNSUPPORTED);
         }
 

@@ -225,8 +225,8 @@ typedef struct SeerPrefillParams {
   uint32_t block_size;
   // CUDA stream (`cudaStream_t`) for device buffers; unused on the CPU.
   void *cuda_stream;
-  // Caller-owned scratch memory of `seer_prefill_workspace_size` bytes (NULL when that is 0); on
-  // CUDA a smaller workspace runs unsplit instead of split-KV.
+  // Caller-owned scratch memory of `seer_prefill_workspace_size` bytes (NULL for none); on
+  // CUDA a smaller one runs with fixed shares of rows per SM and unsplit instead of split-KV.
   void *workspace;
   size_t workspace_bytes;
 } SeerPrefillParams;
@@ -486,8 +486,11 @@ SeerStatus seer_prefill_params_default(struct SeerPrefillParams *out);
 //   causal range, so a malformed mask gives wrong output, never an
 //   out-of-bounds access. `params->workspace` (device memory, 16-byte
 //   aligned, apart from every other buffer) of `seer_prefill_workspace_size`
-//   bytes lets a batch of few long rows run split-KV; with less it runs
-//   unsplit. On sm_90 the tiles come by TMA, elsewhere by cp.async.
+//   bytes lets the Hopper kernel hand rows out as it goes (rows of very
+//   different lengths balanced) and a batch of few long rows run split-KV;
+//   with less it runs fixed shares and unsplit. The call zeroes the
+//   workspace's first 256 bytes on the stream (with a small kernel).
+//   On sm_90 the tiles come by TMA, elsewhere by cp.async.
 SeerStatus seer_sparse_prefill(const struct SeerPrefillParams *params,
                                const struct SeerBatch *batch,
                                const struct SeerTensor *q,
@@ -894,11 +897,15 @@ SeerStatus seer_mask_sizes(const struct SeerBatch *batch,
 
 // Scratch bytes that `seer_sparse_prefill` needs in `params->workspace`
 // for this batch on `device` (a `SeerDevice`). The CPU path needs none
-// (0). On CUDA, batches with few query blocks and long rows (a chunk over a
-// long KV cache) are run split-KV: each row's key list in parts whose f32
-// outputs are combined, which needs this much scratch (0 when the batch is
-// not split). A smaller workspace is accepted and runs unsplit (same
-// results, less parallelism). A pure function of the arguments (no GPU
+// (0). On CUDA: 256 bytes for the Hopper kernel's work-item counters (with
+// them its rows are handed out as consumers free up, which balances rows
+// of very different lengths, e.g. a gate's dense last rows; without them
+// each takes a fixed share), and for batches with few query blocks and
+// long rows (a chunk over a long KV cache), run split-KV, room after them
+// for each part's f32 output and lse. A smaller workspace is accepted:
+// below 256 bytes the rows run in fixed shares (bit for bit the same
+// output), below the split-KV size unsplit (the same results, less
+// parallelism). A pure function of the arguments (no GPU
 // needed). `SEER_UNSUPPORTED` on CUDA in a build without kernels or for a
 // head_dim the kernel is not built for. For an f32 q, use
 // `seer_prefill_workspace_size_dtype`. The gate's workspace is

@@ -471,3 +471,11 @@ SEER_COMBINE(128, float, f32)
 
 SEER_ATTN_ALL(16)
 SEER_ATTN_ALL(256)
+
+// Zeroes the wgmma kernel's work-item counters (AttnArgs::ticket, the front
+// of the caller's workspace) before its launches. A kernel rather than a
+// memset: the hot path puts nothing but kernels on the caller's stream, so
+// a graph captured from it holds kernels only.
+extern "C" __global__ void seer_attn_zero_counters(unsigned* counters, int n) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) counters[i] = 0;
+}

@@ -35,8 +35,10 @@ struct AttnArgs {
     int splits;                 // split-KV: parts each row's key list is cut into (1: none)
     long long split_out_stride; // split-KV: elements between the parts' outputs (out is then
     long long split_lse_stride; // an f32 workspace) and between their lse arrays
+    void* ticket;               // wgmma kernel: a zeroed 32-bit counter that hands out
+                                // work items, or null for the static round robin
 };
-static_assert(sizeof(AttnArgs) == 200, "AttnArgs layout is shared with Rust");
+static_assert(sizeof(AttnArgs) == 208, "AttnArgs layout is shared with Rust");
 
 // The split-KV combine: out[t, h] = sum_s w_s * part_s[t, h] with
 // w_s = exp(lse_s - lse) and lse = log sum_s exp(lse_s).

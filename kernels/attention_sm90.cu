@@ -15,15 +15,18 @@
  * and three consumer warpgroups (512 threads, setmaxnreg 32 / 160). Three
  * independent chains of waits per SM are what moved the kernel (v22 at
  * D = 64, v23 at D = 128; kernels/NOTES.md).
- * - Warpgroup 0 produces: lane 0 of warp c walks consumer c's work items
- *   and their key lists and brings, by TMA, Q once per item and K_j, V_j
- *   per listed block into the consumer's ring of kSlots tiles (4 at D = 64,
- *   3 at D = 128), each completing on its slot's "full" mbarrier; a slot
- *   is reused once the consumer has arrived on its "empty" mbarrier. The
- *   mask decides what is fetched: skipped blocks cost nothing.
- * - Warpgroups 1 to 3 consume, each its own work items, round robin over
- *   the launch (item = 3 * blockIdx.x + c + k * 3 * gridDim.x, so the items
- *   in flight are neighbours in the head-major, longest-first order). Q is
+ * - Warpgroup 0 produces: lane 0 of warp c takes consumer c's next work
+ *   item when the consumer's Q buffer is free, hands its number over in
+ *   shared memory, and brings, by TMA, its Q and K_j, V_j per listed block
+ *   into the consumer's ring of kSlots tiles (4 at D = 64, 3 at D = 128),
+ *   each completing on its slot's "full" mbarrier; a slot is reused once
+ *   the consumer has arrived on its "empty" mbarrier. The mask decides what
+ *   is fetched: skipped blocks cost nothing. Items come in the launch's
+ *   head-major, longest-first order from a counter in the caller's
+ *   workspace (AttnArgs::ticket), so rows of any length balance (a top-k
+ *   gate's dense last rows are 20x the others at 32k); without a workspace
+ *   consumer c of CTA b takes items 3b + c + k * 3 * gridDim.x.
+ * - Warpgroups 1 to 3 consume, each the items its producer lane hands it. Q is
  *   S's A operand: at D = 64 from registers (read once per item, its
  *   buffer handed back after the first S), at D = 128 from shared memory
  *   (the 32 registers it would take are what a third consumer lacks; its
@@ -103,16 +106,18 @@ struct Buffers {
 };
 
 // One consumer's mbarriers (8 bytes each): Q full/empty, then per ring slot
-// full and empty.
+// full and empty; then 8 bytes holding the consumer's current work item,
+// written by its producer lane before it arrives on Q full.
 template <int D>
 struct Barriers {
     static constexpr int kSlots = Shape<D>::kSlots;
-    static constexpr uint32_t kBytes = 8 * (2 + 2 * kSlots);
+    static constexpr uint32_t kBytes = 8 * (3 + 2 * kSlots);
     uint32_t base;
     __device__ __forceinline__ uint32_t q_full() const { return base; }
     __device__ __forceinline__ uint32_t q_empty() const { return base + 8; }
     __device__ __forceinline__ uint32_t full(int i) const { return base + 16 + 16 * i; }
     __device__ __forceinline__ uint32_t empty(int i) const { return base + 24 + 16 * i; }
+    __device__ __forceinline__ uint32_t item() const { return base + 16 + 16 * kSlots; }
 
     __device__ __forceinline__ void init() const {
         mbar_init(q_full(), 1);
@@ -146,6 +151,29 @@ __device__ __forceinline__ unsigned total_items(const AttnArgs& a) {
     return static_cast<unsigned>(a.units) * static_cast<unsigned>(a.hq) * static_cast<unsigned>(a.splits);
 }
 
+// The work items of the launch, handed out in their order (head-major,
+// longest rows first). With a ticket counter (AttnArgs::ticket, zeroed
+// before the launch) each producer lane takes the next item when its
+// consumer is ready for one, so a consumer that drew a long row (a gate's
+// dense last rows: 512 blocks at 32k against ~26 elsewhere) takes fewer
+// others; without one (no workspace) consumer c of CTA b takes items
+// 3b + c, 3b + c + 3 * gridDim.x, ...
+struct ItemSource {
+    static constexpr unsigned kNone = 0xFFFFFFFFu;  // handed over at the end: no more items
+    unsigned* ticket;
+    unsigned next_static;
+    unsigned stride;
+    __device__ __forceinline__ ItemSource(const AttnArgs& a, int c)
+        : ticket(static_cast<unsigned*>(a.ticket)), next_static(kConsumers * blockIdx.x + c),
+          stride(kConsumers * gridDim.x) {}
+    __device__ __forceinline__ unsigned next() {
+        if (ticket != nullptr) return atomicAdd(ticket, 1u);
+        const unsigned item = next_static;
+        next_static += stride;
+        return item;
+    }
+};
+
 // Consumer c's producer lane (lane 0 of producer warp c): its Q once per
 // item, then per listed block K_j and V_j through one ring, a tile's slot
 // being the one freed kSlots tiles earlier. (The consumer frees them in the
@@ -163,14 +191,30 @@ __device__ __forceinline__ void produce(const AttnArgs& a, const SeqTable<S>& ta
         mbar_wait(bar.empty(pos.slot), pos.parity ^ 1);
         tma_tile<D>(a, buf.slot(pos.slot), map, which, work.kv_head, work.key_token0(kb), bar.full(pos.slot));
     };
-    for (unsigned item = kConsumers * blockIdx.x + c; item < total; item += kConsumers * gridDim.x) {
+    ItemSource source(a, c);
+    for (;;) {
+        // Every item, and the end, goes to the consumer through Q's
+        // barriers: the item number in shared memory, then Q full (with Q's
+        // tile when the item has blocks to compute, else a plain arrival).
+        // The ticket is taken only once the consumer can take the item (its
+        // Q buffer is free), so no item waits behind a long one.
+        mbar_wait(bar.q_empty(), (items & 1) ^ 1);
+        ++items;
+        unsigned item = source.next();
+        if (item >= total) item = ItemSource::kNone;
+        st_shared_u32(bar.item(), item);
+        if (item == ItemSource::kNone) {
+            mbar_arrive(bar.q_full());
+            return;
+        }
         const RowWork work = decode_work(a, tab, item);
         int kb = -1;
         int slot = work.mask.next(0, kb);
-        if (slot >= work.mask.count) continue;  // nothing to fetch: the consumer writes zeros
-        mbar_wait(bar.q_empty(), (items & 1) ^ 1);
+        if (slot >= work.mask.count) {  // nothing to fetch: the consumer writes zeros
+            mbar_arrive(bar.q_full());
+            continue;
+        }
         tma_tile<D>(a, buf.q(), map_q, 0, work.head, work.q_token0, bar.q_full());
-        ++items;
         for (; slot < work.mask.count; slot = work.mask.next(slot + 1, kb)) {
             put(map_k, 1, work, kb);
             put(map_v, 2, work, kb);
@@ -284,21 +328,24 @@ __device__ __forceinline__ void consume(const AttnArgs& a, const SeqTable<S>& ta
     const int row0 = warp * 16;  // this warp's first row of the 64
     uint32_t items = 0;
     RingPos<Shape<D>::kSlots> ring;
-    const unsigned total = total_items(a);
-    for (unsigned item = kConsumers * blockIdx.x + c; item < total; item += kConsumers * gridDim.x) {
+    for (;;) {
+        mbar_wait(bar.q_full(), items & 1);
+        ++items;
+        const unsigned item = ld_shared_u32(bar.item());
+        if (item == ItemSource::kNone) return;
         const RowWork work = decode_work(a, tab, item);
         WarpRows<D, 1> w;
         w.init();
         float(&o)[D / 2] = reinterpret_cast<float(&)[D / 2]>(w.o[0]);
         int kb = -1;
         int slot = work.mask.next(0, kb);
-        if (slot < work.mask.count) {
+        if (slot >= work.mask.count) {
+            mbar_arrive(bar.q_empty());  // no Q came: the item number is read
+        } else {
             // Software pipeline over the listed blocks: S_j = Q K_j^T is
             // issued before O += P_{j-1} V_{j-1}, and the softmax of S_j runs
             // while P_{j-1} V_{j-1} may still be on the tensor cores; O is
             // rescaled for block j only after that product has landed.
-            mbar_wait(bar.q_full(), items & 1);
-            ++items;
             QOperand<D> q;
             q.load(buf.q(), row0, lane);
             float s[1][8][4];
@@ -444,7 +491,7 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
 
 // One extern "C" symbol per (head_dim, input dtype, output dtype, table
 // capacity): seer_attn_fwd_wgmma_d{D}_{in}_{out}_s{S}; 512 threads,
-// 3 * (1 + kSlots) * 64 * D * 2 + 1024 + 3 * 8 * (2 + 2 * kSlots) bytes of
+// 3 * (1 + kSlots) * 64 * D * 2 + 1024 + 3 * 8 * (3 + 2 * kSlots) bytes of
 // dynamic shared memory (src/gpu/attention.rs computes the same).
 // Built for sm_90a only; the sm_80 and compute_90 (PTX) images trap, and the
 // host selects these kernels only on compute capability 9.0.

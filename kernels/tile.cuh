@@ -259,6 +259,16 @@ __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes));
 #endif
 }
+// A 32-bit word in shared memory by address, ordered with the asm around it
+// (a hand-over next to mbarrier arrivals and waits).
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint32_t ld_shared_u32(uint32_t addr) {
+    uint32_t v;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+    return v;
+}
 // Arrive once (a consumer handing a buffer back).
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 #if __CUDA_ARCH__ >= 900

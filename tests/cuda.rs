@@ -141,11 +141,12 @@ fn c_api_refuses_cuda_descriptors_with_a_status() {
     let status = unsafe { seer_mask_to_dense(&batch, 1, 64, &mask, dense.as_mut_ptr(), 1) };
     assert!(matches!(status, SeerStatus::SEER_UNSUPPORTED | SeerStatus::SEER_NO_DEVICE), "{status:?}");
 
-    // The CUDA prefill needs no workspace; a build without kernels says so.
+    // The CUDA prefill of an unsplit batch asks for its 256 bytes of
+    // work-item counters; a build without kernels says it has no CUDA path.
     let mut bytes = 7usize;
     let status = unsafe { seer_prefill_workspace_size(&batch, 1, 64, 1, &mut bytes) };
     if cuda::cuda_enabled() {
-        assert_eq!((status, bytes), (SeerStatus::SEER_OK, 0), "{}", last_error());
+        assert_eq!((status, bytes), (SeerStatus::SEER_OK, 256), "{}", last_error());
         let status = unsafe { seer_prefill_workspace_size(&batch, 1, 256, 1, &mut bytes) };
         assert_eq!(status, SeerStatus::SEER_UNSUPPORTED, "head_dim 256 on CUDA");
     } else {

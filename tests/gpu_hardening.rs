@@ -1018,8 +1018,9 @@ fn tri(n: usize) -> usize {
 ///   and projected K `[hq][k_rows][d]` with `k_rows` the key blocks plus 64,
 ///   rounded up to 64; f64 RoPE pairs `[longest k_blocks][d/2]`; f32 staging
 ///   `[seqs][hkv][3d]`; each part from a 256-byte boundary;
-/// - prefill workspace (`seer_prefill_workspace_size`): 0 unsplit; split
-///   into `splits` parts, each part's f32 output and lse of every row.
+/// - prefill workspace (`seer_prefill_workspace_size`): 256 bytes of
+///   work-item counters, then when split into `splits` parts each part's
+///   f32 output and lse of every row.
 fn check_sizes(gate: &capi::Gate, lens: &[(usize, usize)], splits: usize) -> Sizes {
     let c = gate.config();
     let (hq, hkv, d) = (c.num_q_heads as usize, c.num_kv_heads as usize, c.head_dim as usize);
@@ -1056,7 +1057,8 @@ fn check_sizes(gate: &capi::Gate, lens: &[(usize, usize)], splits: usize) -> Siz
     }
     assert_eq!(gate_ws, ws, "{lens:?}: gate workspace");
     let rows = batch.total_q() * hq;
-    let want = if splits == 1 { 0 } else { align(splits * rows * (d + 1) * 4, 256) };
+    // 256 bytes of work-item counters, then the split-KV parts.
+    let want = 256 + if splits == 1 { 0 } else { align(splits * rows * (d + 1) * 4, 256) };
     assert_eq!(prefill_ws, want, "{lens:?}: prefill workspace ({splits} parts)");
     Sizes { mask, gate_ws, prefill_ws }
 }

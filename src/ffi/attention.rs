@@ -19,8 +19,8 @@ pub struct SeerPrefillParams {
     pub block_size: u32,
     /// CUDA stream (`cudaStream_t`) for device buffers; unused on the CPU.
     pub cuda_stream: *mut c_void,
-    /// Caller-owned scratch memory of `seer_prefill_workspace_size` bytes (NULL when that is 0); on
-    /// CUDA a smaller workspace runs unsplit instead of split-KV.
+    /// Caller-owned scratch memory of `seer_prefill_workspace_size` bytes (NULL for none); on
+    /// CUDA a smaller one runs with fixed shares of rows per SM and unsplit instead of split-KV.
     pub workspace: *mut c_void,
     pub workspace_bytes: usize,
 }
@@ -71,8 +71,11 @@ pub unsafe extern "C" fn seer_prefill_params_default(out: *mut SeerPrefillParams
 ///   causal range, so a malformed mask gives wrong output, never an
 ///   out-of-bounds access. `params->workspace` (device memory, 16-byte
 ///   aligned, apart from every other buffer) of `seer_prefill_workspace_size`
-///   bytes lets a batch of few long rows run split-KV; with less it runs
-///   unsplit. On sm_90 the tiles come by TMA, elsewhere by cp.async.
+///   bytes lets the Hopper kernel hand rows out as it goes (rows of very
+///   different lengths balanced) and a batch of few long rows run split-KV;
+///   with less it runs fixed shares and unsplit. The call zeroes the
+///   workspace's first 256 bytes on the stream (with a small kernel).
+///   On sm_90 the tiles come by TMA, elsewhere by cp.async.
 #[no_mangle]
 pub unsafe extern "C" fn seer_sparse_prefill(
     params: *const SeerPrefillParams,

@@ -62,11 +62,15 @@ pub unsafe extern "C" fn seer_mask_sizes(
 
 /// Scratch bytes that `seer_sparse_prefill` needs in `params->workspace`
 /// for this batch on `device` (a `SeerDevice`). The CPU path needs none
-/// (0). On CUDA, batches with few query blocks and long rows (a chunk over a
-/// long KV cache) are run split-KV: each row's key list in parts whose f32
-/// outputs are combined, which needs this much scratch (0 when the batch is
-/// not split). A smaller workspace is accepted and runs unsplit (same
-/// results, less parallelism). A pure function of the arguments (no GPU
+/// (0). On CUDA: 256 bytes for the Hopper kernel's work-item counters (with
+/// them its rows are handed out as consumers free up, which balances rows
+/// of very different lengths, e.g. a gate's dense last rows; without them
+/// each takes a fixed share), and for batches with few query blocks and
+/// long rows (a chunk over a long KV cache), run split-KV, room after them
+/// for each part's f32 output and lse. A smaller workspace is accepted:
+/// below 256 bytes the rows run in fixed shares (bit for bit the same
+/// output), below the split-KV size unsplit (the same results, less
+/// parallelism). A pure function of the arguments (no GPU
 /// needed). `SEER_UNSUPPORTED` on CUDA in a build without kernels or for a
 /// head_dim the kernel is not built for. For an f32 q, use
 /// `seer_prefill_workspace_size_dtype`. The gate's workspace is

@@ -77,6 +77,9 @@ struct AttnArgs {
     splits: i32,
     split_out_stride: i64,
     split_lse_stride: i64,
+    /// wgmma kernel: a zeroed u32 in the workspace from which its producer
+    /// lanes take work items in order (0: the static round robin).
+    ticket: u64,
 }
 
 /// `seer::attn::CombineArgs`.
@@ -119,17 +122,25 @@ pub fn split_count(batch: &Batch, hq: usize) -> usize {
 }
 
 /// Scratch bytes of the CUDA prefill for `batch` with 16-bit q
-/// (`seer_prefill_workspace_size`): with split-KV, each part's f32 output
-/// and lse; 0 without. A smaller workspace is not an error: the call then
-/// runs unsplit (same results, less parallelism for few long rows).
+/// (`seer_prefill_workspace_size`): the work-item counters
+/// ([`SCHEDULE_BYTES`]), then with split-KV each part's f32 output and lse.
+/// A smaller workspace is not an error: the call then runs fixed shares of
+/// rows (bit for bit the same) and unsplit (same results, less parallelism
+/// for few long rows).
 pub fn workspace_bytes(batch: &Batch, hq: usize, head_dim: usize) -> usize {
     let splits = split_count(batch, hq);
     if splits == 1 {
-        return 0;
+        return SCHEDULE_BYTES;
     }
     let rows = batch.total_q() * hq;
-    (splits * rows * head_dim * 4 + splits * rows * 4).div_ceil(256) * 256
+    SCHEDULE_BYTES + (splits * rows * head_dim * 4 + splits * rows * 4).div_ceil(256) * 256
 }
+
+/// The front of the prefill workspace: one u32 work-item counter per launch
+/// of a call (the wgmma kernel's dynamic schedule), zeroed on the stream
+/// before the launches. Calls with more launches than counters (batches of
+/// more than 64 tables of sequences) take the static schedule for the rest.
+const SCHEDULE_BYTES: usize = 256;
 
 /// Scratch bytes of the CUDA prefill for `batch` with q of `q_dtype`
 /// (`seer_prefill_workspace_size_dtype`): for f32 q, first its packed copy
@@ -360,23 +371,30 @@ pub(crate) unsafe fn sparse_prefill(
         splits: 1,
         split_out_stride: 0,
         split_lse_stride: 0,
+        ticket: 0,
     };
     // Split-KV into the workspace when the batch has few rows and the
     // workspace holds the parts; then the kernels write f32 parts and a
     // combine launch writes `out` and `lse`.
+    // The work-item counters (SCHEDULE_BYTES) when the workspace holds
+    // them, then the split-KV parts.
     let splits = split_count(batch, hq);
     let need = workspace_bytes(batch, hq, d);
+    let schedule = workspace.1 >= SCHEDULE_BYTES;
     let split = splits > 1 && workspace.1 >= need;
-    if split {
-        check_buffer(&ctx, "q", "workspace", workspace.0, need)?;
+    if schedule {
+        check_buffer(&ctx, "q", "workspace", workspace.0, if split { need } else { SCHEDULE_BYTES })?;
         if workspace.0 % 16 != 0 {
             return Err(Error::invalid("the prefill workspace must be 16-byte aligned (cudaMalloc memory is)"));
         }
+    }
+    if split {
+        let parts = workspace.0 + SCHEDULE_BYTES as u64;
         let rows = (total_q * hq) as i64;
-        args.out = workspace.0;
+        args.out = parts;
         args.o_row_stride = (hq * d) as i64;
         args.o_head_stride = d as i64;
-        args.lse = workspace.0 + (splits * total_q * hq * d * 4) as u64;
+        args.lse = parts + (splits * total_q * hq * d * 4) as u64;
         args.splits = splits as i32;
         args.split_out_stride = rows * d as i64;
         args.split_lse_stride = rows;
@@ -391,8 +409,8 @@ pub(crate) unsafe fn sparse_prefill(
     // The mma.sync kernels keep one Q, one K and one V tile of 64 rows in
     // shared memory (TMA: aligned to 1024 bytes, three mbarriers after it);
     // the wgmma kernel a Q tile and a ring of wgmma_slots(d) K and V tiles
-    // per consumer warpgroup (WGMMA_CONSUMERS), and 8-byte mbarriers
-    // (kernels/attention_sm90.cu).
+    // per consumer warpgroup (WGMMA_CONSUMERS), and 8-byte mbarriers and an
+    // item word per consumer (kernels/attention_sm90.cu).
     let tile = (BLOCK * d * 2) as u32;
     let fatbin = kernels::fatbin(kernel.file())?;
     let (threads, smem) = match &kernel {
@@ -401,10 +419,23 @@ pub(crate) unsafe fn sparse_prefill(
         Kernel::Wgmma(_) => {
             let slots = wgmma_slots(d) as u32;
             let c = WGMMA_CONSUMERS as u32;
-            (128 * (1 + c), c * (1 + slots) * tile + 1024 + c * 8 * (2 + 2 * slots))
+            (128 * (1 + c), c * (1 + slots) * tile + 1024 + c * 8 * (3 + 2 * slots))
         }
     };
-    for table in &plan.launches {
+    let counters = SCHEDULE_BYTES / 4;
+    let scheduled = schedule && matches!(kernel, Kernel::Wgmma(_));
+    if scheduled {
+        // The counters the launches use start at 0: zeroed by a kernel on the
+        // caller's stream (kernels/attention.cu), before the launches.
+        let f = cuda::function(&ctx, kernels::fatbin("attention")?, "seer_attn_zero_counters")?;
+        let (mut ptr, mut n) = (workspace.0, counters.min(plan.launches.len()) as i32);
+        let mut params: [*mut c_void; 2] = [(&mut ptr as *mut u64).cast(), (&mut n as *mut i32).cast()];
+        // SAFETY: the workspace was checked to be device memory of this
+        // context holding SCHEDULE_BYTES; the parameters match the kernel's.
+        unsafe { cuda::launch(f, [1, 1, 1], [64, 1, 1], 0, stream, &mut params)? };
+    }
+    for (i, table) in plan.launches.iter().enumerate() {
+        args.ticket = if scheduled && i < counters { workspace.0 + 4 * i as u64 } else { 0 };
         let units: i64 = table.iter().map(|e| e.q_blocks as i64).sum();
         let items = units * hq as i64 * args.splits as i64;
         // One CTA per item, or for the persistent wgmma kernel one per SM
@@ -585,7 +616,7 @@ mod tests {
     #[test]
     fn structs_match_the_kernel_header() {
         // kernels/attention.cuh static_asserts the same sizes.
-        assert_eq!(std::mem::size_of::<AttnArgs>(), 200);
+        assert_eq!(std::mem::size_of::<AttnArgs>(), 208);
         assert_eq!(std::mem::size_of::<CombineArgs>(), 64);
         assert_eq!(std::mem::size_of::<SeqEntry>(), 56);
         assert_eq!(std::mem::size_of::<SeqTable<16>>(), 8 + 16 * 56);
@@ -611,14 +642,16 @@ mod tests {
 
     #[test]
     fn split_kv_only_for_few_long_rows() {
-        // 32k tokens x 32 heads: 16384 CTAs, no split, no workspace.
+        // 32k tokens x 32 heads: 16384 CTAs, no split; the workspace holds
+        // only the work-item counters.
         let long = Batch::single(32768).unwrap();
-        assert_eq!((split_count(&long, 32), workspace_bytes(&long, 32, 128)), (1, 0));
+        assert_eq!((split_count(&long, 32), workspace_bytes(&long, 32, 128)), (1, SCHEDULE_BYTES));
         // A 512-token chunk over 32k keys: 8 query blocks x 32 heads = 256
-        // CTAs -> 2 parts; workspace: 2 parts of 512 x 32 rows of 128 + 1 floats.
+        // CTAs -> 2 parts; workspace: the counters, then 2 parts of 512 x 32
+        // rows of 128 + 1 floats.
         let chunk = Batch::from_lens(&[(512, 32768)]).unwrap();
         assert_eq!(split_count(&chunk, 32), 2);
-        assert_eq!(workspace_bytes(&chunk, 32, 128), 2 * 512 * 32 * 129 * 4);
+        assert_eq!(workspace_bytes(&chunk, 32, 128), SCHEDULE_BYTES + 2 * 512 * 32 * 129 * 4);
         // Short rows are not split (each part would get under 16 key blocks).
         let short = Batch::from_lens(&[(64, 1000)]).unwrap();
         assert_eq!(split_count(&short, 2), 1);

@@ -477,7 +477,8 @@ def mask_sizes(batch, num_q_heads):
 
 def prefill_workspace_size(batch, num_q_heads, head_dim, device="cuda"):
     """Scratch bytes `sparse_prefill` uses on `device` for this batch
-    (0 on the CPU, and for CUDA batches that are not run split-KV)."""
+    (0 on the CPU; on CUDA 256 bytes of work-item counters, plus the
+    split-KV parts for batches that are split)."""
     out = ctypes.c_size_t()
     call("seer_prefill_workspace_size", _BYREF(batch._c), num_q_heads, head_dim, _device_code(device), _BYREF(out))
     return out.value
