@@ -318,11 +318,10 @@ __device__ __forceinline__ void pv_tail(float (&o)[D / 8][4], const uint32_t (&p
     }
 }
 
-// Consumer c (its warpgroup's 128 threads): the items, their key blocks, the
-// epilogue.
+// A consumer (its warpgroup's 128 threads): the items its producer lane
+// hands it, their key blocks, the epilogue.
 template <int D, typename T, typename O, int S>
-__device__ __forceinline__ void consume(const AttnArgs& a, const SeqTable<S>& tab, int c, Buffers<D> buf,
-                                        Barriers<D> bar) {
+__device__ __forceinline__ void consume(const AttnArgs& a, const SeqTable<S>& tab, Buffers<D> buf, Barriers<D> bar) {
     const int tid = threadIdx.x % 128;
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16;  // this warp's first row of the 64
@@ -483,7 +482,7 @@ __device__ __forceinline__ void sparse_fwd(const AttnArgs& a, const SeqTable<S>&
         regs_claim<kConsumerRegs>();
         // Consumer c is warpgroup c + 1.
         const int c = threadIdx.x / 128 - 1;
-        consume<D, T, O>(a, tab, c, buffers(c), barriers(c));
+        consume<D, T, O>(a, tab, buffers(c), barriers(c));
     }
 }
 

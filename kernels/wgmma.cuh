@@ -138,10 +138,4 @@ __device__ __forceinline__ void regs_claim() {
     SEER_SM90A(asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));)
 }
 
-// A barrier of `threads` threads (a warpgroup) on hardware barrier `id`
-// (0 is __syncthreads's).
-__device__ __forceinline__ void named_sync(int id, int threads) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
 }  // namespace seer::tile
